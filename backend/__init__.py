@@ -1,0 +1,1 @@
+"""Tritium: the Triton Inference Server backend and its LLM engine."""

@@ -1,0 +1,94 @@
+"""A request's state as the scheduler and the engine see it. Pure Python: no torch here.
+
+The one scheduling rule (DESIGN.md): a request knows `num_tokens` (prompt + generated) and has
+`num_computed_tokens` of them in the KV cache; each step gives it new tokens to compute, up to a budget.
+Prefill, chunked prefill, decode, prefix reuse and recompute after preemption are all that one rule.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int = 0  # effective seed: the user's, or one the engine drew at arrival
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
+    num_new_blocks: int = 0  # blocks allocated fresh (not reused from the prefix cache)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, index: int) -> int:
+        n_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n_prompt else self.output_token_ids[index - n_prompt]
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        return [self.token_at(i) for i in range(start, stop)]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_output(self, token_id: int, logprob: float | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+    def check_stop(self) -> RequestStatus | None:
+        """Finish status after the last appended token, or None to keep going."""
+        params = self.sampling_params
+        n_out = len(self.output_token_ids)
+        if n_out == 0:
+            return None
+        if n_out >= params.min_tokens:
+            last = self.output_token_ids[-1]
+            if not params.ignore_eos and last in params.end_ids:
+                return RequestStatus.FINISHED_STOPPED
+            for sequence in params.stop_token_sequences:
+                if len(sequence) <= n_out and self.output_token_ids[-len(sequence):] == sequence:
+                    return RequestStatus.FINISHED_STOPPED
+        if n_out >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
