@@ -1,0 +1,137 @@
+"""Turns a SchedulerOutput into one forward pass over the paged KV cache and samples the next tokens."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attention_metadata import AttentionMetadata
+from .checkpoint import load_model
+from .config import EngineConfig
+from .model_config import ModelConfig
+from .ops import select_ops
+from .outputs import SampledTokens, SchedulerOutput
+from .sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_MB = 512
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class BatchInputs:
+    """Flattened inputs of one step, already on the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # rows of the hidden states whose logits are sampled
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers: keys and values of block_size tokens."""
+    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, checkpoint_dir: Path, device: torch.device | None = None):
+        self.config = config
+        self.device = device or resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.ops = select_ops(config.attention_backend, self.device.type)
+        self.model, self.model_config = load_model(checkpoint_dir, self.ops, self.dtype, self.device)
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache()
+        self.sampler = Sampler()
+
+    def _num_kv_blocks(self) -> int:
+        block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype)
+        budget = self._kv_budget_bytes()
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_mb: {budget / 2**20:.1f} MiB holds no block of {block_bytes} bytes")
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size, num_blocks * block_bytes / 2**20)
+        return num_blocks
+
+    def _kv_budget_bytes(self) -> float:
+        if self.config.kv_cache_memory_mb is not None:
+            return self.config.kv_cache_memory_mb * 2**20
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_MB * 2**20
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserve = (1.0 - self.config.gpu_memory_utilization) * total
+        return max(free - reserve, 0.0)
+
+    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+        mc = self.model_config
+        shape = (2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
+        batch = self.prepare_inputs(scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        sampling_requests = [chunk.request for chunk in scheduled.chunks if chunk.samples]
+        return self.sampler(logits, sampling_requests)
+
+    def prepare_inputs(self, scheduled: SchedulerOutput) -> BatchInputs:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        for chunk in scheduled.chunks:
+            token_ids += chunk.request.token_slice(chunk.start, chunk.end)
+            positions += range(chunk.start, chunk.end)
+            slots += [self._slot(chunk.block_ids, p) for p in range(chunk.start, chunk.end)]
+            query_start.append(query_start[-1] + chunk.num_tokens)
+            seq_lens.append(chunk.end)
+            if chunk.samples:
+                sample_rows.append(query_start[-1] - 1)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            query_start_loc=self._tensor(query_start, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=self._block_tables([chunk.block_ids for chunk in scheduled.chunks]),
+            max_query_len=max(c.num_tokens for c in scheduled.chunks),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        return BatchInputs(self._tensor(token_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+                           self._tensor(sample_rows, torch.int64))
+
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return self._tensor(padded, torch.int32)
+
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
