@@ -4,3 +4,28 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny random-weight checkpoint of an architecture, made once per test session."""
+    from tests.tiny_models import make_tiny_checkpoint
+
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            made[arch] = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The bundled SmolLM2 converted to a HF-style checkpoint (cached across sessions)."""
+    from backend.engine.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(None)
