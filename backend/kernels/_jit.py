@@ -1,0 +1,45 @@
+"""`lazy_jit`: a @triton.jit that decides at first launch, not at import, whether to compile or interpret.
+
+Why: the kernels live beside their torch references, and every engine module imports those references.
+`triton.jit` reads TRITON_INTERPRET when it decorates, so a kernel decorated at import time would be fixed to
+"compile" by whichever test imported backend.engine.ops first, before tests/kernels/conftest.py could set
+TRITON_INTERPRET=1 on a CPU-only machine. Deferring the decoration also keeps triton optional on CPU.
+
+Limitation: a lazily jitted function cannot call another one from inside a kernel (the compiler would see
+a LazyJit object), so each kernel here is self-contained.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+
+class LazyJit:
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.fn = fn
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    @functools.cached_property
+    def kernel(self):
+        import triton
+
+        return triton.jit(self.fn, **self.options)
+
+    def __getitem__(self, grid):
+        return self.kernel[grid]
+
+
+def lazy_jit(fn: Callable | None = None, **options: Any):
+    """Use like @triton.jit, with or without options (e.g. do_not_specialize=[...])."""
+    if fn is None:
+        return lambda f: LazyJit(f, options)
+    return LazyJit(fn, options)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
