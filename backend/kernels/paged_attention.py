@@ -5,6 +5,9 @@ sequence are the last `query_len` of its `seq_len` tokens, and each attends to e
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from backend.engine.attention_metadata import AttentionMetadata
@@ -35,4 +38,232 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------------------
+# Both kernels fold the query heads that share one KV head into the rows of the query tile, so each K/V tile
+# loaded from the paged cache serves the whole group (and tl.dot gets >= 16 rows even for decode).
+# Row r of a tile is (token r // GROUP, head r % GROUP) of the sequence's new tokens.
+# Online softmax in base 2 with the scale folded in, after FlashAttention-2 (Dao, 2023); the decode split
+# along the context and the log-sum-exp merge follow Flash-Decoding (Dao et al., 2023) and the two-stage
+# grouped decode kernels of lightllm/SGLang (decode_attention.py), written anew here.
+try:
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: the reference above needs only torch
+    tl = None
+
+from backend.kernels._jit import lazy_jit
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # upper bound of decode splits per (sequence, KV head): sizes the partial-result workspace
+
+
+@lazy_jit(do_not_specialize=["num_splits"])
+def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr,
+                         q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
+                         num_splits, qk_scale,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # grid (num_seqs, Hkv, num_splits). Split s of sequence b covers keys [s * L, (s + 1) * L), where L is
+    # cdiv(seq_len, num_splits) rounded up to BLOCK_N: computed here from the device seq_len, so the grid
+    # needs no host knowledge of the lengths (CUDA-graph safe); splits past the end exit at once.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    start = s * split_len
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + split_len, seq_len)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    qh = kvh * GROUP + g
+    q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
+                mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt = bt_ptr + b.to(tl.int64) * bt_st
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < end
+        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
+        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
+        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
+        scores = tl.dot(q, k) * qk_scale
+        scores = tl.where(nm[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    gm = g < GROUP
+    po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
+    tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
+    tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
+
+
+@lazy_jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(po_ptr, pl_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+                          po_sb, po_sh, po_ss, pl_sb, pl_sh, o_st, o_sh, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (num_seqs, Hq): merge the valid splits by their log-sum-exp (base 2), rescaling as it goes.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    n_valid = tl.cdiv(seq_len, split_len)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, n_valid):
+        lse = tl.load(pl_ptr + b * pl_sb + h * pl_sh + s)
+        o = tl.load(po_ptr + b * po_sb + h * po_sh + s * po_ss + d, mask=dm, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * o
+        l_i = l_i * alpha + w
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty (padding) sequence gets zeros, not NaN
+    q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    tl.store(out_ptr + q_row * o_st + h * o_sh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+
+
+@lazy_jit
+def _prefill_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+                    q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # grid (num_seqs, Hkv, cdiv(max_query_len * GROUP, BLOCK_M)): one tile of (token, head) rows of one
+    # sequence against its paged keys [0, last visible). Query token i sits at position ctx + i, where
+    # ctx = seq_len - query_len (cached prefix and earlier chunks), and sees keys up to its own position.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    mt = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if mt * BLOCK_M >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len
+    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = r < q_len * GROUP
+    tok = r // GROUP
+    qh = kvh * GROUP + r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * q_st + qh[:, None] * q_sh + d[None, :],
+                mask=rm[:, None] & dm[None, :], other=0.0)
+    q_pos = ctx + tok
+    end = ctx + tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1) + 1
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt = bt_ptr + b.to(tl.int64) * bt_st
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < end
+        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
+        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
+        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
+        scores = tl.dot(q, k) * qk_scale
+        scores = tl.where((n[None, :] <= q_pos[:, None]) & nm[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + q_rows[:, None] * o_st + qh[:, None] * o_sh + d[None, :], out,
+             mask=rm[:, None] & dm[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head) for decode: enough programs for ~4 per SM, from shapes alone, so a
+    CUDA graph captured for a batch size stays valid for any context length."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    return max(1, min(MAX_SPLITS, math.ceil(4 * sms / max(1, num_seqs * num_kv_heads))))
+
+
+def _alloc_workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Float32 scratch for decode partials (a function so tests can poison it)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _attention_args(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple:
+    return (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            kv_cache.stride(3), meta.block_tables.stride(0))
+
+
+def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+    import triton
+
+    num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
+    hkv = kv_cache.shape[3]
+    splits = decode_num_splits(num_seqs, hkv, q.device)
+    po = _alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
+    pl = _alloc_workspace((num_seqs, hq, splits), q.device)
+    block_n = 64 if block_d <= 128 else 32
+    _decode_split_kernel[(num_seqs, hkv, splits)](
+        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl,
+        *_attention_args(q, kv_cache, meta), po.stride(0), po.stride(1), po.stride(2),
+        pl.stride(0), pl.stride(1), splits, qk_scale,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], num_warps=4, num_stages=3)
+    _decode_reduce_kernel[(num_seqs, hq)](
+        po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
+        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=1)
+
+
+def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+    import triton
+
+    block_m, block_n = 64, (64 if block_d <= 128 else 32)
+    grid = (meta.num_seqs, kv_cache.shape[3], triton.cdiv(meta.max_query_len * group, block_m))
+    _prefill_kernel[grid](
+        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+        *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale,
+        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_SIZE=kv_cache.shape[2], num_warps=4, num_stages=2)
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                           *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as paged_attention_ref. q [T, Hq, D] (unit stride along D).
+
+    meta.max_query_len == 1 takes the decode path: grid (num_seqs, Hkv, decode_num_splits(...)) plus a
+    reduce over (num_seqs, Hq); nothing is read on the host, so it can be captured in a CUDA graph.
+    Otherwise the prefill path (also mixed prefill + decode batches): grid from meta.max_query_len.
+    Specializations: GROUP = Hq / Hkv, D, kv block size, dtypes (the tile sizes follow from D).
+    """
+    import triton
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    if meta.num_seqs == 0 or q.shape[0] == 0:
+        return out
+    group = q.shape[1] // kv_cache.shape[3]
+    block_d = max(16, triton.next_power_of_2(q.shape[2]))
+    run = _decode if meta.max_query_len == 1 else _prefill
+    run(q, kv_cache, meta, scale * _LOG2E, out, group, block_d)
     return out
