@@ -36,10 +36,3 @@ def lazy_jit(fn: Callable | None = None, **options: Any):
         return lambda f: LazyJit(f, options)
     return LazyJit(fn, options)
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -33,8 +33,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         keys = keys.float().repeat_interleave(group, dim=1)
         values = values.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q_b, keys) * scale
-        query_pos = torch.arange(seq_len - q_b.shape[0], seq_len).unsqueeze(1)
-        key_pos = torch.arange(seq_len).unsqueeze(0)
+        query_pos = torch.arange(seq_len - q_b.shape[0], seq_len, device=q.device).unsqueeze(1)
+        key_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
