@@ -1,0 +1,134 @@
+"""The `tritium` Python-based Triton backend: a thin adapter between Triton requests and the AsyncEngine.
+
+Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
+`<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. Decoupled: `execute` validates each request,
+hands it to the engine and returns at once; one thread per request streams its responses (the final flag on
+the last data response), polls cancellation and aborts the engine request when the client goes away.
+Engine settings come from the model config's `parameters` (every EngineConfig field, written by
+tools/generate_repo.py).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from backend.engine.async_engine import AsyncEngine
+from backend.engine.errors import EngineError
+from backend.serving.engine_settings import from_parameters
+from backend.serving.metrics import EngineMetrics
+from backend.serving.request_parser import parse_request
+from backend.serving.session import Session
+
+log = logging.getLogger("tritium")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+SHUTDOWN_JOIN_S = 10.0
+
+
+class TritonSink:
+    """Session -> Triton: responses through the request's response sender."""
+
+    def __init__(self, request, sender):
+        self.request = request
+        self.sender = sender
+
+    def send(self, outputs: dict[str, np.ndarray], final: bool) -> None:
+        tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+
+    def send_error(self, message: str) -> None:
+        send_error(self.sender, message)
+
+    def is_cancelled(self) -> bool:
+        return self.request.is_cancelled()
+
+
+def send_error(sender, message: str) -> None:
+    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the tritium backend needs model_transaction_policy { decoupled: true }")
+        self.input_names = [i["name"] for i in model_config.get("input", [])]
+        _select_device(args)
+        config = from_parameters(model_config.get("parameters", {}), args["model_repository"])
+        self.engine = AsyncEngine(config)
+        self.block_size = config.block_size
+        self._ids = itertools.count()
+        self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
+        self._threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+        labels = {"model": args["model_name"], "version": str(args["model_version"])}
+        self.metrics = EngineMetrics(pb_utils, self.engine, labels).start()
+        log.info("tritium engine ready: %s", json.dumps(config.to_dict()))
+
+    def execute(self, requests):
+        for request in requests:
+            self._start(request)
+        return None
+
+    def _start(self, request) -> None:
+        sender = request.get_response_sender()
+        request_id = f"{self._prefix}-{next(self._ids)}"
+        try:
+            parsed = parse_request(self._inputs(request), _parameters(request))
+            stream = self.engine.add_request(request_id, parsed.prompt_ids, parsed.params)
+        except (EngineError, ValueError) as exc:  # InvalidParameterError is both; names the field
+            send_error(sender, str(exc))
+            return
+        session = Session(self.engine, request_id, parsed, stream, TritonSink(request, sender), self.block_size)
+        thread = threading.Thread(target=self._run_session, args=(session,), name=f"tritium-{request_id}", daemon=True)
+        with self._threads_lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _run_session(self, session: Session) -> None:
+        try:
+            session.run()
+        finally:
+            with self._threads_lock:
+                self._threads.discard(threading.current_thread())
+
+    def _inputs(self, request) -> dict[str, np.ndarray]:
+        inputs = {}
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        return inputs
+
+    def finalize(self) -> None:
+        """Aborts running requests (their threads send final responses and end), then stops the engine."""
+        self.metrics.stop()
+        self.engine.shutdown()
+        with self._threads_lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=SHUTDOWN_JOIN_S / max(len(threads), 1))
+        log.info("tritium engine stopped")
+
+
+def _parameters(request) -> dict:
+    try:
+        return json.loads(request.parameters() or "{}")
+    except ValueError:
+        return {}
+
+
+def _select_device(args: dict) -> None:
+    """One engine per instance: a KIND_GPU instance sees only its own GPU (set before CUDA initializes)."""
+    if args.get("model_instance_kind") != "GPU":
+        return
+    device_id = int(args.get("model_instance_device_id", 0))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[device_id] if devices and device_id < len(devices) else str(device_id)

@@ -1,0 +1,68 @@
+"""EngineConfig <-> the string `parameters` of a Triton model config.
+
+The generator writes every EngineConfig field into the engine model's config.pbtxt; the backend reads them
+back. The dataclass stays the single source of defaults and validation: an unknown key or a bad value is an
+InvalidParameterError naming it, at generate time and again at load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from backend.engine.config import EngineConfig
+from backend.engine.errors import InvalidParameterError
+
+NONE = ""  # how None is written: Triton parameters are strings
+
+
+def to_parameters(config: EngineConfig) -> dict[str, str]:
+    return {name: _format(value) for name, value in config.to_dict().items()}
+
+
+def from_parameters(parameters: dict[str, str], model_dir: str | None = None) -> EngineConfig:
+    """Parses Triton's {key: {"string_value": v}} or plain {key: v}; a relative `model` is under model_dir."""
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    values = {}
+    for key, raw in parameters.items():
+        if key not in fields:
+            raise InvalidParameterError(key, f"unknown engine setting; known: {', '.join(sorted(fields))}")
+        text = raw.get("string_value", "") if isinstance(raw, dict) else str(raw)
+        values[key] = parse_value(fields[key], text)
+    model = values.get("model")
+    if model and model_dir and not os.path.isabs(model):
+        values["model"] = os.path.join(model_dir, model)
+    return EngineConfig.from_dict(values)
+
+
+def parse_value(f: dataclasses.Field, text: str):
+    """Converts a string by the field's declared type ("int", "float | None", "bool", "str")."""
+    kind = str(f.type).replace(" ", "")
+    optional = "None" in kind.split("|")
+    if text.strip().lower() in (NONE, "none", "null") and optional:
+        return None
+    base = kind.split("|")[0]
+    try:
+        if base == "bool":
+            return _parse_bool(text)
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+    except ValueError:
+        raise InvalidParameterError(f.name, f"expected {base}, got {text!r}") from None
+    return text
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return value in ("true", "1", "yes")
+
+
+def _format(value) -> str:
+    if value is None:
+        return NONE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

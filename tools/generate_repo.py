@@ -1,0 +1,247 @@
+"""Write a self-contained Triton model repository for a checkpoint (by default the bundled SmolLM2).
+
+    python -m tools.generate_repo --output-dir model_repo
+    python -m tools.generate_repo --output-dir repo --model /path/to/hf_dir_or.gguf --max-batch-size 32 \\
+        --max-seq-len 4096 --kv-cache-mb 2048 --instances 1 --apply-chat-template
+
+The repository holds `ensemble` (the TensorRT-LLM backend's interface), `preprocessing`, the engine model
+(`llm`, backend "tritium") with the checkpoint copied under `llm/1/checkpoint/` (safetensors only) and
+`postprocessing`. Templates in model_repo_templates/ use ${name} variables: a missing or unknown variable,
+or an invalid option, is an error here, naming it, not at server start.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from backend.engine.config import ATTENTION_BACKENDS, DEVICES, DTYPES, EngineConfig
+from backend.engine.errors import EngineError, InvalidParameterError
+from backend.serving.engine_settings import to_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "model_repo_templates"
+TEMPLATE_MODELS = ("ensemble", "preprocessing", "llm", "postprocessing")
+CHECKPOINT_SUBDIR = "1/checkpoint"  # relative to the engine model's directory
+TOKENIZER_SUBDIR = "1/tokenizer"  # relative to preprocessing's directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+VARIABLE = re.compile(r"\$\{(\w+)\}")
+
+# Friendly option names (TensorRT-LLM style) for engine fields; every other field gets --its-name.
+ALIASES = {
+    "max_num_seqs": ["--max-batch-size"],
+    "max_model_len": ["--max-seq-len"],
+    "kv_cache_memory_mb": ["--kv-cache-mb"],
+}
+CHOICES = {"dtype": DTYPES, "device": DEVICES, "attention_backend": ATTENTION_BACKENDS}
+INSTANCE_KINDS = {"model": "KIND_MODEL", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+class TemplateError(ValueError):
+    pass
+
+
+# ---- templates ----------------------------------------------------------------------------------------------
+
+def fill_template(text: str, values: dict[str, str], where: str, used: set[str] | None = None) -> str:
+    """Replaces every ${name}; a name without a value is an error naming the template."""
+    missing = sorted({m for m in VARIABLE.findall(text) if m not in values})
+    if missing:
+        raise TemplateError(f"{where}: no value for template variable(s) {', '.join(missing)}")
+    if used is not None:
+        used.update(VARIABLE.findall(text))
+    return VARIABLE.sub(lambda m: str(values[m.group(1)]), text)
+
+
+def render_configs(values: dict[str, str], templates: Path = TEMPLATES) -> dict[str, str]:
+    """{model template dir: config text}; a value no template uses is an error too (a misspelt key)."""
+    used: set[str] = set()
+    configs = {name: fill_template((templates / name / "config.pbtxt").read_text(), values,
+                                   f"{name}/config.pbtxt", used) for name in TEMPLATE_MODELS}
+    unknown = sorted(set(values) - used)
+    if unknown:
+        raise TemplateError(f"unknown template variable(s) {', '.join(unknown)}: no template uses them")
+    return configs
+
+
+def check_config_syntax(name: str, text: str) -> None:
+    """Parses the config with Triton's own protobuf schema when tritonclient is installed."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TemplateError(f"{name}/config.pbtxt is not a valid model config: {exc}") from None
+
+
+def engine_parameters_block(config: EngineConfig) -> str:
+    entries = [f'  {{\n    key: "{k}"\n    value: {{ string_value: "{v}" }}\n  }}' for k, v in to_parameters(config).items()]
+    return ",\n".join(entries)
+
+
+def template_values(args: argparse.Namespace, config: EngineConfig) -> dict[str, str]:
+    gpus = f"\n    gpus: [ {', '.join(str(g) for g in args.gpus)} ]" if args.gpus else ""
+    return {
+        "max_batch_size": str(config.max_num_seqs),
+        "engine_model": args.engine_model_name,
+        "instance_count": str(args.instances),
+        "instance_kind": INSTANCE_KINDS[args.instance_kind],
+        "instance_gpus": gpus,
+        "engine_parameters": engine_parameters_block(config),
+        "tokenizer_dir": TOKENIZER_SUBDIR,
+        "apply_chat_template": "true" if args.apply_chat_template else "false",
+        "preprocessing_instances": str(args.preprocessing_instances),
+        "postprocessing_instances": str(args.postprocessing_instances),
+    }
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+def checkpoint_files(checkpoint: Path) -> tuple[list[Path], list[Path]]:
+    """(weights, small files) to copy; pickle weights are refused by safetensors_files."""
+    from backend.engine.checkpoint import safetensors_files
+
+    weights = safetensors_files(checkpoint)
+    small = [checkpoint / n for n in CONFIG_FILES + TOKENIZER_FILES if (checkpoint / n).is_file()]
+    return weights, small
+
+
+def copy_with_progress(files: list[Path], dest: Path, progress: bool = True) -> None:
+    from tqdm.auto import tqdm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="copying weights", disable=not progress) as bar:
+        for f in files:
+            with open(f, "rb") as src, open(dest / f.name, "wb") as dst:
+                while chunk := src.read(16 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+
+
+def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str], checkpoint: Path) -> Path:
+    out = Path(args.output_dir)
+    names = {m: (args.engine_model_name if m == "llm" else m) for m in TEMPLATE_MODELS}
+    for model in TEMPLATE_MODELS:
+        target = out / names[model]
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (target / "config.pbtxt").write_text(configs[model])
+        (target / "1").mkdir(exist_ok=True)
+    weights, small = checkpoint_files(checkpoint)
+    engine_dir = out / names["llm"] / CHECKPOINT_SUBDIR
+    copy_with_progress(weights, engine_dir, progress=not args.quiet)
+    for f in small:
+        shutil.copy2(f, engine_dir / f.name)
+    tokenizer_dir = out / "preprocessing" / TOKENIZER_SUBDIR
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for f in small:
+        if f.name in TOKENIZER_FILES:
+            shutil.copy2(f, tokenizer_dir / f.name)
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tools.generate_repo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="where to write the model repository")
+    parser.add_argument("--model", default="", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    parser.add_argument("--engine-model-name", default="llm", help="name of the engine model (default: llm)")
+    parser.add_argument("--instances", type=int, default=1, help="engine instances (each loads the model)")
+    parser.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="model",
+                        help="model: the engine picks its device (GPU if any); gpu: one instance per listed GPU")
+    parser.add_argument("--gpus", type=_int_list, default=None, help="GPU ids for --instance-kind gpu, e.g. 0,1")
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="apply the tokenizer's chat template to every prompt by default (a request "
+                             "parameter apply_chat_template overrides it)")
+    parser.add_argument("--preprocessing-instances", type=int, default=1)
+    parser.add_argument("--postprocessing-instances", type=int, default=1)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    engine = parser.add_argument_group("engine settings (backend/engine/config.py)")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model":
+            continue
+        _add_engine_option(engine, f)
+    return parser
+
+
+def _add_engine_option(group, f: dataclasses.Field) -> None:
+    flags = ALIASES.get(f.name, []) + [_flag(f.name)]
+    kind = str(f.type).replace(" ", "").split("|")[0]
+    help_text = f"default: {f.default}"
+    if kind == "bool":
+        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    convert = {"int": int, "float": float}.get(kind, str)
+    group.add_argument(*flags, dest=f.name, type=convert, default=None, choices=CHOICES.get(f.name),
+                       help=help_text)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids, got {text!r}") from None
+
+
+def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+              if f.name != "model" and getattr(args, f.name) is not None}
+    try:
+        return EngineConfig(model=CHECKPOINT_SUBDIR, **values)
+    except InvalidParameterError as exc:
+        flags = "/".join(ALIASES.get(exc.field, []) + [_flag(exc.field)])
+        parser.error(f"argument {flags}: {str(exc).split(': ', 1)[-1]}")
+
+
+def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("instances", "preprocessing_instances", "postprocessing_instances"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument {_flag(name)}: must be a positive integer, got {getattr(args, name)}")
+    if args.gpus and args.instance_kind != "gpu":
+        parser.error("argument --gpus: only with --instance-kind gpu")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.engine_model_name) or args.engine_model_name in TEMPLATE_MODELS[:2]:
+        parser.error(f"argument --engine-model-name: invalid model name {args.engine_model_name!r}")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --output-dir: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        parser.error(f"argument --output-dir: {out} is not empty (use --force to overwrite)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(args, parser)
+    config = engine_config(args, parser)
+    try:
+        configs = render_configs(template_values(args, config))
+        for name, text in configs.items():
+            check_config_syntax(name, text)
+        from backend.engine.checkpoint import resolve_checkpoint
+        checkpoint = resolve_checkpoint(args.model or None)
+        out = write_repo(args, config, configs, checkpoint)
+    except (TemplateError, EngineError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote model repository {out} (checkpoint {checkpoint})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

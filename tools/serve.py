@@ -1,0 +1,226 @@
+"""Start a real tritonserver on a model repository, with the `tritium` backend laid out beside the Python one.
+
+    python -m tools.serve --model-repository model_repo                  # ports 8000 (HTTP), 8001 (gRPC), 8002
+    python -m tools.serve --generate --model-repository model_repo       # generate the bundled SmolLM2 first
+    python -m tools.serve --model-repository model_repo -- --log-verbose=1   # extra tritonserver flags
+
+The binary comes from $TRITONSERVER_ROOT or the installed nvidia-pytriton wheel (pytriton/tritonserver).
+Admin APIs (model loading, shared memory, trace, logging settings) are restricted by default: they need the
+header `admin-key: <key>` (the key from --admin-key or $TRITIUM_ADMIN_KEY, else random and printed).
+SIGTERM/SIGINT are forwarded to tritonserver, which shuts the engine down cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND_MODEL = ROOT / "backend" / "model.py"
+DEFAULT_RESTRICTED = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "admin-key"
+
+
+def find_tritonserver_root() -> Path:
+    """$TRITONSERVER_ROOT, else the tritonserver shipped in the nvidia-pytriton wheel."""
+    env = os.environ.get("TRITONSERVER_ROOT")
+    if env:
+        root = Path(env)
+    else:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("tritonserver not found: set TRITONSERVER_ROOT or pip install nvidia-pytriton==0.7.0")
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise FileNotFoundError(f"{root}: no bin/tritonserver there")
+    return root
+
+
+def python_stub(root: Path) -> Path:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                      root / "backends" / "python" / "triton_python_backend_stub"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{root}: no Python backend stub for Python {version}")
+
+
+def layout_backend_dir(root: Path, dest: Path) -> Path:
+    """dest/python = the Python backend (+ the stub for this Python); dest/tritium/model.py = our backend."""
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for f in (root / "backends" / "python").iterdir():
+        if f.is_file() and (f.suffix in (".so", ".py") or f.name == "triton_python_backend_stub"):
+            shutil.copy2(f, python_dir / f.name)
+    shutil.copy2(python_stub(root), python_dir / "triton_python_backend_stub")
+    tritium_dir = dest / "tritium"
+    tritium_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BACKEND_MODEL, tritium_dir / "model.py")
+    return dest
+
+
+def server_env(root: Path, base: dict | None = None) -> dict[str, str]:
+    """The stub embeds libpython and finds packages through the first python3 on PATH: the venv's."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    libs = [str(p) for p in (root.parent.parent / "nvidia_pytriton.libs", root.parent / "nvidia_pytriton.libs")
+            if p.is_dir()]
+    libpython = python_libdir()
+    if libpython:
+        libs.insert(0, libpython)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def python_libdir() -> str | None:
+    """The directory of the running Python's libpython, when it is a shared library.
+
+    The stub links libpython3.X.so.1.0 and would otherwise find the system's (Debian's 3.11.2 here), whose
+    ABI differs from the running Python's extension modules (pyenv 3.11.7's _ssl needs _PyModule_Add)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    return libdir if libdir and (Path(libdir) / name).is_file() else None
+
+
+def build_command(root: Path, repo: Path, backend_dir: Path, http_port: int = 8000, grpc_port: int = 8001,
+                  metrics_port: int = 8002, restricted: str = DEFAULT_RESTRICTED, admin_key: str = "",
+                  extra: list[str] | None = None) -> list[str]:
+    cmd = [str(root / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backend_dir}",
+           "--model-control-mode=none", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+           f"--metrics-port={metrics_port}", "--allow-metrics=true", "--exit-timeout-secs=15"]
+    if restricted:
+        cmd += [f"--http-restricted-api={restricted}:{ADMIN_HEADER}={admin_key}",
+                f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={admin_key}"]
+    return cmd + list(extra or [])
+
+
+class TritonServer:
+    """A tritonserver child process; a context manager that waits for readiness and stops it on exit."""
+
+    def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                 restricted: str = DEFAULT_RESTRICTED, admin_key: str | None = None, extra: list[str] | None = None,
+                 log_path: str | Path | None = None):
+        self.root = find_tritonserver_root()
+        self.repo = Path(repo).resolve()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.admin_key = admin_key or secrets.token_urlsafe(16)
+        self._workdir = Path(tempfile.mkdtemp(prefix="tritium-backends-"))
+        self.backend_dir = layout_backend_dir(self.root, self._workdir)
+        self.command = build_command(self.root, self.repo, self.backend_dir, http_port, grpc_port, metrics_port,
+                                     restricted, self.admin_key, extra)
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def start(self) -> "TritonServer":
+        log = open(self.log_path, "wb") if self.log_path else None
+        self.process = subprocess.Popen(self.command, env=server_env(self.root), stdout=log, stderr=subprocess.STDOUT
+                                        if log else None)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://localhost:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready"
+                                   + (f"; see {self.log_path}" if self.log_path else ""))
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns the exit code."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        return self.process.returncode if self.process else None
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m tools.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", default="model_repo", help="the generated repository (default: model_repo)")
+    parser.add_argument("--generate", action="store_true",
+                        help="first generate the repository for the bundled SmolLM2 (if it does not exist yet)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--restricted-apis", default=DEFAULT_RESTRICTED,
+                        help=f"APIs that need the admin key (default: {DEFAULT_RESTRICTED}; '' restricts none)")
+    parser.add_argument("--admin-key", default=os.environ.get("TRITIUM_ADMIN_KEY"),
+                        help="value of the admin-key header for restricted APIs (default: random, printed)")
+    return parser.parse_args(argv), extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    repo = Path(args.model_repository)
+    if args.generate and not (repo / "ensemble" / "config.pbtxt").is_file():
+        from tools.generate_repo import main as generate
+        if generate(["--output-dir", str(repo)]) != 0:
+            return 1
+    if not repo.is_dir():
+        print(f"error: --model-repository {repo} does not exist (generate it: python -m tools.generate_repo "
+              f"--output-dir {repo}, or add --generate)", file=sys.stderr)
+        return 2
+    server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port, args.restricted_apis,
+                          args.admin_key, extra)
+    if args.restricted_apis and not args.admin_key:
+        print(f"restricted APIs ({args.restricted_apis}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
+              file=sys.stderr)
+    server.start()
+    stop = lambda signum, frame: server.process.send_signal(signum)  # noqa: E731 - forward and keep waiting
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = server.process.wait()
+    server.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
