@@ -5,12 +5,20 @@ batch, with AttentionMetadata over a small paged KV cache whose blocks are delib
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Before backend.engine imports triton (backend/kernels import triton.language): triton's own @jit
+    # helpers (tl.sum, ...) are fixed to compile or interpret when triton is imported, and on CPU only the
+    # interpreter can run them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from backend.engine.attention_metadata import AttentionMetadata
 from backend.engine.checkpoint import iter_safetensors, load_model
@@ -41,9 +49,9 @@ class Seq:
 class Driver:
     """Feeds steps of (sequence, number of new tokens) through the model, as a runner would."""
 
-    def __init__(self, model, cfg: ModelConfig, seed: int = 0):
-        self.model = model
-        self.kv_caches = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+    def __init__(self, model, cfg: ModelConfig, seed: int = 0, device: str = "cpu"):
+        self.model, self.device = model, device
+        self.kv_caches = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, device=device)
                           for _ in range(cfg.num_layers)]
         self.free = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free)  # scattered blocks catch block-table mistakes
@@ -63,15 +71,19 @@ class Driver:
             starts.append(starts[-1] + n)
             lens.append(seq.computed + n)
         width = max(len(s.blocks) for s, _ in work)
-        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in work], dtype=torch.int32)
+        dev = self.device
+        tables = [s.blocks + [0] * (width - len(s.blocks)) for s, _ in work]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables,
+            slot_mapping=torch.tensor(slots, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             max_query_len=max(n for _, n in work), max_seq_len=max(lens),
             query_start_loc_cpu=starts, seq_lens_cpu=lens)
         with torch.no_grad():
-            hidden = self.model.forward(torch.tensor(ids), torch.tensor(pos), meta, self.kv_caches)
-            logits = self.model.compute_logits(hidden)
+            hidden = self.model.forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                                        self.kv_caches)
+            logits = self.model.compute_logits(hidden).cpu()
         assert hidden.shape == (len(ids), self.model.config.hidden_size)
         assert logits.dtype == torch.float32
         for b, (seq, n) in enumerate(work):
@@ -103,10 +115,11 @@ def checkpoints(tmp_path_factory):
     return {arch: make_tiny_checkpoint(arch, root / arch) for arch in ARCHS}
 
 
-def check_prefill_then_decode(path, model, cfg, prompt_len: int, decode_steps: int, seed: int = 1):
+def check_prefill_then_decode(path, model, cfg, prompt_len: int, decode_steps: int, seed: int = 1,
+                              device: str = "cpu"):
     tokens = random_tokens(prompt_len + decode_steps, cfg.vocab_size, seed)
     ref = hf_logits(path, tokens)
-    driver = Driver(model, cfg)
+    driver = Driver(model, cfg, device=device)
     seq = driver.new_seq(tokens)
     driver.step([(seq, prompt_len)])
     for _ in range(decode_steps):
@@ -141,6 +154,19 @@ def test_mixed_batch_of_two_sequences(checkpoints, arch):
         got = torch.cat(seq.logits)
         assert got.shape[0] == len(tokens)
         assert rel_err(got, hf_logits(path, tokens)) < RTOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_model_runs_through_triton_kernels(checkpoints, arch):
+    """The same model with the Triton KernelOps: compiled on a GPU, interpreted on CPU (float32 both)."""
+    from backend.kernels.triton_ops import TRITON_OPS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_model(checkpoints[arch], TRITON_OPS, torch.float32, device)
+    errors = check_prefill_then_decode(checkpoints[arch], model, cfg, prompt_len=20, decode_steps=3, device=device)
+    # On the GPU, tl.dot on float32 may use TF32 (10-bit mantissa): about 1e-3 relative.
+    assert max(errors) < (RTOL if device == "cpu" else 5e-3), errors
 
 
 def test_llama3_rope_scaling_past_original_context(checkpoints):
