@@ -66,8 +66,10 @@ class SamplingParams:
             _check_int("end_id", token, low=0)
         _check_sequences("stop_words", self.stop_token_sequences)
         _check_sequences("bad_words", self.bad_token_sequences)
+        _check_int("beam_width", self.beam_width)  # True and 1.0 compare equal to 1
         if self.beam_width != 1:
             raise InvalidParameterError("beam_width", f"beam search is not supported; must be 1, got {self.beam_width}")
+        _check_int("num_return_sequences", self.n)
         if self.n != 1:
             raise InvalidParameterError("num_return_sequences", f"only 1 is supported, got {self.n}")
 
