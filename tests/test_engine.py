@@ -10,6 +10,8 @@ from backend.engine.async_engine import AsyncEngine
 from backend.engine.config import EngineConfig
 from backend.engine.engine import LLMEngine
 from backend.engine.errors import InvalidParameterError
+from backend.engine.model_config import ModelConfig
+from backend.engine.model_runner import kv_block_bytes
 from backend.engine.sampling_params import SamplingParams
 
 ARCHS = ["llama", "llama2", "mistral", "qwen2", "smol"]
@@ -45,7 +47,7 @@ def test_greedy_equals_transformers_on_tiny_models(tiny_checkpoint, arch):
     path = tiny_checkpoint(arch)
     engine = make_engine(path)
     prompts = random_prompts(engine.model_config.vocab_size, [5, 17, 33])
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, min_tokens=24)
     ours = engine.generate(prompts, params)
     for prompt, tokens in zip(prompts, ours):
         assert tokens == transformers_greedy(path, prompt, 24)
@@ -61,7 +63,7 @@ def test_smollm2_greedy_equals_transformers(smollm2_dir):
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
                for q in questions]
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
-    ours = engine.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True))
+    ours = engine.generate(prompts, SamplingParams(max_tokens=64, min_tokens=64))
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager")
     for prompt, tokens in zip(prompts, ours):
         assert tokens == hf_generate(model, prompt, 64)
@@ -110,9 +112,9 @@ def test_preemption_and_chunked_prefill_change_nothing(tiny_checkpoint):
     params = mixed_params(len(prompts))
     expected = solo_outputs(path, prompts, params)
     # 12 blocks of 8 tokens cannot hold all five requests at once, and 16 tokens a step split the prompts.
-    block_bytes = 2 * 3 * 2 * 16 * 8 * 4  # kv * layers * kv_heads * head_dim * block_size * fp32
+    block_bytes = kv_block_bytes(ModelConfig.from_dir(path), 8, torch.float32)
     engine = make_engine(path, block_size=8, kv_cache_memory_mb=12 * block_bytes / 2**20, max_num_batched_tokens=16)
-    assert engine.runner.num_blocks == 12, "test assumes the tiny model's shape"
+    assert engine.runner.num_blocks == 12
     assert staggered_outputs(engine, prompts, params, gap=1) == expected
     stats = engine.stats()
     assert stats["num_preemptions"] > 0

@@ -60,7 +60,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
         self._check_token_ids(prompt_token_ids)
-        if not params.end_ids and not params.ignore_eos:
+        if not params.end_ids:  # kept with ignore_eos too: min_tokens still bans them
             params = dataclasses.replace(params, end_ids=self.eos_token_ids)
         seed = params.seed if params.seed is not None else self._seed_source.randint(0, MAX_SEED)
         request = Request(request_id, list(prompt_token_ids), params, seed=seed)
