@@ -9,6 +9,7 @@ from .errors import InvalidParameterError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     use_cuda_graphs: bool = True
     attention_backend: str = "auto"
+    load_format: str = "safetensors"  # "dummy": random weights of the checkpoint's shapes, for benchmarks
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +54,7 @@ class EngineConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidParameterError(
                 "max_num_batched_tokens",

@@ -26,6 +26,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.checkpoint_dir)
         self.model_config = self.runner.model_config
         self.max_model_len = self._max_model_len()
+        self.runner.warm_up(self.max_model_len)
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
@@ -43,7 +44,7 @@ class LLMEngine:
         self.max_batch_size_seen = 0
 
     def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
+        limit = self.model_config.max_model_len  # positions, capped by a sliding window if any
         return min(self.config.max_model_len, limit) if self.config.max_model_len else limit
 
     @property

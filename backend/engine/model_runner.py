@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from .attention_metadata import AttentionMetadata
 from .checkpoint import load_model
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .model_config import ModelConfig
 from .ops import select_ops
 from .outputs import SampledTokens, SchedulerOutput
@@ -57,11 +59,50 @@ class ModelRunner:
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.ops = select_ops(config.attention_backend, self.device.type)
-        self.model, self.model_config = load_model(checkpoint_dir, self.ops, self.dtype, self.device)
+        self.model, self.model_config = self._load(checkpoint_dir)
         self.block_size = config.block_size
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = self._num_kv_blocks()  # handed to the block manager; one more block is scratch
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        self.warmup_seconds = 0.0
+
+    def _load(self, checkpoint_dir: Path):
+        if self.config.load_format == "safetensors":
+            return load_model(checkpoint_dir, self.ops, self.dtype, self.device)
+        from .models.registry import build_model
+
+        model_config = ModelConfig.from_dir(checkpoint_dir)
+        model = build_model(model_config, self.ops, self.dtype, self.device)
+        fill_random_weights(model, self.config.seed)
+        return model, model_config
+
+    def warm_up(self, max_model_len: int) -> None:
+        """Compiles every kernel specialization and captures decode graphs, so live traffic never JITs."""
+        if self.device.type != "cuda":
+            return
+        start = time.perf_counter()
+        if self.ops.name == "triton":
+            self._warm_up_kernels()
+        if self.config.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
+                                       -(-max_model_len // self.block_size), self.scratch_slot, self.device)
+            self.graphs.capture()
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("warm-up (kernels and CUDA graphs) took %.1f s", self.warmup_seconds)
+
+    def _warm_up_kernels(self) -> None:
+        from backend.kernels.triton_ops import warmup
+
+        mc = self.model_config
+        warmup(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_q_heads=mc.num_heads,
+               num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, kv_cache=self.kv_caches[0], dtype=self.dtype,
+               eps=mc.rms_norm_eps)
+
+    @property
+    def scratch_slot(self) -> int:
+        """First slot of the spare block past the ones the block manager owns: padding rows write there."""
+        return self.num_blocks * self.block_size
 
     def _num_kv_blocks(self) -> int:
         block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype)
@@ -83,16 +124,25 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         mc = self.model_config
-        shape = (2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
         batch = self.prepare_inputs(scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        if self._graph_fits(batch):
+            logits = self.graphs.replay(batch.input_ids, batch.positions, batch.meta.slot_mapping,
+                                        batch.meta.seq_lens, batch.meta.block_tables)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
         sampling_requests = [chunk.request for chunk in scheduled.chunks if chunk.samples]
         return self.sampler(logits, sampling_requests)
+
+    def _graph_fits(self, batch: BatchInputs) -> bool:
+        meta = batch.meta
+        return (self.graphs is not None and meta.decode_only
+                and self.graphs.fits(meta.num_seqs, meta.block_tables.shape[1]))
 
     def prepare_inputs(self, scheduled: SchedulerOutput) -> BatchInputs:
         token_ids: list[int] = []
@@ -135,3 +185,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             return host.pin_memory().to(self.device, non_blocking=True)
         return host
+
+
+@torch.no_grad()
+def fill_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Benchmark weights: normal(0, 0.02) like HF's init, norms at 1, so activations stay in range."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
