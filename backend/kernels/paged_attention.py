@@ -112,35 +112,32 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
 @lazy_jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(po_ptr, pl_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
                           po_sb, po_sh, po_ss, pl_sb, pl_sh, o_st, o_sh, num_splits,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid (num_seqs, Hq): merge the valid splits by their log-sum-exp (base 2), rescaling as it goes.
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLITS_PAD: tl.constexpr):
+    # grid (num_seqs, Hq): merge the valid splits by their log-sum-exp (base 2). All splits are loaded at
+    # once (SPLITS_PAD rows): a loop over them was a chain of dependent loads, slow for short contexts.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     n_valid = tl.cdiv(seq_len, split_len)
+    s = tl.arange(0, SPLITS_PAD)
+    sm = s < n_valid
     d = tl.arange(0, BLOCK_D)
-    dm = d < HEAD_DIM
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, n_valid):
-        lse = tl.load(pl_ptr + b * pl_sb + h * pl_sh + s)
-        o = tl.load(po_ptr + b * po_sb + h * po_sh + s * po_ss + d, mask=dm, other=0.0)
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * o
-        l_i = l_i * alpha + w
-        m_i = m_new
-    l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty (padding) sequence gets zeros, not NaN
+    lse = tl.load(pl_ptr + b * pl_sb + h * pl_sh + s, mask=sm, other=float("-inf"))
+    o = tl.load(po_ptr + b * po_sb + h * po_sh + s[:, None] * po_ss + d[None, :],
+                mask=sm[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    w = tl.where(sm, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    l_sum = tl.sum(w, axis=0)
+    l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # an empty (padding) sequence gets zeros, not NaN
+    acc = tl.sum(w[:, None] * o, axis=0) / l_sum
     q_row = tl.load(qsl_ptr + b).to(tl.int64)
-    tl.store(out_ptr + q_row * o_st + h * o_sh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+    tl.store(out_ptr + q_row * o_st + h * o_sh + d, acc.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@lazy_jit
+@lazy_jit(do_not_specialize=["min_q_len", "max_q_len"])
 def _prefill_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-                    q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale,
+                    q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale, min_q_len, max_q_len,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     # grid (num_seqs, Hkv, cdiv(max_query_len * GROUP, BLOCK_M)): one tile of (token, head) rows of one
@@ -151,7 +148,8 @@ def _prefill_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     mt = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
-    if mt * BLOCK_M >= q_len * GROUP:
+    # Sequences outside [min_q_len, max_q_len] belong to the other launch (see _prefill).
+    if (mt * BLOCK_M >= q_len * GROUP) | (q_len < min_q_len) | (q_len > max_q_len):
         return
     seq_len = tl.load(seq_lens_ptr + b)
     ctx = seq_len - q_len
@@ -221,7 +219,7 @@ def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
     splits = decode_num_splits(num_seqs, hkv, q.device)
     po = _alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
     pl = _alloc_workspace((num_seqs, hq, splits), q.device)
-    block_n = 64 if block_d <= 128 else 32
+    block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
     _decode_split_kernel[(num_seqs, hkv, splits)](
         q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl,
         *_attention_args(q, kv_cache, meta), po.stride(0), po.stride(1), po.stride(2),
@@ -231,19 +229,31 @@ def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
     _decode_reduce_kernel[(num_seqs, hq)](
         po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
         pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=1)
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS_PAD=MAX_SPLITS, num_warps=4)
 
 
 def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+    """Two launches over the batch: sequences whose rows (query_len * GROUP) fit one small tile (decodes and
+    short chunks in a mixed batch) use BLOCK_M = 16 or the padded group, the rest 128-row tiles. One tile
+    size for all wasted 7/8 of a 128-row tile's dot products on each decode row group."""
     import triton
 
-    block_m, block_n = 64, (64 if block_d <= 128 else 32)
-    grid = (meta.num_seqs, kv_cache.shape[3], triton.cdiv(meta.max_query_len * group, block_m))
-    _prefill_kernel[grid](
-        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
-        *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale,
-        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_SIZE=kv_cache.shape[2], num_warps=4, num_stages=2)
+    small_m = max(16, triton.next_power_of_2(group))
+    small_q = small_m // group
+    q_lens = [b - a for a, b in zip(meta.query_start_loc_cpu, meta.query_start_loc_cpu[1:])]
+    launches = []
+    if min(q_lens) <= small_q:
+        launches.append((small_m, 1, small_q, 1, 4))
+    if meta.max_query_len > small_q:
+        big_m = 128 if block_d <= 128 else 64
+        launches.append((big_m, small_q + 1, meta.max_query_len, triton.cdiv(meta.max_query_len * group, big_m), 8))
+    block_n = 64 if block_d <= 128 else 32
+    for block_m, lo, hi, m_tiles, warps in launches:
+        _prefill_kernel[(meta.num_seqs, kv_cache.shape[3], m_tiles)](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+            *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale, lo, hi,
+            GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_SIZE=kv_cache.shape[2], num_warps=warps, num_stages=2)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -253,7 +263,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
     meta.max_query_len == 1 takes the decode path: grid (num_seqs, Hkv, decode_num_splits(...)) plus a
     reduce over (num_seqs, Hq); nothing is read on the host, so it can be captured in a CUDA graph.
     Otherwise the prefill path (also mixed prefill + decode batches): grid from meta.max_query_len.
-    Specializations: GROUP = Hq / Hkv, D, kv block size, dtypes (the tile sizes follow from D).
+    Specializations: GROUP = Hq / Hkv, D, kv block size, dtypes (tile sizes follow from D and GROUP);
+    prefill has two (small and large query tiles), decode one split and one reduce kernel.
     """
     import triton
 

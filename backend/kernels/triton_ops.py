@@ -44,8 +44,8 @@ def warmup(*, hidden_size: int, intermediate_size: int, num_q_heads: int, num_kv
            kv_cache: torch.Tensor, dtype: torch.dtype, eps: float = 1e-6, max_position: int = 64) -> None:
     """Launches every kernel variant once on tiny inputs of the model's layout (compiles them all).
 
-    kv_cache: a real layer cache (its strides are part of the key); it is written only at slots 3..8,
-    which belong to block 0. Give the cache a spare block 0 or call this before serving.
+    kv_cache: a real layer cache (its strides are part of the key); it is written only at slots 3..42,
+    in its first blocks: call this before serving (or give it spare blocks at the front).
     """
     device = kv_cache.device
     x = torch.randn(4, hidden_size, dtype=dtype, device=device)
@@ -54,7 +54,7 @@ def warmup(*, hidden_size: int, intermediate_size: int, num_q_heads: int, num_kv
     rms_norm_triton(x, weight, eps, torch.randn_like(x))
     silu_and_mul_triton(torch.randn(4, 2 * intermediate_size, dtype=dtype, device=device))
     cos_sin = torch.randn(max_position, head_dim, dtype=torch.float32, device=device)
-    for query_len in (1, 5):
+    for query_len in (1, 2, 40):  # decode; prefill small tiles; prefill large tiles
         meta = _warmup_meta(kv_cache.shape[2], query_len, device)
         qkv = torch.randn(query_len, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=device)
         q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)

@@ -18,6 +18,7 @@ CPU_CASES = [
     ([(100, 1), (64, 1)], 9, 3, 16, 32),                       # decode, group of 3, block 32
     ([(50, 13)], 6, 2, 24, 16),                                # cached prefix + chunk, head_dim not 2^k
     ([(30, 30), (45, 1), (64, 9), (5, 1)], 9, 3, 32, 16),      # mixed prefill / chunk / decode
+    ([(40, 2), (70, 6), (33, 33)], 8, 1, 16, 16),              # group 8: 2-token chunk in the small tile
 ]
 GPU_CASES = [
     ([(1, 1), (2000, 1), (7, 1), (513, 1)], 32, 8, 128, 16),
@@ -88,7 +89,8 @@ def test_decode_padding_sequence_gives_zeros(device, poisoned_workspace):
     got = paged_attention_triton(q, kv_cache, meta, 0.25)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     meta.seq_lens_cpu[1] = 1  # the reference needs at least one key; compare the real sequence only
-    torch.testing.assert_close(got[0], reference(q, kv_cache, meta, 0.25)[0], atol=1e-4, rtol=1e-4)
+    tol = 5e-3 if ON_GPU else 1e-4  # float32 tl.dot is tf32 on the GPU
+    torch.testing.assert_close(got[0], reference(q, kv_cache, meta, 0.25)[0], atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
