@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import sys
@@ -114,17 +115,38 @@ def checkpoint_files(checkpoint: Path) -> tuple[list[Path], list[Path]]:
     return weights, small
 
 
-def copy_with_progress(files: list[Path], dest: Path, progress: bool = True) -> None:
+def copy_with_progress(files: list[Path], dest: Path, progress: bool = True, link: bool = True) -> None:
     from tqdm.auto import tqdm
 
     dest.mkdir(parents=True, exist_ok=True)
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="copying weights", disable=not progress) as bar:
         for f in files:
-            with open(f, "rb") as src, open(dest / f.name, "wb") as dst:
+            target = dest / f.name
+            target.unlink(missing_ok=True)
+            if link and _try_link(f, target):
+                bar.update(f.stat().st_size)
+                continue
+            with open(f, "rb") as src, open(target, "wb") as dst:
                 while chunk := src.read(16 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
+
+
+def _is_cached(checkpoint: Path) -> bool:
+    """Only our own GGUF conversions are linked: a user's checkpoint may later be rewritten in place."""
+    from backend.engine.checkpoint import default_cache_dir
+
+    return default_cache_dir().resolve() in checkpoint.resolve().parents
+
+
+def _try_link(src: Path, dst: Path) -> bool:
+    """A hard link is a full copy for every reader (conversions are never rewritten in place) at no cost."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        return False
 
 
 def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str], checkpoint: Path) -> Path:
@@ -138,7 +160,7 @@ def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str
         (target / "1").mkdir(exist_ok=True)
     weights, small = checkpoint_files(checkpoint)
     engine_dir = out / names["llm"] / CHECKPOINT_SUBDIR
-    copy_with_progress(weights, engine_dir, progress=not args.quiet)
+    copy_with_progress(weights, engine_dir, progress=not args.quiet, link=not args.copy and _is_cached(checkpoint))
     for f in small:
         shutil.copy2(f, engine_dir / f.name)
     tokenizer_dir = out / "preprocessing" / TOKENIZER_SUBDIR
@@ -172,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preprocessing-instances", type=int, default=1)
     parser.add_argument("--postprocessing-instances", type=int, default=1)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--copy", action="store_true",
+                        help="always copy the weights (default: hard-link converted GGUF weights from the cache)")
     engine = parser.add_argument_group("engine settings (backend/engine/config.py)")
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
