@@ -1,0 +1,209 @@
+"""Offline engine benchmark on random-weight models of real shapes, with transformers as the baseline.
+
+    python3 perf/bench_engine.py --shapes llama3-8b --out results.json        # on the GPU machine
+
+Reports in one run: measured copy bandwidth and bf16 matmul rate (the ceilings), then per shape: batch-1
+decode tok/s and its fraction of the roofline (weight bytes read per step / copy bandwidth), decode tok/s
+at batch 16/64/256, prefill tok/s at 2k tokens (and its fraction of the matmul rate), the mixed workload
+(256 requests, prompts 64-512 tokens, 128 new tokens), 64 requests sharing a 1,024-token prefix with and
+without prefix caching, and the same workloads on transformers (eager generate; generate_batch).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backend.engine.config import EngineConfig  # noqa: E402
+from backend.engine.engine import LLMEngine  # noqa: E402
+from backend.engine.sampling_params import SamplingParams  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+}
+NEW_TOKENS = 128
+
+
+def write_config(shape: str, folder: str) -> str:
+    config = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
+                  max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def ceilings() -> dict:
+    import triton.testing
+
+    src = torch.randn(2**28, device="cuda")  # 1 GiB: far beyond L2
+    dst = torch.empty_like(src)
+    copy_s = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_s = triton.testing.do_bench(lambda: a @ b, return_mode="median") / 1e3
+    return {"copy_GBps": 2 * src.numel() * 4 / copy_s / 1e9, "matmul_TFLOPs": 2 * 8192**3 / mm_s / 1e12}
+
+
+def random_prompts(n: int, low: int, high: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (n,), generator=gen).tolist()
+    return [torch.randint(10, vocab, (length,), generator=gen).tolist() for length in lengths]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, min_tokens=n)
+
+
+def run_all(engine: LLMEngine, prompts, params) -> float:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{time.monotonic_ns()}-{i}", prompt, params)
+    return timed(lambda: drain(engine))
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def decode_rate(engine: LLMEngine, batch: int, vocab: int) -> float:
+    """tok/s of decode steps alone: prefill everything first, then time the remaining steps."""
+    for i, prompt in enumerate(random_prompts(batch, 128, 128, vocab, seed=batch)):
+        engine.add_request(f"d{batch}-{i}", prompt, greedy(NEW_TOKENS))
+    scheduler = engine.scheduler
+    while scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+        engine.step()
+    already = sum(r.num_output_tokens for r in scheduler.running)
+    return (batch * NEW_TOKENS - already) / timed(lambda: drain(engine))
+
+
+def weight_bytes_per_step(engine: LLMEngine) -> int:
+    """Every weight is read once per decode step except the input embedding, which is only gathered
+    (when tied, the same table is read whole as the LM head, so it counts once)."""
+    model = engine.runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr() if hasattr(model, "lm_head") else True
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def prefix_workload(engine: LLMEngine, vocab: int) -> float:
+    prefix = random_prompts(1, 1024, 1024, vocab, seed=7)[0]
+    suffixes = random_prompts(64, 16, 16, vocab, seed=8)
+    first = run_all(engine, [prefix + [11] * 16], greedy(1))
+    return first + run_all(engine, [prefix + s for s in suffixes], greedy(1))
+
+
+def bench_ours(shape: str, folder: str, ceil: dict, out: dict) -> None:
+    def make(**kw):
+        settings = dict(model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
+                        max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
+        settings.update(kw)
+        return LLMEngine(EngineConfig(**settings))
+
+    start = time.perf_counter()
+    engine = make()
+    out["load_and_warmup_s"] = time.perf_counter() - start
+    out["warmup_s"] = engine.runner.warmup_seconds
+    vocab = engine.model_config.vocab_size
+    out["weight_GB_per_step"] = weight_bytes_per_step(engine) / 1e9
+    out["roofline_tok_s"] = ceil["copy_GBps"] / out["weight_GB_per_step"]
+    run_all(engine, random_prompts(4, 64, 64, vocab), greedy(8))  # warm the allocator and cuBLAS
+    for batch in (1, 16, 64, 256):
+        out[f"decode_b{batch}_tok_s"] = decode_rate(engine, batch, vocab)
+    out["decode_b1_fraction_of_roofline"] = out["decode_b1_tok_s"] / out["roofline_tok_s"]
+    prefill_s = run_all(engine, random_prompts(1, 2048, 2048, vocab, seed=3), greedy(1))
+    out["prefill_2k_tok_s"] = 2048 / prefill_s
+    flops = 2 * out["weight_GB_per_step"] / 2 * 1e9 * 2048  # 2 FLOP per bf16 weight per token (matmuls only)
+    out["prefill_2k_fraction_of_matmul"] = flops / prefill_s / 1e12 / ceil["matmul_TFLOPs"]
+    mixed = random_prompts(256, 64, 512, vocab, seed=5)
+    out["mixed_256_output_tok_s"] = 256 * NEW_TOKENS / run_all(engine, mixed, greedy(NEW_TOKENS))
+    out["prefix_cached_s"] = prefix_workload(engine, vocab)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = make(enable_prefix_caching=False)
+    out["prefix_uncached_s"] = prefix_workload(engine, vocab)
+    out["prefix_speedup"] = out["prefix_uncached_s"] / out["prefix_cached_s"]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_transformers(folder: str, out: dict, full: bool) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    vocab = config.vocab_size
+
+    def eager(batch: int) -> float:
+        ids = torch.tensor(random_prompts(batch, 128, 128, vocab, seed=batch), device="cuda")
+        gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+        model.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return batch * NEW_TOKENS / timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **gen))
+
+    out["hf_eager_b1_tok_s"] = eager(1)
+    if not full:
+        return
+    out["hf_eager_b16_tok_s"] = eager(16)
+    out["hf_eager_b64_tok_s"] = eager(64)
+    try:
+        model.set_attn_implementation("paged|sdpa")
+        mixed = random_prompts(256, 64, 512, vocab, seed=5)
+        gen = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=-1, pad_token_id=0)
+        elapsed = timed(lambda: model.generate_batch(inputs=mixed, generation_config=gen))
+        out["hf_generate_batch_mixed_tok_s"] = 256 * NEW_TOKENS / elapsed
+    except Exception as exc:  # record, don't hide: the baseline's API moves between versions
+        out["hf_generate_batch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
+    parser.add_argument("--out", default="bench_engine.json")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "shapes": {}}
+    for i, shape in enumerate(args.shapes.split(",")):
+        out = results["shapes"].setdefault(shape, {})
+        with tempfile.TemporaryDirectory() as folder:
+            write_config(shape, folder)
+            bench_ours(shape, folder, results["ceilings"], out)
+            if not args.skip_transformers:
+                bench_transformers(folder, out, full=(i == 0))
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    print(f"\ndevice {results['device']}: copy {results['ceilings']['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {results['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s")
+    for shape, out in results["shapes"].items():
+        print(f"\n{shape}")
+        for key, value in out.items():
+            print(f"  {key:36s} {value:12.3f}" if isinstance(value, float) else f"  {key:36s} {value}")
+
+
+if __name__ == "__main__":
+    main()
