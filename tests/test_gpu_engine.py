@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # Head dim 64 and GQA 4:1, like the real models, but small enough to build in a second.
 GPU_SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=1024, vocab_size=2048, max_position_embeddings=1024)
+                 intermediate_size=1024, vocab_size=2048, max_position_embeddings=1024,
+                 initializer_range=0.02)  # real models' init scale, so bf16 rounding stays at its usual size
 
 
 @pytest.fixture(scope="module")
