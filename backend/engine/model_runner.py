@@ -84,7 +84,7 @@ class ModelRunner:
         start = time.perf_counter()
         if self.ops.name == "triton":
             self._warm_up_kernels()
-        self._warm_up_forward()
+        self._warm_up_forward(max_model_len)
         if self.config.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                        -(-max_model_len // self.block_size), self.scratch_slot, self.device)
@@ -100,12 +100,13 @@ class ModelRunner:
                num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, kv_cache=self.kv_caches[0], dtype=self.dtype,
                eps=mc.rms_norm_eps)
 
-    def _warm_up_forward(self) -> None:
+    def _warm_up_forward(self, max_model_len: int) -> None:
         """Eager forwards over the batch shapes traffic brings (a long prefill; a prefill chunk mixed with
         decodes; pure decode), so every kernel variant and cuBLAS handle exists before the first request.
         Every block-table entry is the scratch block, so all writes land there and reads stay in bounds; the
         values are garbage, and nobody reads them."""
-        for query_lens in ([min(2048, self.config.max_num_batched_tokens)], [64, 1, 1, 1], [5], [1, 1]):
+        longest = min(2048, self.config.max_num_batched_tokens, max_model_len)
+        for query_lens in ([longest], [min(64, longest), 1, 1, 1], [min(5, longest)], [1, 1]):
             self._forward_dummy(query_lens)
         torch.cuda.synchronize(self.device)
 
