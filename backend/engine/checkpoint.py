@@ -105,10 +105,15 @@ def load_model(checkpoint_dir: str | Path, ops, dtype: str | torch.dtype = "auto
                device: str | torch.device = "cpu"):
     """(model, model_config): the model built for the checkpoint's architecture with its weights loaded."""
     from .models.registry import build_model
+    from .quantization import QuantConfig, prepare_quantized_load
 
     model_config = ModelConfig.from_dir(checkpoint_dir)
     model = build_model(model_config, ops, parse_dtype(dtype, model_config, device), device)
-    model.load_weights(iter_safetensors(checkpoint_dir))
+    weights = iter_safetensors(checkpoint_dir)
+    quant = QuantConfig.from_dir(checkpoint_dir)  # None unless config.json has a quantization_config
+    if quant is not None:
+        weights = prepare_quantized_load(model, quant, ops, weights)
+    model.load_weights(weights)
     return model, model_config
 
 

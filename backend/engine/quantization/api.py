@@ -1,0 +1,83 @@
+"""The two entry points: `quantize_checkpoint` (the offline pass the repo generator calls) and
+`prepare_quantized_load` (what load_model calls when a checkpoint declares a quantization)."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .config import CALIBRATED, QuantConfig
+from .layers import replace_linears
+from .writer import rtn_tensors, write_configs, write_shards
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *, group_size: int = 128,
+                        dtype: str = "auto", calib_texts: list[str] | None = None, calib_samples: int = 32,
+                        calib_seq_len: int = 512, smoothquant_alpha: float = 0.5, device: str = "cpu",
+                        progress: bool = True, overwrite: bool = False) -> Path:
+    """Writes a quantized copy of the HF-style checkpoint `src_dir` to `dst_dir`; returns dst_dir.
+
+    method: int8_wo | int4_wo | fp8 (round-to-nearest, streamed tensor by tensor, no model needed) or
+    int4_awq | int4_gptq | int8_sq (calibrated: the model runs `calib_samples` windows of `calib_seq_len`
+    tokens of `calib_texts`, by default the bundled corpus's calibration split, on `device`).
+    dtype: of the tensors left unquantized (embeddings, norms, LM head); "auto" keeps the source's.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    extra = {"smoothquant_alpha": smoothquant_alpha} if method == "int8_sq" else {}
+    if method in CALIBRATED:
+        extra["calibration"] = {"samples": calib_samples, "seq_len": calib_seq_len,
+                                "text": "custom" if calib_texts else "lee_background"}
+    qcfg = QuantConfig.for_method(method, group_size, **extra)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if (dst / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{dst} already holds a checkpoint (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        tensors = _tensors(src, qcfg, DTYPES[dtype], calib_texts, calib_samples, calib_seq_len, device, progress)
+        write_shards(tensors, scratch)
+        write_configs(src, scratch, qcfg, DTYPES[dtype])
+        if dst.exists():
+            shutil.rmtree(dst)
+        scratch.rename(dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return dst
+
+
+def _tensors(src: Path, qcfg: QuantConfig, dtype, calib_texts, samples, seq_len, device, progress) -> Iterator:
+    from backend.engine.checkpoint import iter_safetensors
+
+    if qcfg.method not in CALIBRATED:
+        from tqdm.auto import tqdm
+
+        return rtn_tensors(qcfg, tqdm(iter_safetensors(src), desc=f"quantizing ({qcfg.method})", unit="tensor",
+                                      disable=not progress), dtype)
+    from .calibrated import calibrated_tensors
+
+    return calibrated_tensors(src, qcfg, dtype, calib_texts, samples, seq_len, device, progress)
+
+
+def prepare_quantized_load(model: torch.nn.Module, qcfg: QuantConfig, ops,
+                           weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Swaps the model's projections for empty quantized layers and returns the checkpoint's tensors in our
+    layout (AutoAWQ / AutoGPTQ tensors are repacked on the fly)."""
+    replace_linears(model, qcfg, use_triton=ops.name == "triton")
+    if qcfg.source == "tritium":
+        return weights
+    from .foreign import convert_foreign
+
+    return convert_foreign(weights, qcfg)
+
+
+def quantize_model_(model: torch.nn.Module, method: str, ops, group_size: int = 128) -> QuantConfig:
+    """Round-to-nearest quantization of a loaded float model, in place (benchmarks on dummy weights, tests)."""
+    qcfg = QuantConfig.for_method(method, group_size)
+    replace_linears(model, qcfg, use_triton=ops.name == "triton", quantize=True)
+    return qcfg

@@ -1,0 +1,160 @@
+"""Quantized replacements for the model's nn.Linear projections, and the swap itself.
+
+Each layer keeps its quantized tensors as (frozen) nn.Parameters named like the checkpoint's tensors, so the
+model's own load_weights splices q/k/v and gate/up shards into them exactly as it does for float weights
+(every tensor here is split along its first dimension, the output channels). On CUDA with the Triton ops the
+forward runs our kernels; elsewhere the dequantize-then-matmul references.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backend.kernels import quant_matmul as qm
+from backend.kernels import scaled_matmul as sm
+
+from . import rtn
+from .config import QuantConfig
+
+# The projections a quantization replaces (names in our model); embeddings, norms and the LM head stay.
+QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _frozen(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """Common part: shape, optional float bias, and which implementation runs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, use_triton: bool, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features, self.use_triton = in_features, out_features, use_triton
+        self.act_dtype = dtype  # the model's dtype: what this layer takes and returns
+        self.bias = _frozen((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x)
+        return out if self.bias is None else out + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, triton={self.use_triton}"
+
+
+class Int8WeightOnlyLinear(QuantLinear):
+    def __init__(self, in_features, out_features, bias=False, use_triton=False, dtype=torch.float32, device="cpu"):
+        super().__init__(in_features, out_features, bias, use_triton, dtype, device)
+        self.qweight = _frozen((out_features, in_features), torch.int8, device)
+        self.scales = _frozen((out_features,), torch.float32, device)
+
+    def matmul(self, x):
+        fn = qm.w8a16_matmul_triton if self.use_triton else qm.w8a16_matmul_ref
+        return fn(x, self.qweight, self.scales)
+
+    def set_float_weight(self, weight: torch.Tensor) -> None:
+        q, s = rtn.quantize_int8(weight)
+        self.qweight.data.copy_(q)
+        self.scales.data.copy_(s)
+
+
+class Int4WeightOnlyLinear(QuantLinear):
+    def __init__(self, in_features, out_features, bias=False, use_triton=False, dtype=torch.float32, device="cpu",
+                 group_size: int = 128):
+        super().__init__(in_features, out_features, bias, use_triton, dtype, device)
+        self.group_size = in_features if group_size == -1 else group_size
+        qm.check_group_size(in_features, self.group_size)
+        groups = -(-in_features // self.group_size)
+        self.qweight = _frozen((out_features, in_features // 2), torch.uint8, device)
+        self.scales = _frozen((out_features, groups), torch.float32, device)
+        self.qzeros = _frozen((out_features, groups), torch.uint8, device)
+
+    def matmul(self, x):
+        fn = qm.w4a16_matmul_triton if self.use_triton else qm.w4a16_matmul_ref
+        return fn(x, self.qweight, self.scales, self.qzeros, self.group_size)
+
+    def set_float_weight(self, weight: torch.Tensor) -> None:
+        q, s, z = rtn.quantize_int4(weight, self.group_size)
+        self.qweight.data.copy_(qm.pack_int4(q))
+        self.scales.data.copy_(s)
+        self.qzeros.data.copy_(z)
+
+
+class W8A8Linear(QuantLinear):
+    """INT8 (SmoothQuant) or FP8: weights per output channel, activations quantized per token at run time."""
+
+    def __init__(self, in_features, out_features, bias=False, use_triton=False, dtype=torch.float32, device="cpu",
+                 kind: str = "int8"):
+        super().__init__(in_features, out_features, bias, use_triton, dtype, device)
+        self.kind = kind
+        if kind == "fp8":  # named as vLLM / compressed-tensors FP8 checkpoints name them
+            self.weight = _frozen((out_features, in_features), torch.float8_e4m3fn, device)
+            self.weight_scale = _frozen((out_features,), torch.float32, device)
+        else:
+            self.qweight = _frozen((out_features, in_features), torch.int8, device)
+            self.scales = _frozen((out_features,), torch.float32, device)
+
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.weight, self.weight_scale) if self.kind == "fp8" else (self.qweight, self.scales)
+
+    def matmul(self, x):
+        wq, ws = self._codes()
+        fn = sm.w8a8_linear_triton if self.use_triton else sm.w8a8_linear_ref
+        return fn(x, wq, ws, self.kind)
+
+    def set_float_weight(self, weight: torch.Tensor) -> None:
+        q, s = rtn.quantize_fp8(weight) if self.kind == "fp8" else rtn.quantize_int8(weight)
+        wq, ws = self._codes()
+        wq.data.copy_(q)
+        ws.data.copy_(s)
+
+
+def make_linear(qcfg: QuantConfig, in_features: int, out_features: int, bias: bool, use_triton: bool,
+                dtype: torch.dtype, device) -> QuantLinear:
+    """An empty quantized layer of the config's format."""
+    args = (in_features, out_features, bias, use_triton, dtype, device)
+    if qcfg.format == "w8a16":
+        return Int8WeightOnlyLinear(*args)
+    if qcfg.format == "w4a16":
+        return Int4WeightOnlyLinear(*args, group_size=qcfg.group_size)
+    return W8A8Linear(*args, kind="fp8" if qcfg.format == "fp8" else "int8")
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS]
+
+
+def replace_linears(model: nn.Module, qcfg: QuantConfig, use_triton: bool, quantize: bool = False) -> None:
+    """Swaps every projection for an empty quantized layer (to be filled by load_weights), or, with
+    quantize=True, for one quantized by round-to-nearest from the current float weights (dummy weights,
+    tests)."""
+    for name in quantized_linear_names(model):
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        bias = old.bias is not None
+        new = make_linear(qcfg, old.in_features, old.out_features, bias, use_triton,
+                          old.weight.dtype, old.weight.device)
+        if quantize:
+            new.set_float_weight(old.weight.data)
+            if bias:
+                new.bias.data.copy_(old.bias.data)
+        setattr(parent, attr, new)
+
+
+def warmup(model: nn.Module, max_rows: int = 256) -> None:
+    """Runs each distinct quantized layer shape once per launch plan (M <= 16, <= 64, larger), so no Triton
+    kernel compiles on live traffic."""
+    seen = set()
+    for module in model.modules():
+        if not isinstance(module, QuantLinear) or not module.use_triton:
+            continue
+        key = (type(module), module.in_features, module.out_features, getattr(module, "group_size", 0))
+        if key in seen:
+            continue
+        seen.add(key)
+        device = next(module.parameters()).device
+        for rows in (1, qm.MEDIUM_M, max_rows):
+            module(torch.zeros(rows, module.in_features, dtype=module.act_dtype, device=device))

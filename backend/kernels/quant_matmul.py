@@ -1,0 +1,240 @@
+"""Weight-only quantized matrix products: y = x @ dequant(W)^T with 8-bit or 4-bit integer weights.
+
+Layouts (W is [N, K], one row per output channel, as nn.Linear):
+  INT8 per channel:  qweight int8 [N, K], scales [N] (w = q * s).
+  INT4 group-wise:   qweight uint8 [N, K / 2], column pair (2j, 2j + 1) packed as low | high nibble;
+                     scales [N, ceil(K / G)] and zeros uint8 [N, ceil(K / G)] per group of G input
+                     columns, the last group shorter when G does not divide K (w = (q - z) * s, 0..15).
+The references dequantize and call a float matmul; the kernels dequantize tiles in registers.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K / 2] uint8 -> [..., K] uint8 values 0..15 (low nibble first)."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] integers 0..15 (K even) -> [..., K / 2] uint8."""
+    v = values.to(torch.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float().reshape(-1, 1)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    q = unpack_int4(qweight).float()
+    K = q.shape[1]
+    z = zeros.float().repeat_interleave(group_size, dim=1)[:, :K]  # the last group may be shorter
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :K]
+    return (q - z) * s
+
+
+def w8a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype, computed in float32."""
+    return (x.float() @ dequantize_int8(qweight, scales).T).to(x.dtype)
+
+
+def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    return (x.float() @ dequantize_int4(qweight, scales, zeros, group_size).T).to(x.dtype)
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------------------
+# One kernel per format, launched in two shapes (see `_plan`):
+#   small M (decode, 1-16 rows): BLOCK_M 16 and split-K. A batch-1 product is a GEMV that only reads
+#     weights; N / BLOCK_N programs alone leave SMs idle for N = 4096 (64 programs on 132 SMs), so K is split
+#     across programs whose partial products are summed with atomic adds into a zeroed output.
+#   large M (prefill): 64x128 or 128x128 tiles, no split, grouped tile order for L2 reuse of x.
+# Integer weights are converted to the activation dtype exactly (|q - z| <= 15 and |q| <= 127 fit bf16's
+# 8-bit mantissa); scales multiply the fp32 dot result, per K tile for INT4 (BLOCK_K divides the group) and
+# once in the epilogue for INT8, so the dequantized weight is never rounded.
+try:
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: the references above need only torch
+    tl = None
+
+from backend.kernels._jit import lazy_jit
+
+
+@lazy_jit(do_not_specialize=["M"])
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, so_m,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm, nm = rm < M, rn < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * sw_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        km = k < k_end
+        x = tl.load(x_rows + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None], mask=km[:, None] & nm[None, :], other=0)
+        acc += tl.dot(x, w.to(x.dtype))
+    s = tl.load(s_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+    out = (acc * s[None, :]).to(out_ptr.dtype.element_ty)
+    dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
+    else:
+        tl.store(dst, out, mask=mm[:, None] & nm[None, :])
+
+
+# Packed column j of an INT4 weight holds input columns 2j (low nibble) and 2j + 1 (high nibble): a tile
+# is unpacked into two [BLOCK_K / 2, BLOCK_N] halves, each multiplied with the matching x columns.
+@lazy_jit(do_not_specialize=["M"])
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
+                  GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rh = tl.arange(0, BLOCK_K // 2)
+    mm, nm = rm < M, rn < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * sw_n
+    sz_rows = rn.to(tl.int64) * ss_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_even = k0 + 2 * rh
+        km = k_even < k_end
+        xm = mm[:, None] & km[None, :]
+        x_even = tl.load(x_rows + k_even[None, :], mask=xm, other=0.0)
+        x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=xm, other=0.0)
+        packed = tl.load(w_cols + (k0 // 2 + rh)[:, None], mask=km[:, None] & nm[None, :], other=0)
+        group = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
+        packed = packed.to(tl.int32)
+        low = ((packed & 0xF) - z[None, :]).to(x_even.dtype)
+        high = ((packed >> 4) - z[None, :]).to(x_even.dtype)
+        part = tl.dot(x_even, low)
+        part = tl.dot(x_odd, high, part)
+        acc += part * s[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
+    else:
+        tl.store(dst, out, mask=mm[:, None] & nm[None, :])
+
+
+SMALL_M = 16  # up to here: the decode (split-K) launch
+MEDIUM_M = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def plan_launch(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> dict:
+    """Tile sizes and split-K for an [M, K] x [K, N] product, from shapes alone (CUDA-graph safe).
+
+    M <= 64 is decode-like: one row tile; K is split until about two programs per SM are busy, keeping at
+    least 8 K tiles per program (fewer leaves the load pipeline mostly prologue). M > 64 uses 128-row tiles
+    and never splits, so every prefill length runs the same compiled variant.
+    """
+    if M > MEDIUM_M:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, max_block_k), split=1, GROUP_M=8,
+                    num_warps=8, num_stages=3)
+    block_m = SMALL_M if M <= SMALL_M else MEDIUM_M
+    block_k = max_block_k
+    n_tiles = -(-N // 64)
+    k_tiles = -(-K // block_k)
+    split = max(1, min(-(-2 * _num_sms(device) // n_tiles), k_tiles // 8))
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, split=split, GROUP_M=1,
+                num_warps=4, num_stages=4)
+
+
+def _launch(kernel, x2: torch.Tensor, N: int, K: int, plan: dict, args: tuple, extra: dict) -> torch.Tensor:
+    import triton
+
+    M = x2.shape[0]
+    split = plan["split"]
+    block_k = plan["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    alloc = torch.zeros if split > 1 else torch.empty
+    out = alloc(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return out
+    grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+    kernel[grid](x2, *args[:-1], out, M, N, K, k_per_split, x2.stride(0), *args[-1], out.stride(0),
+                 **extra, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=block_k,
+                 GROUP_M=plan["GROUP_M"], ATOMIC=split > 1, num_warps=plan["num_warps"],
+                 num_stages=plan["num_stages"])
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Same contract as w8a16_matmul_ref. Specializations: the plan's tile constexprs (three per shape: M <= 16,
+    <= 64, larger), whether K is split, dtypes. qweight must have unit stride along K."""
+    N, K = qweight.shape
+    x2 = _rows(x)
+    plan = plan_launch(x2.shape[0], N, K, x.device)
+    out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})
+    return out.view(*x.shape[:-1], N)
+
+
+def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """Same contract as w4a16_matmul_ref. group_size: a power of two >= 32, or K itself."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    check_group_size(K, group_size)
+    x2 = _rows(x)
+    block_k = 128 if group_size >= 128 or group_size == K else group_size
+    plan = plan_launch(x2.shape[0], N, K, x.device, max_block_k=block_k)
+    if scales.stride() != zeros.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
+    out = _launch(_w4a16_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
+    return out.view(*x.shape[:-1], N)
+
+
+def check_group_size(K: int, group_size: int) -> None:
+    """A K tile must never straddle two groups (the kernel reads one scale per tile): tiles are powers of two
+    up to 128 starting at multiples of themselves, so the group must be one too (or cover all of K)."""
+    if K % 2:
+        raise ValueError(f"INT4 weights need an even number of input columns, got {K}")
+    if group_size != K and (group_size < 32 or group_size & (group_size - 1)):
+        raise ValueError(f"group_size {group_size} must be K ({K}) or a power of two >= 32")

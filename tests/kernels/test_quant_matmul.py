@@ -1,0 +1,75 @@
+"""W8A16 / W4A16 kernels against the dequantize-then-matmul references (interpreter on CPU, compiled on GPU)."""
+import pytest
+import torch
+
+from backend.kernels import quant_matmul as qm
+
+ON_GPU = torch.cuda.is_available()
+# Interpreter: fp32 and fp16 (its bf16 tl.dot is broken); GPU: bf16 and fp16. The reference is float32 math on
+# the same (rounded) inputs, so the tolerance covers only the output rounding and the split-K atomic sums.
+DTYPES = [(torch.bfloat16, 2e-2, 2e-2), (torch.float16, 3e-3, 3e-3)] if ON_GPU else \
+    [(torch.float32, 1e-4, 1e-4), (torch.float16, 3e-3, 3e-3)]
+# (M, N, K, group): decode rows (split-K), a medium batch, a prefill tile; N and M off the tile sizes; K = 576
+# (SmolLM2's hidden size) is 4.5 groups of 128: the last group is short.
+SHAPES = [(1, 96, 512, 128), (2, 64, 4096, 128), (3, 200, 1024, 64), (16, 64, 256, 32), (40, 72, 256, 128), (5, 40, 576, 128), (130, 136, 192, 64)]
+if ON_GPU:
+    SHAPES += [(1, 4096, 4096, 128), (7, 6144, 4096, 128), (64, 4096, 14336, 128), (300, 1024, 4096, 128)]
+
+
+def random_int8(N, K, device):
+    return torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device), torch.rand(N, device=device) / 50 + 1e-3
+
+
+def random_int4(N, K, group, device):
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=device)
+    groups = -(-K // group)
+    scales = torch.rand(N, groups, device=device) / 10 + 1e-3
+    zeros = torch.randint(0, 16, (N, groups), dtype=torch.uint8, device=device)
+    return qm.pack_int4(q), scales, zeros
+
+
+def test_pack_roundtrip():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    assert torch.equal(qm.unpack_int4(qm.pack_int4(q)), q)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("M,N,K,group", SHAPES)
+def test_w8a16(M, N, K, group, dtype, atol, rtol, device):
+    qweight, scales = random_int8(N, K, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w8a16_matmul_triton(x, qweight, scales)
+    want = qm.w8a16_matmul_ref(x.float(), qweight, scales)
+    assert got.dtype == dtype and got.shape == (M, N)
+    torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("M,N,K,group", SHAPES)
+def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    want = qm.w4a16_matmul_ref(x.float(), qweight, scales, zeros, group)
+    torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def test_w4a16_batched_input_and_per_channel_group(device):
+    # Leading batch dims are flattened; group_size == K is one group per row (AutoGPTQ's group_size -1).
+    qweight, scales, zeros = random_int4(48, 96, 96, device)
+    x = torch.randn(2, 3, 96, device=device)
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, 96)
+    torch.testing.assert_close(got, qm.w4a16_matmul_ref(x, qweight, scales, zeros, 96), atol=1e-4, rtol=1e-4)
+
+
+def test_split_k_plan_is_used_for_decode(monkeypatch):
+    monkeypatch.setattr(qm, "_num_sms", lambda device: 132)
+    plan = qm.plan_launch(1, 4096, 4096, torch.device("cpu"))
+    assert plan["split"] > 1 and plan["BLOCK_M"] == 16
+    assert qm.plan_launch(512, 4096, 4096, torch.device("cpu"))["split"] == 1
+    assert qm.plan_launch(1, 64, 4096, torch.device("cpu"))["split"] == 4  # (2, 64, 4096) above splits too
+
+
+def test_bad_group_size():
+    with pytest.raises(ValueError, match="group_size"):
+        qm.check_group_size(256, 48)

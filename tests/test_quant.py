@@ -1,0 +1,113 @@
+"""Quantized checkpoints on tiny models: the offline pass, the config, loading into the engine model, and the
+quantized model against the float model whose weights were quantized and dequantized the same way."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backend.engine.checkpoint import iter_safetensors, load_model
+from backend.engine.errors import InvalidParameterError
+from backend.engine.ops import REFERENCE_OPS
+from backend.engine.quantization import QuantConfig, quantize_checkpoint, quantize_model_
+from backend.engine.quantization import layers, rtn
+from backend.engine.quantization.forward import window_logits
+from tests.tiny_models import make_tiny_checkpoint
+
+RTN_METHODS = ["int8_wo", "int4_wo", "fp8"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # hidden 64, intermediate 128: group 32 keeps several groups per row.
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("qtiny") / "ckpt")
+
+
+def tokens(n=24, vocab=320, seed=0):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def fake_quant_reference(path, method, group):
+    """The float model with each projection's weight replaced by its dequantized quantization."""
+    model, _ = load_model(path, REFERENCE_OPS, torch.float32, "cpu")
+    for name in layers.quantized_linear_names(model):
+        linear = model.get_submodule(name)
+        w = linear.weight.data
+        if method == "int8_wo":
+            q, s = rtn.quantize_int8(w)
+            linear.weight.data = q.float() * s[:, None]
+        elif method == "int4_wo":
+            linear.weight.data = rtn.fake_quantize_int4(w, group)
+    return model
+
+
+def test_rtn_int4_error_is_within_half_a_step():
+    w = torch.randn(8, 100)  # 100 = 3 groups of 32 and a short one of 4
+    q, s, z = rtn.quantize_int4(w, 32)
+    assert q.shape == (8, 100) and s.shape == (8, 4) and q.max() <= 15
+    deq = rtn.dequantize_int4_codes(q, s, z, 32)
+    step = s.repeat_interleave(32, dim=1)[:, :100]
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("method", ["int8_wo", "int4_wo"])
+def test_quantized_checkpoint_matches_fake_quant_model(tiny, tmp_path, method):
+    out = quantize_checkpoint(tiny, tmp_path / method, method, group_size=32, progress=False)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["method"] == method and config["quant_method"] == "tritium"
+    names = dict(iter_safetensors(out))
+    assert "model.layers.0.self_attn.q_proj.qweight" in names and "model.layers.0.self_attn.q_proj.weight" not in names
+    model, _ = load_model(out, REFERENCE_OPS, torch.float32, "cpu")
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, layers.QuantLinear)
+    ids = tokens()
+    got = window_logits(model, ids)
+    want = window_logits(fake_quant_reference(tiny, method, 32), ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_quantized_logits_error_orders_by_precision(tiny, tmp_path):
+    # This random model (init scale 0.1) amplifies weight error a lot, so only the order is asserted:
+    # 8-bit integers beat e4m3's 3-bit mantissa, which beats 4-bit integers.
+    ids = tokens()
+    want = window_logits(load_model(tiny, REFERENCE_OPS, torch.float32, "cpu")[0], ids)
+    errors = {}
+    for method in RTN_METHODS:
+        out = quantize_checkpoint(tiny, tmp_path / method, method, group_size=32, progress=False)
+        got = window_logits(load_model(out, REFERENCE_OPS, torch.float32, "cpu")[0], ids)
+        errors[method] = float((got - want).norm() / want.norm())
+    assert errors["int8_wo"] < errors["fp8"] < errors["int4_wo"] < 0.5, errors
+
+
+def test_weight_bytes_shrink(tiny, tmp_path):
+    sizes = {}
+    for method in ["int8_wo", "int4_wo"]:
+        out = quantize_checkpoint(tiny, tmp_path / method, method, group_size=32, progress=False)
+        sizes[method] = sum(t.numel() * t.element_size() for n, t in iter_safetensors(out) if "_proj." in n)
+    float_bytes = sum(t.numel() * 2 for n, t in iter_safetensors(tiny) if "_proj." in n)  # as bf16
+    assert sizes["int8_wo"] / float_bytes == pytest.approx(0.5, abs=0.02)
+    assert sizes["int4_wo"] / float_bytes == pytest.approx(0.25 + 3 / 64, abs=0.01)  # + fp16 scale, zero
+
+
+def test_in_place_rtn_equals_checkpoint_path(tiny, tmp_path):
+    out = quantize_checkpoint(tiny, tmp_path / "q", "int4_wo", group_size=32, progress=False)
+    loaded, _ = load_model(out, REFERENCE_OPS, torch.float32, "cpu")
+    model, _ = load_model(tiny, REFERENCE_OPS, torch.float32, "cpu")
+    quantize_model_(model, "int4_wo", REFERENCE_OPS, group_size=32)
+    ids = tokens()
+    torch.testing.assert_close(window_logits(model, ids), window_logits(loaded, ids))
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(InvalidParameterError, match="quant"):
+        QuantConfig.for_method("int3")
+    with pytest.raises(InvalidParameterError, match="group_size"):
+        QuantConfig.for_method("int4_wo", group_size=100)
+    with pytest.raises(InvalidParameterError, match="quantization_config"):
+        QuantConfig.from_dict({"quant_method": "bitsandbytes"})
+
+
+def test_refuses_to_overwrite(tiny, tmp_path):
+    quantize_checkpoint(tiny, tmp_path / "q", "int8_wo", progress=False)
+    with pytest.raises(FileExistsError):
+        quantize_checkpoint(tiny, tmp_path / "q", "int8_wo", progress=False)
