@@ -1,0 +1,177 @@
+"""One OpenAI request against the ensemble: prompt in, Triton responses folded into OpenAI bodies out.
+
+`Generation.run()` serves a non-streamed request; `Generation.events()` serves a streamed one as
+server-sent events. Both cancel the gRPC stream, and so the engine request, when they end early: the client
+went away (the HTTP server cancels the handler or closes the event iterator), or a response failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import AsyncIterator
+
+from . import responses as R
+from .errors import OpenAIError
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, ensemble_inputs, request_parameters
+from .repository import ServedModel
+from .triton import TritonCall, TritonClient, TritonResponse, build_request
+
+log = logging.getLogger(__name__)
+DONE = "data: [DONE]\n\n"
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class Generation:
+    def __init__(self, client: TritonClient, model: ServedModel, request: SamplingFields, prompt: str,
+                 max_tokens: int, chat: bool):
+        self.model = model
+        self.request = request
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.chat = chat
+        self.want_logprobs = bool(request.logprobs) if chat else request.logprobs is not None
+        self.id = R.new_id("chatcmpl" if chat else "cmpl")
+        inputs = ensemble_inputs(request, prompt, max_tokens, request.stream, self.want_logprobs)
+        self.call: TritonCall = client.call(build_request(model.name, self.id, inputs, request_parameters(request)))
+        self.acc = R.Accumulated()
+        self.echo = "" if chat or not request.echo else prompt
+
+    # ---- non-streamed ----
+    async def run(self) -> dict:
+        try:
+            async for response in self.call.responses():
+                self._fold(response)
+        finally:
+            self.call.cancel()
+        return self._body()
+
+    def _fold(self, response: TritonResponse) -> None:
+        acc = self.acc
+        acc.text += response.text
+        acc.logprobs += response.logprobs or []
+        acc.prompt_tokens = response.num_input_tokens if response.num_input_tokens is not None else acc.prompt_tokens
+        acc.completion_tokens = (response.num_output_tokens if response.num_output_tokens is not None
+                                 else acc.completion_tokens)
+        acc.finish_reason = response.finish_reason or acc.finish_reason
+
+    def _usage(self) -> dict:
+        prompt_tokens = self.acc.prompt_tokens
+        if prompt_tokens is None:  # the server did not say: count as preprocessing does
+            prompt_tokens = len(self.model.tokenizer(self.prompt, add_special_tokens=not self.chat)["input_ids"])
+        return R.usage(prompt_tokens, self.acc.completion_tokens or 0)
+
+    def _reason(self) -> str:
+        return R.finish_reason(self.acc.finish_reason, self.acc.completion_tokens, self.max_tokens)
+
+    def _body(self) -> dict:
+        text, tok = self.acc.text, self.model.tokenizer
+        if self.chat:
+            logprobs = R.chat_logprobs(tok, text, self.acc.logprobs) if self.want_logprobs else None
+            return R.chat_body(self.id, self.model.name, text, self._reason(), logprobs, self._usage())
+        logprobs = R.completion_logprobs(tok, text, self.acc.logprobs, len(self.echo)) if self.want_logprobs else None
+        return R.completion_body(self.id, self.model.name, self.echo + text, self._reason(), logprobs, self._usage())
+
+    # ---- streamed ----
+    async def start_stream(self) -> AsyncIterator[str]:
+        """Waits for the first response, so that a refused request still gets its HTTP error status."""
+        responses = self.call.responses()
+        try:
+            first = await responses.__anext__()
+        except BaseException:
+            self.call.cancel()
+            raise
+        return self._events(first, responses)
+
+    async def _events(self, first: TritonResponse, responses: AsyncIterator[TritonResponse]) -> AsyncIterator[str]:
+        try:
+            for event in self._opening():
+                yield event
+            response = first
+            while True:
+                self._fold(response)
+                for event in self._delta_events(response):
+                    yield event
+                if response.final:
+                    break
+                response = await responses.__anext__()
+            for event in self._closing():
+                yield event
+        except OpenAIError as exc:
+            yield sse(exc.body())
+        finally:
+            if not self.call.finished:
+                log.info("request %s ended before its final response: cancelling it on the server", self.id)
+            self.call.cancel()  # synchronous: no await may run in a cancelled task
+        yield DONE
+
+    def _opening(self) -> list[str]:
+        if self.chat:
+            return [sse(R.chat_chunk(self.id, self.model.name, {"role": "assistant", "content": ""}))]
+        if self.echo:
+            return [sse(R.completion_body(self.id, self.model.name, self.echo, None, None, None, chunk=True))]
+        return []
+
+    def _delta_events(self, response: TritonResponse) -> list[str]:
+        logprobs = response.logprobs or []
+        if not response.text and not logprobs:
+            return []
+        tok, name = self.model.tokenizer, self.model.name
+        if self.chat:
+            lp = R.chat_logprobs(tok, response.text, logprobs) if self.want_logprobs else None
+            return [sse(R.chat_chunk(self.id, name, {"content": response.text}, None, lp))]
+        offset = len(self.echo) + len(self.acc.text) - len(response.text)
+        lp = R.completion_logprobs(tok, response.text, logprobs, offset) if self.want_logprobs else None
+        return [sse(R.completion_body(self.id, name, response.text, None, lp, None, chunk=True))]
+
+    def _closing(self) -> list[str]:
+        name, reason = self.model.name, self._reason()
+        usage = self._usage() if self.request.include_usage() else None
+        if self.chat:
+            events = [sse(R.chat_chunk(self.id, name, {}, reason))]
+            if usage:
+                events.append(sse(R.chat_chunk(self.id, name, {}, usage_=usage, empty=True)))
+            return events
+        events = [sse(R.completion_body(self.id, name, "", reason, None, None, chunk=True))]
+        if usage:
+            body = R.completion_body(self.id, name, "", None, None, usage, chunk=True)
+            body["choices"] = []
+            events.append(sse(body))
+        return events
+
+
+async def run_until_disconnect(coro, receive) -> dict | None:
+    """Runs a non-streamed generation; None (and the generation cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # Generation.run's finally cancels the gRPC stream
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    return None
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def completion_generation(client: TritonClient, model: ServedModel, request: CompletionRequest) -> Generation:
+    return Generation(client, model, request, request.prompt, request.max_tokens, chat=False)
+
+
+def chat_generation(client: TritonClient, model: ServedModel, request: ChatCompletionRequest, prompt: str,
+                    max_tokens: int) -> Generation:
+    return Generation(client, model, request, prompt, max_tokens, chat=True)
