@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"largest request body accepted, else 413 (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="requests in flight in this frontend before it answers 503 (default 0: no bound)")
+    parser.add_argument("--route", choices=("engine", "ensemble"), default="engine",
+                        help="engine (default): send token ids to the ensemble's engine model, so that a client "
+                             "disconnect cancels the generation; ensemble: send text to the ensemble (tritonserver "
+                             "2.51 does not pass cancellation into a running ensemble step)")
     parser.add_argument("--start-server", action="store_true", help="also start tritonserver on the repository")
     parser.add_argument("--generate", action="store_true",
                         help="with --start-server: generate the repository for the bundled SmolLM2 if missing")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(args) if args.start_server else None
     try:
         models = models or find_models(args.model_repository)
-        app = create_app(models, args.triton_url, args.max_body_bytes, args.max_in_flight)
+        app = create_app(models, args.triton_url, args.max_body_bytes, args.max_in_flight, args.route)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         if server is not None:

@@ -69,7 +69,10 @@ def _replay(body: bytes, receive):
 
 
 def create_app(models: dict[str, ServedModel], triton_url: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_in_flight: int = 0) -> FastAPI:
+               max_in_flight: int = 0, route: str = "engine") -> FastAPI:
+    """route "engine": requests go to each ensemble's engine model as token ids (a disconnect frees the engine
+    request; see repository.py); "ensemble": to the ensemble as text (tritonserver 2.51 then finishes a
+    disconnected request's generation)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.triton = TritonClient(triton_url)  # a grpc.aio channel belongs to the serving loop
@@ -78,6 +81,7 @@ def create_app(models: dict[str, ServedModel], triton_url: str, max_body_bytes: 
 
     app = FastAPI(title="Tritium OpenAI-compatible API", lifespan=lifespan)
     app.state.models = models
+    app.state.route = route
     app.state.limiter = InFlight(max_in_flight)
     _add_error_handlers(app)
     _add_routes(app)
@@ -165,16 +169,31 @@ def _add_routes(app: FastAPI) -> None:
         model = _model(app, body.model)
         if body.echo and body.logprobs is not None:
             raise invalid("echo with logprobs is not supported (no prompt log probabilities)", "echo")
+        ids = _check_length(model, model.tokenizer(body.prompt)["input_ids"], "prompt")  # as preprocessing does
+        ids = ids if _to_engine(app, model) else None
         with app.state.limiter.hold():
-            return await _serve(completion_generation(app.state.triton, model, body), request)
+            return await _serve(completion_generation(app.state.triton, model, body, ids), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = _model(app, body.model)
-        prompt, prompt_tokens = chat_prompt(model, body)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(model.context_length - prompt_tokens, 1)
+        to_engine = _to_engine(app, model)
+        prompt, ids = chat_prompt(model, body, strip_bos=not to_engine)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(model.context_length - len(ids), 1)
         with app.state.limiter.hold():
-            return await _serve(chat_generation(app.state.triton, model, body, prompt, max_tokens), request)
+            generation = chat_generation(app.state.triton, model, body, prompt, max_tokens, ids if to_engine else None)
+            return await _serve(generation, request)
+
+
+def _to_engine(app: FastAPI, model: ServedModel) -> bool:
+    return app.state.route == "engine" and model.engine is not None
+
+
+def _check_length(model: ServedModel, ids: list[int], param: str) -> list[int]:
+    if len(ids) >= model.context_length:
+        raise OpenAIError(400, f"{param}: the prompt is {len(ids)} tokens; this model's context is "
+                          f"{model.context_length} tokens", param=param, code="context_length_exceeded")
+    return ids
 
 
 async def _serve(generation: Generation, request: Request) -> Response:
@@ -189,8 +208,9 @@ async def _serve(generation: Generation, request: Request) -> Response:
     return JSONResponse(body)
 
 
-def chat_prompt(model: ServedModel, body: ChatCompletionRequest) -> tuple[str, int]:
-    """The conversation through the model's chat template, and its token count; a template error is a 400."""
+def chat_prompt(model: ServedModel, body: ChatCompletionRequest, strip_bos: bool) -> tuple[str, list[int]]:
+    """The conversation through the model's chat template and its token ids (tokenized as preprocessing does
+    with the template: no special tokens added); a template error is a 400."""
     if not model.has_chat_template:
         raise invalid(f"the model {model.name!r} has no chat template; use /v1/completions", "messages")
     tokenizer = model.tokenizer
@@ -199,13 +219,10 @@ def chat_prompt(model: ServedModel, body: ChatCompletionRequest) -> tuple[str, i
     except Exception as exc:  # jinja's TemplateError (e.g. "roles must alternate") and the like
         raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and prompt.startswith(bos) and _adds_bos(tokenizer):
-        prompt = prompt[len(bos):]  # preprocessing tokenizes with special tokens: no second BOS
-    count = len(tokenizer(prompt)["input_ids"])
-    if count >= model.context_length:
-        raise OpenAIError(400, f"messages: the prompt is {count} tokens; this model's context is "
-                          f"{model.context_length} tokens", param="messages", code="context_length_exceeded")
-    return prompt, count
+    if strip_bos and bos and prompt.startswith(bos) and _adds_bos(tokenizer):
+        prompt = prompt[len(bos):]  # sent as text, preprocessing adds special tokens: no second BOS
+    ids = _check_length(model, tokenizer(prompt, add_special_tokens=False)["input_ids"], "messages")
+    return prompt, ids
 
 
 def _adds_bos(tokenizer) -> bool:

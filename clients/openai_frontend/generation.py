@@ -26,8 +26,10 @@ def sse(body: dict) -> str:
 
 
 class Generation:
+    """prompt_ids given: the request goes to the engine model with those ids; else to the ensemble as text."""
+
     def __init__(self, client: TritonClient, model: ServedModel, request: SamplingFields, prompt: str,
-                 max_tokens: int, chat: bool):
+                 max_tokens: int, chat: bool, prompt_ids: list[int] | None = None):
         self.model = model
         self.request = request
         self.prompt = prompt
@@ -35,8 +37,9 @@ class Generation:
         self.chat = chat
         self.want_logprobs = bool(request.logprobs) if chat else request.logprobs is not None
         self.id = R.new_id("chatcmpl" if chat else "cmpl")
-        inputs = ensemble_inputs(request, prompt, max_tokens, request.stream, self.want_logprobs)
-        self.call: TritonCall = client.call(build_request(model.name, self.id, inputs, request_parameters(request)))
+        inputs = ensemble_inputs(request, prompt, max_tokens, request.stream, self.want_logprobs, prompt_ids)
+        target = model.name if prompt_ids is None else model.engine
+        self.call: TritonCall = client.call(build_request(target, self.id, inputs, request_parameters(request)))
         self.acc = R.Accumulated()
         self.echo = "" if chat or not request.echo else prompt
 
@@ -168,10 +171,11 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-def completion_generation(client: TritonClient, model: ServedModel, request: CompletionRequest) -> Generation:
-    return Generation(client, model, request, request.prompt, request.max_tokens, chat=False)
+def completion_generation(client: TritonClient, model: ServedModel, request: CompletionRequest,
+                          prompt_ids: list[int] | None) -> Generation:
+    return Generation(client, model, request, request.prompt, request.max_tokens, False, prompt_ids)
 
 
 def chat_generation(client: TritonClient, model: ServedModel, request: ChatCompletionRequest, prompt: str,
-                    max_tokens: int) -> Generation:
-    return Generation(client, model, request, prompt, max_tokens, chat=True)
+                    max_tokens: int, prompt_ids: list[int] | None) -> Generation:
+    return Generation(client, model, request, prompt, max_tokens, True, prompt_ids)

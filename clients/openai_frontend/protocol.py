@@ -138,13 +138,16 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-def ensemble_inputs(request: SamplingFields, prompt: str, max_tokens: int, stream: bool, logprobs: bool) -> dict:
-    """The ensemble's input tensors for one request; None values are not sent (the backend's defaults)."""
+def ensemble_inputs(request: SamplingFields, prompt: str, max_tokens: int, stream: bool, logprobs: bool,
+                    prompt_ids: list[int] | None = None) -> dict:
+    """The input tensors for one request; None values are not sent (the backend's defaults). With prompt_ids
+    (for the engine model) the token ids replace the text."""
     temperature, top_p = request.temperature, request.top_p
     if top_p == 0.0:  # OpenAI allows 0 (keep only the most likely token); the engine wants (0, 1]: greedy
         temperature, top_p = 0.0, None
     return {
-        "text_input": prompt,
+        "text_input": prompt if prompt_ids is None else None,
+        "input_ids": prompt_ids,
         "max_tokens": max_tokens,
         "stream": stream,
         "exclude_input_in_output": True,

@@ -5,6 +5,12 @@ Every `platform: "ensemble"` model is served under its own name. Its tokenizer i
 model's config parameter (tools/generate_repo.py writes `1/tokenizer`, holding the checkpoint's
 tokenizer.json, tokenizer_config.json and chat_template.jinja). The context length is the engine model's
 `max_model_len` parameter, else its checkpoint's `max_position_embeddings`.
+
+The engine model is the ensemble's decoupled step (backend "tritium"). The frontend sends its requests there
+by default, with the prompt tokenized as preprocessing would: tritonserver 2.51 does not pass a gRPC
+cancellation on to a running composing model of an ensemble (measured: a cancelled ensemble stream kept its
+engine request running to max_tokens, 37 s; the same cancel sent to the engine model freed its KV blocks in
+0.3 s), so only this route lets a client disconnect free the engine request.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class ServedModel:
     tokenizer: object
     context_length: int
     created: int = 0
+    engine: str | None = None  # the ensemble's decoupled engine step (input_ids in, text deltas out)
 
     @property
     def has_chat_template(self) -> bool:
@@ -60,7 +67,19 @@ def load_model(repo: Path, model_dir: Path, config) -> ServedModel:
     tokenizer_dir = find_tokenizer_dir(repo, steps)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     created = int((model_dir / "config.pbtxt").stat().st_mtime)
-    return ServedModel(config.name or model_dir.name, tokenizer, context_length(repo, steps), created)
+    return ServedModel(config.name or model_dir.name, tokenizer, context_length(repo, steps), created,
+                       find_engine(repo, steps))
+
+
+def find_engine(repo: Path, steps: list[str]) -> str | None:
+    """The step that is a decoupled model taking input_ids: the engine (None if there is none)."""
+    for step in steps:
+        if not (repo / step / "config.pbtxt").is_file():
+            continue
+        config = read_config(repo / step)
+        if config.model_transaction_policy.decoupled and any(i.name == "input_ids" for i in config.input):
+            return config.name or step
+    return None
 
 
 def find_tokenizer_dir(repo: Path, steps: list[str]) -> Path:

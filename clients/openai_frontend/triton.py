@@ -42,7 +42,8 @@ class TritonResponse:
 
 
 def build_request(model: str, request_id: str, inputs: dict, parameters: dict) -> service_pb2.ModelInferRequest:
-    """The ensemble's tensors (INTERFACE.md names), batch size 1; inputs left None are not sent."""
+    """The ensemble's tensors (INTERFACE.md names; the engine model also takes input_ids), batch size 1;
+    inputs left None are not sent."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     for name, value in inputs.items():
         if value is not None:
@@ -57,7 +58,9 @@ def build_request(model: str, request_id: str, inputs: dict, parameters: dict) -
 
 
 def _add_input(request, name: str, value) -> None:
-    if name == "text_input" or name in STRINGS:
+    if name == "input_ids":
+        datatype, raw, shape = "INT32", np.asarray(value, dtype=np.int32).tobytes(), [1, len(value)]
+    elif name == "text_input" or name in STRINGS:
         items = [value] if isinstance(value, str) else list(value)
         datatype, raw = "BYTES", b"".join(_bytes_item(s.encode("utf-8")) for s in items)
         shape = [1, len(items)]
