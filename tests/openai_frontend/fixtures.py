@@ -1,0 +1,108 @@
+"""Fixtures for the OpenAI frontend tests: a real tritonserver on the bundled SmolLM2 (CPU) and the frontend
+started by its own CLI next to it. Imported by tests/test_openai_frontend.py (module scope: one server and one
+frontend for the module)."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tools.generate_repo import main as generate_repo
+from tools.serve import TritonServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def engine_metrics(metrics_port: int) -> dict[str, float]:
+    """The engine's statistics from Triton's metrics endpoint (the backend refreshes them every 0.2 s)."""
+    with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^tritium_(\w+)\{[^}]*\} (\S+)$", text, re.M)}
+
+
+def wait_for_metrics(metrics_port: int, predicate, timeout: float = 15.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = engine_metrics(metrics_port)
+        if predicate(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def oai_repo(tmp_path_factory, smollm2_dir):
+    repo = tmp_path_factory.mktemp("openai") / "model_repo"
+    assert generate_repo(["--output-dir", str(repo), "--quiet", "--kv-cache-mb", "128", "--device", "cpu"]) == 0
+    return repo
+
+
+@pytest.fixture(scope="module")
+def oai_triton(oai_repo, tmp_path_factory):
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("openai-log") / "tritonserver.log"
+    server = TritonServer(oai_repo, http, grpc, metrics, log_path=log)
+    server.start()
+    try:
+        server.wait_ready(timeout=240)
+    except Exception:
+        server.stop()
+        print(log.read_text()[-5000:])
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(oai_repo, oai_triton, tmp_path_factory):
+    """The frontend by its CLI; yields its base URL (http://127.0.0.1:PORT/v1)."""
+    (port,) = free_ports(1)
+    log = tmp_path_factory.mktemp("openai-frontend-log") / "frontend.log"
+    cmd = [sys.executable, "-m", "clients.openai_frontend", "--model-repository", str(oai_repo), "--triton-url",
+           oai_triton.grpc_url, "--host", "127.0.0.1", "--port", str(port), "--max-body-bytes", str(1 << 20)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout=120)
+    except Exception:
+        process.kill()
+        print(log.read_text()[-5000:])
+        raise
+    yield f"http://127.0.0.1:{port}/v1"
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the frontend exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the frontend was not healthy after {timeout:.0f} s")
