@@ -170,3 +170,16 @@ def test_disconnect_mid_stream_frees_the_engine_request(client, frontend, oai_tr
     after = wait_for_metrics(port, lambda m: m["num_running"] == 0 and m["kv_blocks_used"] == 0, timeout=10)
     assert after["num_running"] == 0 and after["kv_blocks_used"] == 0, after
     assert "Paris" in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16).choices[0].message.content
+
+
+def test_ensemble_route_gives_the_same_answers(oai_repo, oai_triton, client):
+    """--route ensemble sends text to the ensemble (no cancellation on tritonserver 2.51, same answers)."""
+    from clients.openai_frontend.app import create_app
+    from clients.openai_frontend.repository import find_models
+
+    expected = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, stop="Paris")
+    with TestClient(create_app(find_models(oai_repo), oai_triton.grpc_url, route="ensemble")) as app:
+        body = app.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 16,
+                                                      "stop": "Paris"}).json()
+    assert body["choices"][0]["message"]["content"] == expected.choices[0].message.content
+    assert body["usage"] == expected.usage.model_dump(exclude_none=True)

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(args) if args.start_server else None
     try:
         models = models or find_models(args.model_repository)
-        app = create_app(models, args.triton_url, args.max_body_bytes, args.max_in_flight, args.route)
+        app = create_app(models, args.triton_url, args.max_body_bytes, args.max_in_flight, args.route,
+                         on_shutdown=server.stop if server is not None else None)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         if server is not None:

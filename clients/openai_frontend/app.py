@@ -69,15 +69,20 @@ def _replay(body: bytes, receive):
 
 
 def create_app(models: dict[str, ServedModel], triton_url: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_in_flight: int = 0, route: str = "engine") -> FastAPI:
+               max_in_flight: int = 0, route: str = "engine", on_shutdown=None) -> FastAPI:
     """route "engine": requests go to each ensemble's engine model as token ids (a disconnect frees the engine
     request; see repository.py); "ensemble": to the ensemble as text (tritonserver 2.51 then finishes a
-    disconnected request's generation)."""
+    disconnected request's generation). on_shutdown runs when the app stops (uvicorn re-raises SIGTERM after
+    its shutdown, so a `finally` around uvicorn.run would never run)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.triton = TritonClient(triton_url)  # a grpc.aio channel belongs to the serving loop
-        yield
-        await app.state.triton.close()
+        try:
+            yield
+        finally:
+            await app.state.triton.close()
+            if on_shutdown is not None:
+                on_shutdown()
 
     app = FastAPI(title="Tritium OpenAI-compatible API", lifespan=lifespan)
     app.state.models = models
