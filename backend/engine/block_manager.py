@@ -134,6 +134,8 @@ class BlockManager:
         Returns False and changes nothing if free plus evictable blocks do not suffice.
         """
         table = self._tables.get(request_id)
+        if cached is None and table is not None and len(table) * self.block_size >= num_tokens:
+            return True  # the common decode step: 15 of 16 steps need no new block
         if cached is not None and cached.block_ids and table:
             raise ValueError(f"request {request_id!r} already holds blocks; a cached prefix only starts a table")
         cached_ids = cached.block_ids if cached is not None else ()

@@ -6,12 +6,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .attention_metadata import AttentionMetadata
 from .checkpoint import load_model
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .host_inputs import build_host_inputs
 from .model_config import ModelConfig
 from .ops import select_ops
 from .outputs import SampledTokens, SchedulerOutput
@@ -165,8 +167,8 @@ class ModelRunner:
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-        sampling_requests = [chunk.request for chunk in scheduled.chunks if chunk.samples]
-        return self.sampler(logits, sampling_requests)
+        sampling = [chunk for chunk in scheduled.chunks if chunk.samples]
+        return self.sampler(logits, [chunk.request for chunk in sampling], [chunk.output_index for chunk in sampling])
 
     def _graph_fits(self, batch: BatchInputs) -> bool:
         meta = batch.meta
@@ -174,42 +176,26 @@ class ModelRunner:
                 and self.graphs.fits(meta.num_seqs, meta.block_tables.shape[1]))
 
     def prepare_inputs(self, scheduled: SchedulerOutput) -> BatchInputs:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        for chunk in scheduled.chunks:
-            token_ids += chunk.request.token_slice(chunk.start, chunk.end)
-            positions += range(chunk.start, chunk.end)
-            slots += [self._slot(chunk.block_ids, p) for p in range(chunk.start, chunk.end)]
-            query_start.append(query_start[-1] + chunk.num_tokens)
-            seq_lens.append(chunk.end)
-            if chunk.samples:
-                sample_rows.append(query_start[-1] - 1)
-        tables = [chunk.block_ids for chunk in scheduled.chunks]
-        width = max(len(t) for t in tables)
-        parts = [token_ids, positions, slots, query_start, seq_lens, sample_rows,
-                 [b for t in tables for b in t + [0] * (width - len(t))]]
+        host = build_host_inputs(scheduled.chunks, self.block_size)
+        tables = host.block_tables
+        parts = [host.token_ids, host.positions, host.slots, host.query_start, host.seq_lens, host.sample_rows,
+                 tables.ravel()]
         ids, pos, slot_mapping, qsl, lens, rows, flat_tables = self._to_device(parts)
+        seq_lens = host.seq_lens.tolist()
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=qsl.to(torch.int32), seq_lens=lens.to(torch.int32),
-            block_tables=flat_tables.to(torch.int32).view(len(tables), width),
-            max_query_len=max(c.num_tokens for c in scheduled.chunks), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens)
+            block_tables=flat_tables.to(torch.int32).view(tables.shape), max_query_len=host.max_query_len,
+            max_seq_len=max(seq_lens), query_start_loc_cpu=host.query_start.tolist(), seq_lens_cpu=seq_lens)
         return BatchInputs(ids, pos, meta, rows)
 
-    def _slot(self, block_ids: list[int], position: int) -> int:
-        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
-
-    def _to_device(self, parts: list[list[int]]) -> list[torch.Tensor]:
+    def _to_device(self, parts: list) -> list[torch.Tensor]:
         """One host-to-device copy for all of a step's integer inputs: each copy costs ~10 us of launch and
-        pinning, which at batch 1 is a visible share of a 6 ms step."""
-        host = torch.tensor([v for part in parts for v in part], dtype=torch.int64)
+        pinning, which at batch 1 is a visible share of a 6 ms step. Parts are lists or numpy arrays."""
+        sizes = [len(part) for part in parts]
+        host = torch.from_numpy(np.concatenate([np.asarray(part, dtype=np.int64) for part in parts]))
         if self.device.type == "cuda":
             host = host.pin_memory().to(self.device, non_blocking=True)
-        return list(host.split([len(part) for part in parts]))
+        return list(host.split(sizes))
 
 
 @torch.no_grad()

@@ -8,24 +8,38 @@ from .request import Request
 
 @dataclass
 class ScheduledChunk:
-    """One request's share of a step: compute tokens [start, start + num_tokens) of its sequence."""
+    """One request's share of a step: compute tokens [start, start + num_tokens) of its sequence.
+
+    `start` and `seq_len` are taken when the chunk is made, so they describe the step as scheduled however
+    the request moves on afterwards, and reading them costs no property chain (the runner and the scheduler
+    read them for every row of every step).
+    """
 
     request: Request
     num_tokens: int
     block_ids: list[int]
+    start: int = -1  # -1: the request's num_computed_tokens now
+    seq_len: int = -1  # tokens in the sequence when scheduled; -1: the request's num_tokens now
 
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.request.num_computed_tokens
+        if self.seq_len < 0:
+            self.seq_len = self.request.num_tokens
 
     @property
     def end(self) -> int:
-        return self.request.num_computed_tokens + self.num_tokens
+        return self.start + self.num_tokens
 
     @property
     def samples(self) -> bool:
-        """A chunk that reaches the last known token produces the next token."""
-        return self.end == self.request.num_tokens
+        """A chunk that reaches the last token of the sequence produces the next token."""
+        return self.start + self.num_tokens == self.seq_len
+
+    @property
+    def output_index(self) -> int:
+        """Which output token this chunk samples (when it samples): the seeded draw's position."""
+        return self.seq_len - len(self.request.prompt_token_ids)
 
 
 @dataclass

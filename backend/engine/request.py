@@ -23,10 +23,16 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED
 
 
-@dataclass
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+
+
+# eq=False: requests compare (and hash) by identity. The generated __eq__ built and compared tuples of all
+# fields, and list.remove() on the running list called it once per earlier request: ~1 us each, ~0.25 ms
+# per finished request at batch 256.
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -63,7 +69,13 @@ class Request:
         return self.prompt_token_ids[index] if index < n_prompt else self.output_token_ids[index - n_prompt]
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        return [self.token_at(i) for i in range(start, stop)]
+        """Tokens [start, stop) of prompt + outputs, by list slicing (no per-token calls)."""
+        n_prompt = len(self.prompt_token_ids)
+        if stop <= n_prompt:
+            return self.prompt_token_ids[start:stop]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt:stop - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n_prompt]
 
     @property
     def is_finished(self) -> bool:

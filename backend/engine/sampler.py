@@ -67,38 +67,62 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Sampler:
-    """`sampler(logits [N, V], requests) -> SampledTokens`; row i of logits belongs to requests[i]."""
+    """`sampler(logits [N, V], requests) -> SampledTokens`; row i of logits belongs to requests[i].
+
+    `output_positions[i]` is the index among request i's outputs of the token being drawn (default: its
+    number of outputs so far). The scheduler passes it explicitly because with async scheduling a request's
+    previous token may still be on its way to the host when this one is drawn.
+    """
 
     @torch.no_grad()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
-        processed = self.process_logits(logits, requests)
-        tokens = self._choose(processed, requests)
-        if not any(r.sampling_params.logprobs for r in requests):
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 output_positions: list[int] | None = None) -> SampledTokens:
+        tokens, logprobs = self.sample(logits, requests, output_positions)
+        if logprobs is None:
             return SampledTokens(tokens.cpu().tolist())
+        return to_host(tokens, logprobs)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               output_positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids [N] (int64) and, if any request asks, their logprobs [N], left on the device."""
+        if output_positions is None:
+            output_positions = [r.num_output_tokens for r in requests]
+        processed = self.process_logits(logits, requests, output_positions)
+        tokens = self._choose(processed, requests, output_positions)
+        if not any(r.sampling_params.logprobs for r in requests):
+            return tokens, None
         # Logprobs are those of the model's distribution after penalties and bans, *before* temperature,
         # top-k and top-p: they score the token under the model (as OpenAI and vLLM's default report),
         # not under the sampling distribution, which would give -inf-free but decoding-dependent numbers.
-        logprobs = torch.log_softmax(processed, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        # One device-to-host transfer: token ids < 2**53 are exact in float64.
-        host = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).cpu()
-        return SampledTokens(host[0].to(torch.int64).tolist(), host[1].tolist())
+        return tokens, torch.log_softmax(processed, dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: list[Request],
+                       output_positions: list[int] | None = None) -> torch.Tensor:
         """Steps 1-4 on a float32 copy (the caller's tensor is left alone)."""
+        if output_positions is None:
+            output_positions = [r.num_output_tokens for r in requests]
         x = logits.to(torch.float32, copy=True)
         x = _apply_repetition_penalty(x, requests)
         x = _apply_presence_frequency(x, requests)
-        return _apply_bans(x, requests)
+        return _apply_bans(x, requests, output_positions)
 
-    def _choose(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _choose(self, x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:
         tokens = x.argmax(dim=-1)  # greedy rows; argmax takes the first of equal maxima
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if not rows:
             return tokens
         if len(rows) == len(requests):
-            return _sample(x, requests)
+            return _sample(x, requests, output_positions)
         index = _device_tensor(rows, torch.int64, x.device)
-        return tokens.index_copy(0, index, _sample(x.index_select(0, index), [requests[i] for i in rows]))
+        sampled = _sample(x.index_select(0, index), [requests[i] for i in rows], [output_positions[i] for i in rows])
+        return tokens.index_copy(0, index, sampled)
+
+
+def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> SampledTokens:
+    """One device-to-host transfer for both: token ids < 2**53 are exact in float64."""
+    host = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).cpu()
+    return SampledTokens(host[0].to(torch.int64).tolist(), host[1].tolist())
 
 
 def _device_tensor(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -153,11 +177,14 @@ def _apply_presence_frequency(x: torch.Tensor, requests: list[Request]) -> torch
     return x - presence * (counts > 0) - frequency * counts
 
 
-def banned_tokens(request: Request) -> list[int]:
-    """Tokens that get -inf for this request's next draw (min_tokens and bad words)."""
+def banned_tokens(request: Request, output_position: int | None = None) -> list[int]:
+    """Tokens that get -inf for this request's draw of output `output_position` (default: the next one):
+    min_tokens and bad words. Bad words read the token history, so they need every earlier token known."""
     params = request.sampling_params
     banned: list[int] = []
-    if request.num_output_tokens < params.min_tokens:
+    if output_position is None:
+        output_position = request.num_output_tokens
+    if output_position < params.min_tokens:
         # End ids are banned even with ignore_eos: they would not stop the request then, but a request
         # that asked for min_tokens wants that many real tokens, and banning is harmless either way.
         banned += params.end_ids
@@ -170,9 +197,10 @@ def banned_tokens(request: Request) -> list[int]:
     return banned
 
 
-def _apply_bans(x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _apply_bans(x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:
     vocab = x.shape[1]
-    pairs = [(i, t) for i, r in enumerate(requests) for t in banned_tokens(r) if 0 <= t < vocab]
+    pairs = [(i, t) for i, (r, position) in enumerate(zip(requests, output_positions))
+             for t in banned_tokens(r, position) if 0 <= t < vocab]
     if not pairs:
         return x
     rows, tokens = zip(*pairs)
@@ -180,7 +208,7 @@ def _apply_bans(x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return x.index_put_(index, torch.tensor(float("-inf"), device=x.device))
 
 
-def _sample(x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _sample(x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:
     """Temperature, top-k, top-p, then the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) draws
     token i with probability p_i (equivalent to the Gumbel-max trick, Gumbel 1954 / Maddison et al. 2014;
     gpt-fast and vLLM sample the same way). Scores are taken in log space: log p_i - log E_i."""
@@ -189,7 +217,8 @@ def _sample(x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     # Subtracting the max first keeps tiny temperatures finite: every score is <= 0 and the best one is 0.
     x = (x - top) / _column([r.sampling_params.temperature for r in requests], x)
     x = _top_k_top_p(x, requests)
-    keys = _device_tensor([_signed64(row_key(r.seed, r.num_output_tokens)) for r in requests], torch.int64, x.device)
+    keys = [_signed64(row_key(r.seed, position)) for r, position in zip(requests, output_positions)]
+    keys = _device_tensor(keys, torch.int64, x.device)
     exponential = -torch.log(uniform_noise(keys, x.shape[1]))
     return (x - torch.log(exponential)).argmax(dim=-1)
 

@@ -176,42 +176,47 @@ class Scheduler:
         request.num_computed_tokens = cached.num_tokens
         request.num_new_blocks += num_fresh_blocks
         request.status = RequestStatus.RUNNING
-        keys = [self._arrival[r.request_id] for r in self.running]
-        self.running.insert(bisect.bisect(keys, self._arrival[request.request_id]), request)
+        # bisect with a key: O(log n) lookups instead of rebuilding every running request's key per admission.
+        arrival = self._arrival
+        index = bisect.bisect(self.running, arrival[request.request_id], key=lambda r: arrival[r.request_id])
+        self.running.insert(index, request)
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
         block_ids = self.block_manager.block_table(request.request_id)
-        output.chunks.append(ScheduledChunk(request=request, num_tokens=num_new, block_ids=block_ids))
+        output.chunks.append(ScheduledChunk(request, num_new, block_ids, request.num_computed_tokens,
+                                            request.num_tokens))
 
     # ---- results ----
     def update_from_output(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
-        samples = [chunk.samples for chunk in output.chunks]  # before num_computed_tokens moves
+        samples = [chunk.samples for chunk in output.chunks]
         if sum(samples) != len(sampled.token_ids):
             raise ValueError(f"{sum(samples)} chunks sample but the runner returned {len(sampled.token_ids)} tokens")
+        token_ids, logprobs = sampled.token_ids, sampled.logprobs
         finished: list[Request] = []
-        next_sample = 0
+        index = 0  # next sampled token
         for chunk, chunk_samples in zip(output.chunks, samples):
-            index = next_sample
-            next_sample += chunk_samples
             request = chunk.request
-            if request.is_finished:  # aborted between schedule() and now
+            index += chunk_samples
+            if request.status.finished:  # aborted between schedule() and now
                 continue
             self._advance(request, chunk.num_tokens)
-            if chunk_samples and self._append_sample(request, sampled, index):
-                finished.append(request)
+            if chunk_samples:
+                logprob = logprobs[index - 1] if logprobs is not None else None
+                if self._append_sample(request, token_ids[index - 1], logprob):
+                    finished.append(request)
         return finished
 
     def _advance(self, request: Request, num_tokens: int) -> None:
         before = request.num_computed_tokens
-        request.num_computed_tokens += num_tokens
+        request.num_computed_tokens = after = before + num_tokens
         bm = self.block_manager
-        if bm.enable_prefix_caching and request.num_computed_tokens // bm.block_size > before // bm.block_size:
-            bm.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+        # Hash only when a block fills (1 decode step in block_size): sha256 plus the token list is ~5 us.
+        if bm.enable_prefix_caching and after // bm.block_size > before // bm.block_size:
+            bm.cache_full_blocks(request.request_id, request.all_token_ids, after)
 
-    def _append_sample(self, request: Request, sampled: SampledTokens, index: int) -> bool:
+    def _append_sample(self, request: Request, token_id: int, logprob: float | None) -> bool:
         """Append the request's sampled token; finish it if it should stop. Returns True if it finished."""
-        logprob = sampled.logprobs[index] if sampled.logprobs is not None else None
-        request.append_output(sampled.token_ids[index], logprob)
+        request.append_output(token_id, logprob)
         status = request.check_stop()
         if status is None and (
             request.num_tokens >= self.max_model_len or request.num_tokens > self._cache_capacity_tokens
