@@ -33,6 +33,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_waiting_requests: int = 4096
     use_cuda_graphs: bool = True
+    # Schedule and prepare step N+1 while the GPU runs step N (engine.py); False: the synchronous reference.
+    async_scheduling: bool = True
     attention_backend: str = "auto"
     load_format: str = "safetensors"  # "dummy": random weights of the checkpoint's shapes, for benchmarks
     seed: int = 0
@@ -51,6 +53,8 @@ class EngineConfig:
             raise InvalidParameterError("kv_cache_memory_mb", f"must be > 0, got {self.kv_cache_memory_mb}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise InvalidParameterError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.async_scheduling, bool):
+            raise InvalidParameterError("async_scheduling", f"must be true or false, got {self.async_scheduling!r}")
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .outputs import ScheduledChunk
+from .request import Request
 
 
 @dataclass
@@ -24,10 +25,14 @@ class HostInputs:
     sample_rows: np.ndarray  # [S] int64: rows whose logits are sampled
     block_tables: np.ndarray  # [B, W] int64, rows padded with 0
     max_query_len: int
+    # Async scheduling: rows whose token is the previous step's sample, not yet on the host (token_ids holds
+    # 0 there); the runner fills them in on the device from that step's sampled-token tensor.
+    placeholder_rows: np.ndarray  # [P] int64
+    placeholder_requests: list[Request]
 
 
 def build_host_inputs(chunks: list[ScheduledChunk], block_size: int) -> HostInputs:
-    starts, lens, samples, tokens = _per_chunk(chunks)
+    starts, lens, samples, tokens, placeholders = _per_chunk(chunks)
     num_seqs = len(chunks)
     query_start = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(lens, out=query_start[1:])
@@ -37,19 +42,31 @@ def build_host_inputs(chunks: list[ScheduledChunk], block_size: int) -> HostInpu
     return HostInputs(
         token_ids=np.array(tokens, dtype=np.int64), positions=positions, slots=slots, query_start=query_start,
         seq_lens=starts + lens, sample_rows=query_start[1:][samples] - 1, block_tables=tables,
-        max_query_len=int(lens.max()))
+        max_query_len=int(lens.max()), placeholder_rows=np.array([row for row, _ in placeholders], dtype=np.int64),
+        placeholder_requests=[request for _, request in placeholders])
 
 
-def _per_chunk(chunks: list[ScheduledChunk]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-    """The one Python loop over the batch: starts, lengths, sampling flags and the new tokens' ids."""
-    starts, lens, samples, tokens = [], [], [], []
+def _per_chunk(chunks: list[ScheduledChunk]):
+    """The one Python loop over the batch: starts, lengths, sampling flags, the new tokens' ids, and the
+    (row, request) of each token not yet known on the host."""
+    starts, lens, samples, tokens, placeholders = [], [], [], [], []
     for chunk in chunks:
-        start, n = chunk.start, chunk.num_tokens
+        request, start, n = chunk.request, chunk.start, chunk.num_tokens
+        end = start + n
         starts.append(start)
         lens.append(n)
-        samples.append(start + n == chunk.seq_len)
-        tokens += chunk.request.token_slice(start, start + n)
-    return np.array(starts, dtype=np.int64), np.array(lens, dtype=np.int64), np.array(samples, dtype=bool), tokens
+        samples.append(end == chunk.seq_len)
+        known = request.num_tokens
+        if end <= known:
+            tokens += request.token_slice(start, end)
+            continue
+        if end - known > 1:
+            raise ValueError(f"request {request.request_id!r}: {end - known} unknown tokens scheduled; at most 1")
+        tokens += request.token_slice(start, known)
+        placeholders.append((len(tokens), request))
+        tokens.append(0)
+    return (np.array(starts, dtype=np.int64), np.array(lens, dtype=np.int64), np.array(samples, dtype=bool),
+            tokens, placeholders)
 
 
 def _positions(starts: np.ndarray, lens: np.ndarray, query_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,8 @@ from .host_inputs import build_host_inputs
 from .model_config import ModelConfig
 from .ops import select_ops
 from .outputs import SampledTokens, SchedulerOutput
-from .sampler import Sampler
+from .request import Request
+from .sampler import PendingTokens, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()  # handed to the block manager; one more block is scratch
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler()
+        # Async scheduling: the last launched step's sampled ids, still on the device, and each sampling
+        # request's row in them; the next step's placeholder rows read their input token from there.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sample_index: dict[Request, int] = {}
         self.graphs: DecodeGraphs | None = None
         self.warmup_seconds = 0.0
 
@@ -160,6 +165,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
+        """The synchronous step: forward, sample, and wait for the ids on the host."""
+        logits, sampling = self._forward(scheduled)
+        self._last_sampled, self._last_sample_index = None, {}
+        return self.sampler(logits, [chunk.request for chunk in sampling], [chunk.output_index for chunk in sampling])
+
+    @torch.inference_mode()
+    def launch(self, scheduled: SchedulerOutput) -> PendingTokens:
+        """Async scheduling: enqueue forward, sampling and the copy of the ids to the host, and return without
+        waiting. The ids also stay on the device for the next step's placeholder rows."""
+        logits, sampling = self._forward(scheduled)
+        tokens, logprobs = self.sampler.sample(logits, [chunk.request for chunk in sampling],
+                                               [chunk.output_index for chunk in sampling])
+        self._last_sampled = tokens
+        self._last_sample_index = {chunk.request: i for i, chunk in enumerate(sampling)}
+        return PendingTokens(tokens, logprobs)
+
+    def _forward(self, scheduled: SchedulerOutput):
+        """Logits of the sampling rows, and the chunks they belong to."""
         batch = self.prepare_inputs(scheduled)
         if self._graph_fits(batch):
             logits = self.graphs.replay(batch.input_ids, batch.positions, batch.meta.slot_mapping,
@@ -167,8 +190,7 @@ class ModelRunner:
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-        sampling = [chunk for chunk in scheduled.chunks if chunk.samples]
-        return self.sampler(logits, [chunk.request for chunk in sampling], [chunk.output_index for chunk in sampling])
+        return logits, [chunk for chunk in scheduled.chunks if chunk.samples]
 
     def _graph_fits(self, batch: BatchInputs) -> bool:
         meta = batch.meta
@@ -178,15 +200,25 @@ class ModelRunner:
     def prepare_inputs(self, scheduled: SchedulerOutput) -> BatchInputs:
         host = build_host_inputs(scheduled.chunks, self.block_size)
         tables = host.block_tables
+        sources = self._placeholder_sources(host.placeholder_requests)
         parts = [host.token_ids, host.positions, host.slots, host.query_start, host.seq_lens, host.sample_rows,
-                 tables.ravel()]
-        ids, pos, slot_mapping, qsl, lens, rows, flat_tables = self._to_device(parts)
+                 tables.ravel(), host.placeholder_rows, sources]
+        ids, pos, slot_mapping, qsl, lens, rows, flat_tables, fill_rows, fill_sources = self._to_device(parts)
+        if sources:  # on the device, queued behind the step that sampled them: no host sync
+            ids[fill_rows] = self._last_sampled[fill_sources]
         seq_lens = host.seq_lens.tolist()
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=qsl.to(torch.int32), seq_lens=lens.to(torch.int32),
             block_tables=flat_tables.to(torch.int32).view(tables.shape), max_query_len=host.max_query_len,
             max_seq_len=max(seq_lens), query_start_loc_cpu=host.query_start.tolist(), seq_lens_cpu=seq_lens)
         return BatchInputs(ids, pos, meta, rows)
+
+    def _placeholder_sources(self, requests: list[Request]) -> list[int]:
+        """Row in the last launched step's sampled ids of each placeholder token."""
+        missing = [r.request_id for r in requests if r not in self._last_sample_index]
+        if missing:
+            raise RuntimeError(f"placeholder tokens of {missing} were not sampled by the last launched step")
+        return [self._last_sample_index[r] for r in requests]
 
     def _to_device(self, parts: list) -> list[torch.Tensor]:
         """One host-to-device copy for all of a step's integer inputs: each copy costs ~10 us of launch and

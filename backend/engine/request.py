@@ -41,7 +41,12 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # in the KV cache, by steps whose results the scheduler has taken in
+    # Async scheduling (scheduler.py): a step is scheduled while the previous one still runs, so a request
+    # can have tokens scheduled but not yet counted as computed, and an output sampled but not yet on the
+    # host. Both are 0 whenever no step is in flight.
+    num_inflight_tokens: int = 0
+    num_output_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     num_new_blocks: int = 0  # blocks allocated fresh (not reused from the prefix cache)

@@ -121,8 +121,39 @@ class Sampler:
 
 def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> SampledTokens:
     """One device-to-host transfer for both: token ids < 2**53 are exact in float64."""
-    host = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).cpu()
-    return SampledTokens(host[0].to(torch.int64).tolist(), host[1].tolist())
+    return _unpack(torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).cpu(), True)
+
+
+def _unpack(host: torch.Tensor, has_logprobs: bool) -> SampledTokens:
+    if has_logprobs:
+        return SampledTokens(host[0].to(torch.int64).tolist(), host[1].tolist())
+    return SampledTokens(host.tolist())
+
+
+class PendingTokens:
+    """A step's sampled ids (and logprobs) on their way to the host, for async scheduling.
+
+    The copy into pinned memory is enqueued behind the step's kernels and an event marks its end, so
+    result() waits for this step alone, not for the next step that the host enqueues meanwhile (a plain
+    .cpu() would wait for the whole stream and serialize host and GPU again).
+    """
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None):
+        self._has_logprobs = logprobs is not None
+        packed = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]) if self._has_logprobs else tokens
+        self._event = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SampledTokens:
+        if self._event is not None:
+            self._event.synchronize()
+        return _unpack(self._host, self._has_logprobs)
 
 
 def _device_tensor(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

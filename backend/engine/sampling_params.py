@@ -45,6 +45,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def needs_token_history(self) -> bool:
+        """Penalties and bad words read every earlier token on the host at each draw, so async scheduling
+        (whose latest token is still on the device when the next draw is set up) cannot serve them."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.bad_token_sequences))
+
     def validate(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_int("min_tokens", self.min_tokens, low=0)

@@ -7,6 +7,13 @@ prefill, decode, prefix reuse and recompute after preemption all fall out of tha
 
 When blocks run out for a running request, the latest arrival is preempted by recompute: its blocks are freed,
 its computed count reset, and it goes back to the front of the waiting queue with its outputs kept.
+
+Async scheduling (the idea of SGLang's overlap scheduler and vLLM's async scheduling; engine.py drives it):
+schedule() may run again before update_from_output() has taken in the previous step. A request then counts
+its in-flight tokens as computed-to-be (`num_inflight_tokens`) and its not-yet-known sampled token as a
+placeholder (`num_output_placeholders`) that the next decode chunk computes; the runner fills that token in on
+the device. A request whose placeholder is its last token by length is not scheduled again. With one step in
+flight at most, stop conditions are seen one step late and update_from_output drops the extra token.
 """
 from __future__ import annotations
 
@@ -118,15 +125,26 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new > 0 and self._allocate_or_preempt(request, num_new, output):
+            start = request.num_computed_tokens + request.num_inflight_tokens
+            num_new = min(request.num_tokens + request.num_output_placeholders - start, budget)
+            if num_new > 0 and not self._ends_in_flight(request) and self._allocate_or_preempt(request, num_new, output):
                 self._add_chunk(output, request, num_new)
                 budget -= num_new
         return budget
 
+    def _ends_in_flight(self, request: Request) -> bool:
+        """True when the request's in-flight sampled token will finish it by length (max_tokens, context or
+        cache size): scheduling it again would only compute a token to drop."""
+        if not request.num_output_placeholders:
+            return False
+        seq_len = request.num_tokens + request.num_output_placeholders
+        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        return (num_outputs >= request.sampling_params.max_tokens or seq_len >= self.max_model_len
+                or seq_len > self._cache_capacity_tokens)
+
     def _allocate_or_preempt(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
         """Find blocks for the request's next tokens, preempting the latest arrivals; False if it was preempted."""
-        num_tokens = request.num_computed_tokens + num_new
+        num_tokens = request.num_computed_tokens + request.num_inflight_tokens + num_new
         while not self.block_manager.allocate(request.request_id, num_tokens):
             victim = self.running[-1]
             self._preempt(victim, output)
@@ -138,6 +156,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request.request_id)
         request.num_computed_tokens = 0
+        request.num_inflight_tokens = 0  # an in-flight step's work is lost; its sampled token still lands
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -154,6 +173,8 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int, output: SchedulerOutput) -> int:
         """Start (or restart) a waiting request with up to `budget` tokens; returns the tokens scheduled, or 0."""
+        if request.num_output_placeholders:  # preempted while a step was in flight: wait for its token
+            return 0
         bm = self.block_manager
         cached = bm.find_cached_prefix(request.all_token_ids)
         num_new = request.num_tokens - cached.num_tokens
@@ -183,8 +204,12 @@ class Scheduler:
 
     def _add_chunk(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
         block_ids = self.block_manager.block_table(request.request_id)
-        output.chunks.append(ScheduledChunk(request, num_new, block_ids, request.num_computed_tokens,
-                                            request.num_tokens))
+        start = request.num_computed_tokens + request.num_inflight_tokens
+        seq_len = request.num_tokens + request.num_output_placeholders
+        output.chunks.append(ScheduledChunk(request, num_new, block_ids, start, seq_len))
+        request.num_inflight_tokens += num_new
+        if start + num_new == seq_len:  # it samples: one more output is on its way
+            request.num_output_placeholders += 1
 
     # ---- results ----
     def update_from_output(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
@@ -197,10 +222,12 @@ class Scheduler:
         for chunk, chunk_samples in zip(output.chunks, samples):
             request = chunk.request
             index += chunk_samples
-            if request.status.finished:  # aborted between schedule() and now
+            if request.status.finished:  # aborted, or stopped while this step was in flight: drop its token
                 continue
-            self._advance(request, chunk.num_tokens)
+            if request.status is RequestStatus.RUNNING:  # not preempted since: the step's KV is its own
+                self._advance(request, chunk.num_tokens)
             if chunk_samples:
+                request.num_output_placeholders -= 1
                 logprob = logprobs[index - 1] if logprobs is not None else None
                 if self._append_sample(request, token_ids[index - 1], logprob):
                     finished.append(request)
@@ -209,6 +236,7 @@ class Scheduler:
     def _advance(self, request: Request, num_tokens: int) -> None:
         before = request.num_computed_tokens
         request.num_computed_tokens = after = before + num_tokens
+        request.num_inflight_tokens -= num_tokens
         bm = self.block_manager
         # Hash only when a block fills (1 decode step in block_size): sha256 plus the token list is ~5 us.
         if bm.enable_prefix_caching and after // bm.block_size > before // bm.block_size:
@@ -224,7 +252,8 @@ class Scheduler:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             return False
-        self.running.remove(request)
+        # A request preempted while its step was in flight sits in the waiting queue when its token lands.
+        (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
         self._retire(request, status)
         return True
 
