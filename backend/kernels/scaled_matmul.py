@@ -35,3 +35,127 @@ def w8a8_linear_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, ki
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_per_token_ref(x2, kind)
     return scaled_matmul_ref(xq, xs, wq, w_scale, x.dtype).view(*x.shape[:-1], wq.shape[0])
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------------------
+# Two launches per product: a per-token quantizer (one program per row: its absmax, then the codes), and the
+# tensor-core product, tiled and split like the weight-only kernels (quant_matmul.plan_launch): int8 x int8
+# accumulates in int32, e4m3 x e4m3 in float32, and both scales multiply the tile in the epilogue.
+try:
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: the references above need only torch
+    tl = None
+
+from backend.kernels._jit import lazy_jit
+from backend.kernels.quant_matmul import plan_launch
+
+
+@lazy_jit
+def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx_m, sq_m, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * sx_m + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0) / QMAX, 1e-10)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_ptr + row * sx_m + k0 + cols, mask=mask, other=0.0).to(tl.float32) / scale
+        if IS_INT8:
+            # round half away from zero; the reference rounds half to even: they differ only on exact ties
+            x = tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        tl.store(q_ptr + row * sq_m + k0 + cols, x.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@lazy_jit(do_not_specialize=["M"])
+def _scaled_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, so_m,
+                      IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mm, nm = rm < M, rn < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * sw_n
+    if IS_INT8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        km = k < k_end
+        x = tl.load(x_rows + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None], mask=km[:, None] & nm[None, :], other=0.0)
+        if IS_INT8:
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(x, w, acc)
+    xs = tl.load(xs_ptr + rm, mask=mm, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=nm, other=0.0)
+    out = (acc.to(tl.float32) * xs[:, None] * ws[None, :]).to(out_ptr.dtype.element_ty)
+    dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
+    else:
+        tl.store(dst, out, mask=mm[:, None] & nm[None, :])
+
+
+def quantize_per_token_triton(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as quantize_per_token_ref for x [M, K] with unit stride along K."""
+    import triton
+
+    M, K = x.shape
+    dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    q = torch.empty(M, K, dtype=dtype, device=x.device)
+    scales = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block = min(2048, triton.next_power_of_2(K))
+        _per_token_quant_kernel[(M,)](x, q, scales, K, x.stride(0), q.stride(0),
+                                      QMAX=INT8_MAX if kind == "int8" else FP8_MAX, IS_INT8=kind == "int8",
+                                      BLOCK=block, num_warps=4)
+    return q, scales
+
+
+def scaled_matmul_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as scaled_matmul_ref. Specializations: the launch plan (M <= 16, <= 64, larger; split or
+    not), int8 or fp8 codes, the output dtype."""
+    import triton
+
+    M, K = xq.shape
+    N = wq.shape[0]
+    plan = plan_launch(M, N, K, xq.device, max_block_k=128)
+    if M > 64:
+        plan.update(BLOCK_K=128, num_stages=3)  # 8-bit operands: 128 bytes of K per row, as 64 for bf16
+    k_per_split = triton.cdiv(triton.cdiv(K, plan["split"]), plan["BLOCK_K"]) * plan["BLOCK_K"]
+    split = triton.cdiv(K, k_per_split)
+    out = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=out_dtype, device=xq.device)
+    if M == 0:
+        return out
+    grid = (triton.cdiv(M, plan["BLOCK_M"]) * triton.cdiv(N, plan["BLOCK_N"]), split)
+    _scaled_mm_kernel[grid](xq, wq, x_scale, w_scale, out, M, N, K, k_per_split, xq.stride(0), wq.stride(0),
+                            out.stride(0), IS_INT8=xq.dtype == torch.int8, BLOCK_M=plan["BLOCK_M"],
+                            BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"], GROUP_M=plan["GROUP_M"],
+                            ATOMIC=split > 1, num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    return out
+
+
+def w8a8_linear_triton(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """Same contract as w8a8_linear_ref."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = quantize_per_token_triton(x2, kind)
+    return scaled_matmul_triton(xq, xs, wq, w_scale, x.dtype).view(*x.shape[:-1], wq.shape[0])

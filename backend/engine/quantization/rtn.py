@@ -71,8 +71,17 @@ def dequantize_int4_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 def fake_quantize_int4(weight: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantized INT4 weight in float32 (what the quantized layer computes with)."""
-    return dequantize_int4_codes(*quantize_int4(weight, group_size, clip), group_size)
+    """Dequantized INT4 weight in float32 (what the quantized layer computes with); the searches of AWQ call
+    this hundreds of times, so it works on the grouped view without materializing codes."""
+    K = weight.shape[1]
+    g = group_view(weight.float(), group_size)
+    w_max, w_min = g.amax(dim=2), g.amin(dim=2)
+    if clip is not None:
+        w_max, w_min = w_max * clip, w_min * clip
+    scales, zeros = int4_params(w_max, w_min)
+    scales, zeros = scales[..., None], zeros[..., None]
+    deq = (torch.round(g / scales + zeros).clamp_(0, INT4_MAX) - zeros) * scales
+    return deq.flatten(1)[:, :K]
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,153 @@
+"""The calibrated methods (AWQ, GPTQ, SmoothQuant): the float model runs calibration text one decoder layer at
+a time; each layer's projections are quantized from the inputs they actually see (coming out of the already
+quantized layers before it), and the layer's outputs with its quantized weights feed the next layer.
+The result is streamed out as checkpoint tensors with Hugging Face names."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from backend.kernels.quant_matmul import pack_int4
+
+from . import awq, gptq, rtn
+from .calibration import calibration_texts, token_windows
+from .config import QuantConfig
+from .forward import LayerRunner, capture_inputs
+from .writer import cast
+
+QKV, O, GATE_UP, DOWN = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
+PROJECTIONS = (QKV, O, GATE_UP, DOWN)
+
+
+def calibrated_tensors(src: Path, qcfg: QuantConfig, dtype, texts: list[str] | None, samples: int, seq_len: int,
+                       device: str, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    from backend.engine.checkpoint import load_model, load_tokenizer
+    from backend.engine.ops import select_ops
+
+    model, _ = load_model(src, select_ops("auto", torch.device(device).type), torch.float32, device)
+    windows = token_windows(load_tokenizer(src), texts or calibration_texts(), seq_len, samples)
+    runner = LayerRunner(model, windows)
+    quantize_layer = {"int4_awq": _awq_layer, "int4_gptq": _gptq_layer, "int8_sq": _smoothquant_layer}[qcfg.method]
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for i in tqdm(range(len(model.model.layers)), desc=f"calibrating ({qcfg.method})", unit="layer",
+                  disable=not progress):
+        for name, tensors in quantize_layer(runner, i, qcfg).items():
+            results[f"model.layers.{i}.{name}"] = tensors
+        runner.advance(i)
+    return _checkpoint_tensors(model, results, dtype)
+
+
+def _linear(runner: LayerRunner, i: int, name: str) -> torch.nn.Linear:
+    return runner.model.model.layers[i].get_submodule(name)
+
+
+def _int4_result(linear: torch.nn.Linear, codes, scales, zeros, group_size: int) -> dict[str, torch.Tensor]:
+    """Sets the layer to its dequantized weight (what the next layers will see) and returns its tensors."""
+    linear.weight.data = rtn.dequantize_int4_codes(codes, scales, zeros, group_size).to(linear.weight.dtype)
+    return {"qweight": pack_int4(codes), "scales": scales.half(), "qzeros": zeros}
+
+
+def _gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    inputs = capture_inputs(runner, i, PROJECTIONS)
+    out = {}
+    for name in PROJECTIONS:
+        linear = _linear(runner, i, name)
+        hessian = gptq.HessianAccumulator(linear.in_features, inputs[name].device)
+        hessian.add(inputs.pop(name))
+        codes, scales, zeros = gptq.gptq_quantize_int4(linear.weight.data, hessian.H, qcfg.group_size)
+        out[name] = _int4_result(linear, codes, scales, zeros, qcfg.group_size)
+    return out
+
+
+@torch.no_grad()
+def _awq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    layer, cfg, g = runner.model.model.layers[i], runner.model.config, qcfg.group_size
+    inputs = capture_inputs(runner, i, PROJECTIONS)
+    qkv, o, gate_up, down = (_linear(runner, i, n) for n in PROJECTIONS)
+    # Each scale s multiplies the weight's input columns; its inverse is folded into what makes the input.
+    s = awq.search_scale(inputs[QKV], qkv.weight, g)
+    layer.input_layernorm.weight.div_(s)
+    _scale_inputs(qkv, inputs, QKV, s)
+    s = awq.search_scale(inputs[GATE_UP], gate_up.weight, g)
+    layer.post_attention_layernorm.weight.div_(s)
+    _scale_inputs(gate_up, inputs, GATE_UP, s)
+    s = awq.search_scale(inputs[DOWN], down.weight, g)
+    gate_up.weight[cfg.intermediate_size:].div_(s[:, None])  # up's outputs multiply into down's inputs
+    _scale_inputs(down, inputs, DOWN, s)
+    if cfg.num_heads == cfg.num_kv_heads:  # v feeds o column for column only without grouped-query heads
+        s = awq.search_scale(inputs[O], o.weight, g)
+        qkv.weight[cfg.q_size + cfg.kv_size:].div_(s[:, None])
+        _scale_inputs(o, inputs, O, s)
+    out = {}
+    for name, linear in zip(PROJECTIONS, (qkv, o, gate_up, down)):
+        clip = awq.search_clip(inputs[name], linear.weight, g)
+        if name == QKV:  # clipping q and k distorts attention scores (AutoAWQ leaves them alone too)
+            clip[: cfg.q_size + cfg.kv_size] = 1.0
+        out[name] = _int4_result(linear, *rtn.quantize_int4(linear.weight, g, clip), g)
+    return out
+
+
+def _scale_inputs(linear: torch.nn.Linear, inputs: dict, name: str, s: torch.Tensor) -> None:
+    linear.weight.mul_(s[None, :])
+    inputs[name] = inputs[name] / s
+
+
+@torch.no_grad()
+def _smoothquant_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    """SmoothQuant (Xiao et al., 2022): s = max|x|^alpha / max|w|^(1 - alpha) per input channel moves the
+    activation outliers into the weights, which INT8 per-channel handles; o_proj's input cannot be folded
+    anywhere with grouped-query heads and is left unsmoothed."""
+    layer, cfg = runner.model.model.layers[i], runner.model.config
+    alpha = float(qcfg.extra.get("smoothquant_alpha", 0.5))
+    inputs = capture_inputs(runner, i, (QKV, GATE_UP, DOWN))
+    qkv, o, gate_up, down = (_linear(runner, i, n) for n in PROJECTIONS)
+    folds = ((QKV, qkv, layer.input_layernorm.weight), (GATE_UP, gate_up, layer.post_attention_layernorm.weight),
+             (DOWN, down, gate_up.weight[cfg.intermediate_size:]))
+    for name, linear, producer in folds:
+        x_max = inputs.pop(name).abs().amax(dim=0).float()
+        w_max = linear.weight.abs().amax(dim=0).float()
+        s = (x_max.pow(alpha) / w_max.pow(1 - alpha).clamp(min=1e-5)).clamp(min=1e-5)
+        producer.div_(s[:, None] if producer.dim() == 2 else s)
+        linear.weight.mul_(s[None, :])
+    out = {}
+    for name, linear in zip(PROJECTIONS, (qkv, o, gate_up, down)):
+        q, scales = rtn.quantize_int8(linear.weight)
+        linear.weight.data = (q.float() * scales[:, None]).to(linear.weight.dtype)
+        out[name] = {"qweight": q, "scales": scales.half()}
+    return out
+
+
+# ---- back to checkpoint names --------------------------------------------------------------------------------
+
+def _parts(model, module: str) -> list[tuple[str, int]]:
+    """(HF projection name, rows) of a fused projection, in order."""
+    cfg = model.config
+    prefix, leaf = module.rsplit(".", 1)
+    if leaf == "qkv_proj":
+        return [(f"{prefix}.q_proj", cfg.q_size), (f"{prefix}.k_proj", cfg.kv_size), (f"{prefix}.v_proj", cfg.kv_size)]
+    if leaf == "gate_up_proj":
+        return [(f"{prefix}.gate_proj", cfg.intermediate_size), (f"{prefix}.up_proj", cfg.intermediate_size)]
+    return [(module, None)]
+
+
+def _split(model, module: str, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    start = 0
+    for hf, rows in _parts(model, module):
+        for suffix, t in tensors.items():
+            yield f"{hf}.{suffix}", t if rows is None else t[start:start + rows]
+        start += rows or 0
+
+
+def _checkpoint_tensors(model, results: dict, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, param in model.named_parameters():
+        module, leaf = name.rsplit(".", 1)
+        if module not in results:
+            yield name, cast(param.data, dtype)
+        elif leaf == "weight":
+            yield from _split(model, module, results[module])
+        else:  # a float bias of a quantized projection (Qwen2's q/k/v)
+            yield from _split(model, module, {leaf: cast(param.data, dtype)})
