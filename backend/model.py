@@ -1,7 +1,8 @@
 """The `tritium` Python-based Triton backend: a thin adapter between Triton requests and the AsyncEngine.
 
 Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
-`<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. Decoupled: `execute` validates each request,
+`<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. It takes token ids from `preprocessing` (the
+ensemble path) or the ensemble's own text inputs when called directly. Decoupled: `execute` validates each request,
 hands it to the engine and returns at once; one thread per request streams its responses (the final flag on
 the last data response), polls cancellation and aborts the engine request when the client goes away.
 Engine settings come from the model config's `parameters` (every EngineConfig field, written by
@@ -20,8 +21,9 @@ import triton_python_backend_utils as pb_utils
 
 from backend.engine.async_engine import AsyncEngine
 from backend.engine.errors import EngineError
-from backend.serving.engine_settings import from_parameters
+from backend.serving.engine_settings import from_parameters, serving_settings
 from backend.serving.metrics import EngineMetrics
+from backend.serving.preprocess import Preprocessor, tokenize_inputs
 from backend.serving.request_parser import parse_request
 from backend.serving.session import Session
 
@@ -60,8 +62,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the tritium backend needs model_transaction_policy { decoupled: true }")
         self.input_names = [i["name"] for i in model_config.get("input", [])]
         _select_device(args)
-        config = from_parameters(model_config.get("parameters", {}), args["model_repository"])
+        parameters = model_config.get("parameters", {})
+        config = from_parameters(parameters, args["model_repository"])
         self.engine = AsyncEngine(config)
+        # The tokenizer loads now (loading it on the first request stalled that stream for ~2 s). It also
+        # serves requests sent to this model directly with text_input, the path on which client cancellation
+        # reaches the engine (tritonserver 2.51 does not propagate cancellation into ensemble steps).
+        chat = serving_settings(parameters).get("apply_chat_template", "false").lower() == "true"
+        self.preprocessor = Preprocessor(self.engine.tokenizer, apply_chat_template=chat)
         self.block_size = config.block_size
         self._ids = itertools.count()
         self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
@@ -80,7 +88,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         request_id = f"{self._prefix}-{next(self._ids)}"
         try:
-            parsed = parse_request(self._inputs(request), _parameters(request))
+            parameters = _parameters(request)
+            inputs = tokenize_inputs(self._inputs(request), parameters, self.preprocessor)
+            parsed = parse_request(inputs, parameters)
             stream = self.engine.add_request(request_id, parsed.prompt_ids, parsed.params)
         except (EngineError, ValueError) as exc:  # InvalidParameterError is both; names the field
             send_error(sender, str(exc))

@@ -75,12 +75,17 @@ class GrpcStreamClient:
     def stream(self, prompt: str, max_tokens: int, chat: bool = False, request_id: str = "", timeout: float = 300,
                **inputs) -> Iterator[dict]:
         """Yields each response's outputs as a dict; raises RuntimeError with the server's message on error."""
+        parameters = {"apply_chat_template": True} if chat else None
+        yield from self.stream_tensors(build_inputs(prompt, max_tokens, **inputs), parameters, request_id, timeout)
+
+    def stream_tensors(self, tensors: list, parameters: dict | None = None, request_id: str = "",
+                       timeout: float = 300) -> Iterator[dict]:
+        """`stream` for input tensors built by the caller."""
         if not self._open:
             self.client.start_stream(callback=self._callback)
             self._open = True
-        parameters = {"apply_chat_template": True} if chat else None
-        self.client.async_stream_infer(self.model, build_inputs(prompt, max_tokens, **inputs), request_id=request_id,
-                                       enable_empty_final_response=True, parameters=parameters)
+        self.client.async_stream_infer(self.model, tensors, request_id=request_id, enable_empty_final_response=True,
+                                       parameters=parameters)
         while True:
             result, error = self._queue.get(timeout=timeout)
             if error is not None:
@@ -110,10 +115,18 @@ class GrpcStreamClient:
             self._queue = queue.Queue()
 
     def close(self) -> None:
+        """Always close (or use `with`): an open stream keeps the interpreter from exiting, and keeps
+        tritonserver 2.51 from unloading the ensemble at shutdown."""
         if self._open:
             self.client.stop_stream()
             self._open = False
         self.client.close()
+
+    def __enter__(self) -> "GrpcStreamClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def text_of(outputs: dict) -> str:

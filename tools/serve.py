@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKEND_MODEL = ROOT / "backend" / "model.py"
 DEFAULT_RESTRICTED = "model-repository,shared-memory,trace,logging"
 ADMIN_HEADER = "admin-key"
+EXIT_TIMEOUT_S = 15
+# tritonserver 2.51 can hang forever in its gRPC server's destructor once the exit timeout has expired (seen
+# when a streaming client vanished without closing its stream: the ensemble never unloads). After SIGTERM
+# we give it the exit timeout plus this grace, then SIGKILL; the Python stubs notice and exit on their own.
+KILL_GRACE_S = 15
 
 
 def find_tritonserver_root() -> Path:
@@ -96,10 +102,10 @@ def python_libdir() -> str | None:
 
 def build_command(root: Path, repo: Path, backend_dir: Path, http_port: int = 8000, grpc_port: int = 8001,
                   metrics_port: int = 8002, restricted: str = DEFAULT_RESTRICTED, admin_key: str = "",
-                  extra: list[str] | None = None) -> list[str]:
+                  extra: list[str] | None = None, exit_timeout: int = EXIT_TIMEOUT_S) -> list[str]:
     cmd = [str(root / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backend_dir}",
            "--model-control-mode=none", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
-           f"--metrics-port={metrics_port}", "--allow-metrics=true", "--exit-timeout-secs=15"]
+           f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--exit-timeout-secs={exit_timeout}"]
     if restricted:
         cmd += [f"--http-restricted-api={restricted}:{ADMIN_HEADER}={admin_key}",
                 f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={admin_key}"]
@@ -111,15 +117,16 @@ class TritonServer:
 
     def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  restricted: str = DEFAULT_RESTRICTED, admin_key: str | None = None, extra: list[str] | None = None,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, exit_timeout: int = EXIT_TIMEOUT_S):
         self.root = find_tritonserver_root()
         self.repo = Path(repo).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.admin_key = admin_key or secrets.token_urlsafe(16)
         self._workdir = Path(tempfile.mkdtemp(prefix="tritium-backends-"))
         self.backend_dir = layout_backend_dir(self.root, self._workdir)
+        self.exit_timeout = exit_timeout
         self.command = build_command(self.root, self.repo, self.backend_dir, http_port, grpc_port, metrics_port,
-                                     restricted, self.admin_key, extra)
+                                     restricted, self.admin_key, extra, exit_timeout)
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen | None = None
 
@@ -153,8 +160,10 @@ class TritonServer:
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` seconds; returns the exit code."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` seconds (default: the exit timeout plus KILL_GRACE_S);
+        returns the exit code."""
+        timeout = self.exit_timeout + KILL_GRACE_S if timeout is None else timeout
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -192,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--restricted-apis", default=DEFAULT_RESTRICTED,
                         help=f"APIs that need the admin key (default: {DEFAULT_RESTRICTED}; '' restricts none)")
+    parser.add_argument("--exit-timeout-secs", type=int, default=EXIT_TIMEOUT_S,
+                        help="after SIGTERM, how long in-flight requests may finish (tritonserver's drain); "
+                             f"the launcher kills tritonserver {KILL_GRACE_S} s after that")
     parser.add_argument("--admin-key", default=os.environ.get("TRITIUM_ADMIN_KEY"),
                         help="value of the admin-key header for restricted APIs (default: random, printed)")
     return parser.parse_args(argv), extra
@@ -209,15 +221,23 @@ def main(argv: list[str] | None = None) -> int:
               f"--output-dir {repo}, or add --generate)", file=sys.stderr)
         return 2
     server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port, args.restricted_apis,
-                          args.admin_key, extra)
+                          args.admin_key, extra, exit_timeout=args.exit_timeout_secs)
     if args.restricted_apis and not args.admin_key:
         print(f"restricted APIs ({args.restricted_apis}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
               file=sys.stderr)
     server.start()
-    stop = lambda signum, frame: server.process.send_signal(signum)  # noqa: E731 - forward and keep waiting
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    killer = threading.Timer(args.exit_timeout_secs + KILL_GRACE_S, server.process.kill)
+    killer.daemon = True
+
+    def forward(signum, frame) -> None:
+        server.process.send_signal(signum)
+        if killer.ident is None:  # the first signal starts the kill timer
+            killer.start()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     code = server.process.wait()
+    killer.cancel()
     server.stop()
     return code
 

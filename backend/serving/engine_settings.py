@@ -13,17 +13,28 @@ from backend.engine.config import EngineConfig
 from backend.engine.errors import InvalidParameterError
 
 NONE = ""  # how None is written: Triton parameters are strings
+# Settings of the serving layer (not the engine) that the engine model's config may also carry.
+SERVING_KEYS = ("apply_chat_template",)
 
 
 def to_parameters(config: EngineConfig) -> dict[str, str]:
     return {name: _format(value) for name, value in config.to_dict().items()}
 
 
+def serving_settings(parameters: dict) -> dict[str, str]:
+    """The SERVING_KEYS among a model config's parameters, as plain strings."""
+    return {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
+            for k, v in parameters.items() if k in SERVING_KEYS}
+
+
 def from_parameters(parameters: dict[str, str], model_dir: str | None = None) -> EngineConfig:
-    """Parses Triton's {key: {"string_value": v}} or plain {key: v}; a relative `model` is under model_dir."""
+    """Parses Triton's {key: {"string_value": v}} or plain {key: v}; a relative `model` is under model_dir.
+    SERVING_KEYS are skipped (see serving_settings); any other unknown key is an error naming it."""
     fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     values = {}
     for key, raw in parameters.items():
+        if key in SERVING_KEYS:
+            continue
         if key not in fields:
             raise InvalidParameterError(key, f"unknown engine setting; known: {', '.join(sorted(fields))}")
         text = raw.get("string_value", "") if isinstance(raw, dict) else str(raw)

@@ -47,6 +47,33 @@ class Preprocessor:
         return np.array([[flat, ends]], dtype=np.int32)
 
 
+def tokenize_inputs(inputs: dict, parameters: dict, pre: Preprocessor) -> dict:
+    """For a request sent to the engine model directly (no ensemble): text_input -> input_ids and
+    bad_words -> bad_words_ids, as preprocessing would have done. Inputs already tokenized pass unchanged."""
+    out = dict(inputs)
+    if "input_ids" not in out:
+        if "text_input" not in out:
+            raise InvalidParameterError("text_input", "is required (or input_ids)")
+        text = np.asarray(out["text_input"])
+        if text.size != 1:
+            raise InvalidParameterError("text_input", f"one prompt per request (batch size 1), got shape {list(text.shape)}")
+        prompt = _decode(text.reshape(-1)[0], "text_input")
+        out["input_ids"] = np.array([pre.encode(prompt, parse_bool_parameter(parameters, "apply_chat_template"))],
+                                    dtype=np.int32)
+    if "bad_words_ids" not in out and "bad_words" in out:
+        out["bad_words_ids"] = pre.word_list([_decode(w, "bad_words") for w in np.asarray(out["bad_words"]).reshape(-1)])
+    return out
+
+
+def _decode(value, name: str) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidParameterError(name, "is not valid UTF-8") from None
+    return str(value)
+
+
 def _messages(text: str) -> list[dict]:
     """A JSON list of {"role", "content"} objects is a conversation; anything else is one user message."""
     stripped = text.strip()

@@ -1,0 +1,233 @@
+"""End to end through a real tritonserver on CPU with the bundled SmolLM2: gRPC streaming, HTTP generate and
+generate_stream, equality with the offline engine, text correctness, batching, errors, cancellation, shutdown.
+
+The last test stops the shared server (shutdown under load), so it stays last in this file.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from backend.engine.checkpoint import load_tokenizer
+from backend.engine.config import EngineConfig
+from backend.engine.engine import LLMEngine
+from backend.engine.sampling_params import SamplingParams
+from backend.serving.preprocess import Preprocessor
+from clients.grpc_stream import GrpcStreamClient, build_inputs, text_of
+from clients.http_generate import GenerateError, generate, generate_stream
+from tests.serving.conftest import engine_metrics, wait_for_metrics
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+FRANCE = "What is the capital of France?"
+MULTILINGUAL = {  # prompt -> a character its greedy answer must contain, so the test means something
+    "Translate to Chinese: I love you": "\u4f60-\u9fff",
+    "Reply with three emojis about the sun.": "\U0001f300-\U0001faff",
+    "Say 'crème brûlée' in a sentence.": "\u00c0-\u017f",
+}
+
+
+@pytest.fixture(scope="module")
+def offline(smollm2_dir):
+    """The same checkpoint in the test process, for reference answers."""
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), device="cpu", dtype="float32", kv_cache_memory_mb=64))
+    pre = Preprocessor(load_tokenizer(smollm2_dir))
+
+    def answer(prompts: list[str], max_tokens: int | list[int], chat: bool = True) -> list[str]:
+        counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        ids = engine.generate([pre.encode(p, chat) for p in prompts], [SamplingParams(max_tokens=n) for n in counts])
+        return [pre.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    return answer
+
+
+@pytest.fixture
+def grpc(server):
+    client = GrpcStreamClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+def http_body(prompt: str, max_tokens: int, **extra) -> dict:
+    return {"text_input": prompt, "max_tokens": max_tokens, "exclude_input_in_output": True,
+            "apply_chat_template": True, **extra}
+
+
+def all_modes(server, grpc, prompt: str, max_tokens: int) -> dict[str, str]:
+    """The same greedy request through every path: the texts must all be equal."""
+    streamed = grpc.generate(prompt, max_tokens, chat=True)
+    assert streamed.error is None, streamed.error
+    events = list(generate_stream(http_body(prompt, max_tokens, stream=True), server.http_url))
+    return {
+        "grpc stream": streamed.text,
+        "grpc one response": grpc.generate(prompt, max_tokens, chat=True, stream=False).text,
+        "http generate": generate(http_body(prompt, max_tokens), server.http_url)["text_output"],
+        "http generate_stream": "".join(e["text_output"] for e in events),
+    }
+
+
+def test_repository_loads_and_admin_apis_are_restricted(server):
+    for model in ("ensemble", "preprocessing", "llm", "postprocessing"):
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/ready") as response:
+            assert response.status == 200
+    index = f"http://{server.http_url}/v2/repository/index"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(index, data=b"{}", method="POST"))
+    assert info.value.code == 403
+    request = urllib.request.Request(index, data=b"{}", method="POST", headers={"admin-key": server.admin_key})
+    with urllib.request.urlopen(request) as response:
+        assert {m["name"] for m in json.loads(response.read())} >= {"ensemble", "llm"}
+
+
+def test_capital_of_france_streams_paris(grpc):
+    result = grpc.generate(FRANCE, 32, chat=True)
+    assert result.error is None and "Paris" in result.text
+    assert len(result.responses) > 2  # streamed token by token
+
+
+def test_greedy_answers_equal_the_offline_engine_on_every_path(server, grpc, offline):
+    prompts = [FRANCE, "Write a haiku about the sea."]
+    for prompt, expected in zip(prompts, offline(prompts, 16)):
+        assert all_modes(server, grpc, prompt, 16) == dict.fromkeys(
+            ["grpc stream", "grpc one response", "http generate", "http generate_stream"], expected)
+
+
+def test_streaming_equality_with_chinese_emoji_and_accents(server, grpc, offline):
+
+    prompts = list(MULTILINGUAL)
+    for prompt, expected in zip(prompts, offline(prompts, 16)):
+        assert re.search(f"[{MULTILINGUAL[prompt]}]", expected), expected
+        streamed = grpc.generate(prompt, 16, chat=True)
+        deltas = [text_of(r) for r in streamed.responses]
+        assert "".join(deltas) == expected
+        assert grpc.generate(prompt, 16, chat=True, stream=False).text == expected
+        assert not any("\ufffd" in d for d in deltas[:-1])  # the last may end in a truncated character
+
+
+def test_eight_concurrent_streams_complete_in_shared_batches(server, offline):
+    prompts = [f"Count from 1 to {n}." for n in range(3, 11)]
+    lengths = [10 + 2 * i for i in range(8)]
+    expected = offline(prompts, lengths)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        with GrpcStreamClient(server.grpc_url) as client:
+            results[i] = client.generate(prompts[i], lengths[i], chat=True, return_num_output_tokens=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    for i in range(8):
+        result = results[i]
+        assert result.error is None and result.text == expected[i], (i, result.text, expected[i])
+        assert 0 < int(result.responses[-1]["num_output_tokens"][0, 0]) <= lengths[i]
+    assert engine_metrics(server)["max_batch_size_seen"] >= 4
+
+
+def test_stop_words_across_token_boundaries_are_cut(server, grpc):
+    streamed = grpc.generate(FRANCE, 32, chat=True, stop_words=["is Par"])
+    assert streamed.error is None and streamed.text == "The capital of France "
+    whole = generate(http_body(FRANCE, 32, stop_words=["is Par", "never"]), server.http_url)
+    assert whole["text_output"] == "The capital of France "
+
+
+def test_prompt_is_prepended_unless_excluded(server):
+    body = {"text_input": FRANCE, "max_tokens": 16, "apply_chat_template": True}
+    echoed = generate(body, server.http_url)["text_output"]
+    plain = generate({**body, "exclude_input_in_output": True}, server.http_url)["text_output"]
+    assert echoed == FRANCE + plain and "Paris" in plain
+
+
+def test_min_tokens_logprobs_counts_and_seed(server, grpc):
+    body = {"text_input": FRANCE, "max_tokens": 12, "exclude_input_in_output": True, "min_length": 10,
+            "return_log_probs": True, "return_num_output_tokens": True, "return_num_input_tokens": True}
+    out = generate(body, server.http_url)
+    n = out["num_output_tokens"]
+    assert 10 <= n <= 12 and out["num_input_tokens"] == 7
+    assert len(out["output_log_probs"]) == n and all(lp <= 0 for lp in out["output_log_probs"])
+    assert out["cum_log_probs"] == pytest.approx(sum(out["output_log_probs"]), rel=1e-4)
+    sampled = [grpc.generate("Tell me a joke.", 12, chat=True, temperature=1.0, seed=1234).text for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0]
+    alias = generate(http_body("Tell me a joke.", 12, temperature=1.0, random_seed=1234), server.http_url)
+    assert alias["text_output"] == sampled[0]
+
+
+def test_perf_metrics_fields(grpc):
+    result = grpc.generate(FRANCE, 8, chat=True, return_perf_metrics=True, stream=False)
+    out = result.responses[-1]
+    arrival, first, last = (int(out[k][0, 0]) for k in ("arrival_time_ns", "first_token_time_ns", "last_token_time_ns"))
+    assert 0 < arrival <= first <= last
+    assert int(out["kv_cache_alloc_new_blocks"][0, 0]) + int(out["kv_cache_reused_blocks"][0, 0]) >= 1
+
+
+def test_malformed_requests_get_clear_errors_and_the_server_goes_on(server, grpc):
+    with pytest.raises(GenerateError, match="text_input"):
+        generate({"max_tokens": 8}, server.http_url)
+    result = grpc.generate(FRANCE, 0)
+    assert result.error and "max_tokens: must be >= 1, got 0" in result.error
+    result = grpc.generate(FRANCE, 8, top_p=1.5)
+    assert result.error and "top_p" in result.error
+    wrong = grpcclient.InferInput("max_tokens", [1, 1], "FP32")
+    wrong.set_data_from_numpy(np.array([[8.0]], dtype=np.float32))
+    inputs = [wrong if i.name() == "max_tokens" else i for i in build_inputs(FRANCE, 8)]
+    with pytest.raises(RuntimeError, match="max_tokens"):
+        list(grpc.stream_tensors(inputs))
+    assert "Paris" in grpc.generate(FRANCE, 16, chat=True).text
+
+
+def test_engine_model_called_directly_with_text_equals_the_ensemble(server, grpc):
+    with GrpcStreamClient(server.grpc_url, model="llm") as direct:
+        result = direct.generate(FRANCE, 16, chat=True, stop_words=["is Par"], return_num_output_tokens=True)
+    assert result.error is None and result.text == grpc.generate(FRANCE, 16, chat=True, stop_words=["is Par"]).text
+
+
+def test_cancelled_grpc_stream_frees_its_kv_blocks(server):
+    """Cancellation reaches the engine on the engine model's own stream: tritonserver 2.51 does not propagate
+    a cancelled ensemble request into its running steps (see README)."""
+    baseline = wait_for_metrics(server, lambda m: m["num_running"] == 0)
+    with GrpcStreamClient(server.grpc_url, model="llm") as client:
+        stream = client.stream("Write a long story about a dragon.", 400, chat=True, min_tokens=400)  # minutes
+        for _ in range(3):
+            next(stream)
+        busy = wait_for_metrics(server, lambda m: m["kv_blocks_used"] > baseline["kv_blocks_used"])
+        assert busy["num_running"] == 1 and busy["kv_blocks_used"] > baseline["kv_blocks_used"]
+        client.cancel()
+        after = wait_for_metrics(server, lambda m: m["num_running"] == 0 and m["kv_blocks_used"] == 0)
+    assert after["num_running"] == 0 and after["kv_blocks_used"] == 0
+    with GrpcStreamClient(server.grpc_url) as client:
+        assert "Paris" in client.generate(FRANCE, 16, chat=True).text
+
+
+def test_shutdown_under_load_drains_and_exits_cleanly(server):
+    """Last: SIGTERM while streams are running lets them finish (Triton drains in-flight requests for up to
+    --exit-timeout-secs), then the models unload, the engine stops and tritonserver exits 0. (Requests longer
+    than the drain make tritonserver 2.51 give up with exit code 1 and hang in its gRPC teardown while their
+    clients stay connected; tools.serve kills it KILL_GRACE_S later.)"""
+    results: list = []
+
+    def run() -> None:
+        with GrpcStreamClient(server.grpc_url) as client:
+            results.append(client.generate("Write a long story.", 48, chat=True, min_tokens=48,
+                                           return_num_output_tokens=True, timeout=60))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for_metrics(server, lambda m: m["num_running"] == 2)
+    start = time.monotonic()
+    code = server.stop()
+    elapsed = time.monotonic() - start
+    for t in threads:
+        t.join(timeout=30)
+    assert code == 0 and elapsed < 25
+    assert [r.error for r in results] == [None, None]
+    assert [int(r.responses[-1]["num_output_tokens"][0, 0]) for r in results] == [12, 12]
