@@ -112,7 +112,14 @@ def prefix_workload(engine: LLMEngine, vocab: int) -> float:
     return first + run_all(engine, [prefix + s for s in suffixes], greedy(1))
 
 
-def bench_ours(shape: str, folder: str, ceil: dict, out: dict) -> None:
+def mixed_workload(engine: LLMEngine, vocab: int) -> float:
+    """Output tok/s of 256 requests (prompts 64-512 tokens, 128 new) all arriving at once."""
+    run_all(engine, random_prompts(32, 64, 512, vocab, seed=6), greedy(16))  # warm, other prompts
+    mixed = random_prompts(256, 64, 512, vocab, seed=5)
+    return 256 * NEW_TOKENS / run_all(engine, mixed, greedy(NEW_TOKENS))
+
+
+def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool = False) -> None:
     def make(**kw):
         settings = dict(model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
                         max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
@@ -127,6 +134,9 @@ def bench_ours(shape: str, folder: str, ceil: dict, out: dict) -> None:
     out["weight_GB_per_step"] = weight_bytes_per_step(engine) / 1e9
     out["roofline_tok_s"] = ceil["copy_GBps"] / out["weight_GB_per_step"]
     run_all(engine, random_prompts(4, 64, 64, vocab), greedy(8))  # warm the allocator and cuBLAS
+    if mixed_only:
+        out["mixed_256_output_tok_s"] = mixed_workload(engine, vocab)
+        return
     for batch in (1, 16, 64, 256):
         out[f"decode_b{batch}_tok_s"] = decode_rate(engine, batch, vocab)
     out["decode_b1_fraction_of_roofline"] = out["decode_b1_tok_s"] / out["roofline_tok_s"]
@@ -135,9 +145,7 @@ def bench_ours(shape: str, folder: str, ceil: dict, out: dict) -> None:
     out["prefill_2k_tok_s"] = 2048 / prefill_s
     flops = 2 * out["weight_GB_per_step"] / 2 * 1e9 * 2048  # 2 FLOP per bf16 weight per token (matmuls only)
     out["prefill_2k_fraction_of_matmul"] = flops / prefill_s / 1e12 / ceil["matmul_TFLOPs"]
-    run_all(engine, random_prompts(32, 64, 512, vocab, seed=6), greedy(16))  # warm, other prompts
-    mixed = random_prompts(256, 64, 512, vocab, seed=5)
-    out["mixed_256_output_tok_s"] = 256 * NEW_TOKENS / run_all(engine, mixed, greedy(NEW_TOKENS))
+    out["mixed_256_output_tok_s"] = mixed_workload(engine, vocab)
     out["prefix_cached_s"] = prefix_workload(engine, vocab)
     del engine
     gc.collect()
@@ -185,14 +193,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="llama3-8b,llama3.2-1b")
     parser.add_argument("--out", default="bench_engine.json")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--mixed-only", action="store_true", help="only our mixed workload (no baselines)")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "shapes": {}}
     for i, shape in enumerate(args.shapes.split(",")):
         out = results["shapes"].setdefault(shape, {})
         with tempfile.TemporaryDirectory() as folder:
             write_config(shape, folder)
-            bench_ours(shape, folder, results["ceilings"], out)
-            if not args.skip_transformers:
+            bench_ours(shape, folder, results["ceilings"], out, args.mixed_only)
+            if not (args.skip_transformers or args.mixed_only):
                 bench_transformers(folder, out, full=(i == 0))
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

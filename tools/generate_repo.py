@@ -106,11 +106,12 @@ def template_values(args: argparse.Namespace, config: EngineConfig) -> dict[str,
 
 # ---- files --------------------------------------------------------------------------------------------------
 
-def checkpoint_files(checkpoint: Path) -> tuple[list[Path], list[Path]]:
-    """(weights, small files) to copy; pickle weights are refused by safetensors_files."""
+def checkpoint_files(checkpoint: Path, with_weights: bool = True) -> tuple[list[Path], list[Path]]:
+    """(weights, small files) to copy; pickle weights are refused by safetensors_files. Without weights
+    (load_format dummy, for benchmarks of real shapes) a config.json and the tokenizer are enough."""
     from backend.engine.checkpoint import safetensors_files
 
-    weights = safetensors_files(checkpoint)
+    weights = safetensors_files(checkpoint) if with_weights else []
     small = [checkpoint / n for n in CONFIG_FILES + TOKENIZER_FILES if (checkpoint / n).is_file()]
     return weights, small
 
@@ -158,7 +159,7 @@ def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str
         shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (target / "config.pbtxt").write_text(configs[model])
         (target / "1").mkdir(exist_ok=True)
-    weights, small = checkpoint_files(checkpoint)
+    weights, small = checkpoint_files(checkpoint, with_weights=config.load_format != "dummy")
     engine_dir = out / names["llm"] / CHECKPOINT_SUBDIR
     copy_with_progress(weights, engine_dir, progress=not args.quiet, link=not args.copy and _is_cached(checkpoint))
     for f in small:
