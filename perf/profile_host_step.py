@@ -4,6 +4,8 @@
 Each phase is timed with perf_counter per step and reported as the median over decode-only steps, in ms.
 The sampler runs on a 1,024-token vocabulary so its CPU argmax (GPU work on the real machine) stays out of
 the way; its time is printed apart. `--cprofile` adds a cProfile listing (which inflates call-heavy code).
+With async scheduling (EngineConfig.async_scheduling, the default) this host work runs while the GPU computes
+the previous step, so it is off the critical path as long as it stays under the GPU's step time.
 
     python perf/profile_host_step.py [--cprofile] [--batch 256]
 """

@@ -98,7 +98,9 @@ class LLMEngine:
         return self._output_for(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        # An in-flight step alone does not count: every unfinished request is in the scheduler, so a step
+        # left in flight then holds only finished requests, whose tokens the next step drops anyway.
+        return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         if self.config.async_scheduling and not self._num_history_requests:

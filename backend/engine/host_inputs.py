@@ -14,6 +14,8 @@ import numpy as np
 from .outputs import ScheduledChunk
 from .request import Request
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
 
 @dataclass
 class HostInputs:
@@ -42,7 +44,8 @@ def build_host_inputs(chunks: list[ScheduledChunk], block_size: int) -> HostInpu
     return HostInputs(
         token_ids=np.array(tokens, dtype=np.int64), positions=positions, slots=slots, query_start=query_start,
         seq_lens=starts + lens, sample_rows=query_start[1:][samples] - 1, block_tables=tables,
-        max_query_len=int(lens.max()), placeholder_rows=np.array([row for row, _ in placeholders], dtype=np.int64),
+        max_query_len=int(lens.max()), placeholder_rows=np.array([row for row, _ in placeholders], dtype=np.int64)
+        if placeholders else _NO_ROWS,
         placeholder_requests=[request for _, request in placeholders])
 
 
@@ -83,6 +86,8 @@ def _block_tables(tables: list[list[int]]) -> np.ndarray:
     lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
     flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lengths.sum()))
     width = int(lengths.max())
+    if int(lengths.min()) == width:  # equal lengths (always at batch 1): no padding to place
+        return flat.reshape(len(tables), width)
     out = np.zeros((len(tables), width), dtype=np.int64)
     out[np.arange(width) < lengths[:, None]] = flat  # row-major: row b takes the next lengths[b] ids
     return out

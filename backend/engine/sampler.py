@@ -236,7 +236,9 @@ def _apply_bans(x: torch.Tensor, requests: list[Request], output_positions: list
         return x
     rows, tokens = zip(*pairs)
     index = (_device_tensor(list(rows), torch.int64, x.device), _device_tensor(list(tokens), torch.int64, x.device))
-    return x.index_put_(index, torch.tensor(float("-inf"), device=x.device))
+    # torch.full on the device is a fill kernel; torch.tensor(..., device=cuda) would copy from pageable memory,
+    # which synchronizes the stream and so would wait for the step still in flight under async scheduling.
+    return x.index_put_(index, torch.full((), float("-inf"), device=x.device))
 
 
 def _sample(x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:
