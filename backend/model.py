@@ -95,6 +95,10 @@ class TritonPythonModel:
         except (EngineError, ValueError) as exc:  # InvalidParameterError is both; names the field
             send_error(sender, str(exc))
             return
+        except Exception as exc:  # never leave a request without its final response
+            log.exception("request %s could not start", request_id)
+            send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
+            return
         session = Session(self.engine, request_id, parsed, stream, TritonSink(request, sender), self.block_size)
         thread = threading.Thread(target=self._run_session, args=(session,), name=f"tritium-{request_id}", daemon=True)
         with self._threads_lock:

@@ -112,6 +112,21 @@ def build_command(root: Path, repo: Path, backend_dir: Path, http_port: int = 80
     return cmd + list(extra or [])
 
 
+def numpy_warning() -> str | None:
+    """The stub (python backend r24.10) needs numpy 1.x: with numpy 2.x every BYTES input reaches the model
+    corrupted (its length prefix read as the first byte repeated; seen with 2.4.6 and 2.5 on the GPU machine,
+    and with 2.5.5 here; 1.26.4 works), so text_input fails in preprocessing."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        return (f"warning: numpy {numpy.__version__} is first on this Python's path; tritonserver 2.51's Python "
+                "backend stub mishandles BYTES tensors with numpy 2.x. Install numpy<2 (pip install 'numpy<2') "
+                "or put a numpy 1.26 ahead on PYTHONPATH.")
+    return None
+
+
 class TritonServer:
     """A tritonserver child process; a context manager that waits for readiness and stops it on exit."""
 
@@ -139,6 +154,9 @@ class TritonServer:
         return f"localhost:{self.grpc_port}"
 
     def start(self) -> "TritonServer":
+        warning = numpy_warning()
+        if warning:
+            print(warning, file=sys.stderr)
         log = open(self.log_path, "wb") if self.log_path else None
         self.process = subprocess.Popen(self.command, env=server_env(self.root), stdout=log, stderr=subprocess.STDOUT
                                         if log else None)
