@@ -1,13 +1,17 @@
 """A thread-safe wrapper: a server feeds requests from its threads while one background thread steps.
 
 Each request gets a RequestStream, a queue of RequestOutputs that ends with a finished one. Engine calls are
-serialized by one lock, so add/abort happen between steps; a step takes milliseconds, so callers wait little.
+serialized by one lock, so add/abort happen between steps. The lock is handed over fairly: a plain Lock let
+the step thread take it back at once, and under load add_request/abort/stats waited 1-3 s (several steps),
+which showed up as time to first token; now the step thread yields while callers are waiting.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
 import traceback
 
 from .config import EngineConfig
@@ -19,6 +23,7 @@ from .sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
+CALLER_YIELD_S = 0.0002
 
 
 class RequestStream:
@@ -47,6 +52,8 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)
         self._lock = threading.Lock()
+        self._waiting_callers = 0  # callers blocked on _lock; the step thread lets them in first
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._stopping = False
@@ -70,7 +77,7 @@ class AsyncEngine:
         if self._stopping:
             raise EngineError("the engine is shutting down")
         stream = RequestStream(request_id)
-        with self._lock:
+        with self._caller():
             self.engine.add_request(request_id, prompt_token_ids, params)
             self._streams[request_id] = stream
         self._wake.set()
@@ -78,13 +85,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Frees the request's KV blocks now; its stream receives a final 'abort' output."""
-        with self._lock:
+        with self._caller():
             output = self.engine.abort_request(request_id)
             if output is not None:
                 self._deliver([output])
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._caller():
             return self.engine.stats()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -98,8 +105,28 @@ class AsyncEngine:
                 if output is not None:
                     self._deliver([output])
 
+    @contextlib.contextmanager
+    def _caller(self):
+        """The engine lock for a thread other than the step thread, which waits for it to get in."""
+        with self._count_lock:
+            self._waiting_callers += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count_lock:
+                self._waiting_callers -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _let_callers_in(self) -> None:
+        while self._waiting_callers and not self._stopping:
+            time.sleep(CALLER_YIELD_S)
+
     def _loop(self) -> None:
         while not self._stopping:
+            self._let_callers_in()
             if not self._step_once():
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
