@@ -111,3 +111,41 @@ def test_refuses_to_overwrite(tiny, tmp_path):
     quantize_checkpoint(tiny, tmp_path / "q", "int8_wo", progress=False)
     with pytest.raises(FileExistsError):
         quantize_checkpoint(tiny, tmp_path / "q", "int8_wo", progress=False)
+
+
+# ---- KV cache in 8 bits -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,tol", [("int8", 0.01), ("fp8", 0.1)])  # e4m3: 3 mantissa bits, no scale
+def test_model_logits_with_quantized_kv_cache(tiny, kind, tol):
+    from backend.kernels.kv_quant import KV_DTYPES, cache_head_size, quantized_kv_ops
+
+    model, cfg = load_model(tiny, quantized_kv_ops(REFERENCE_OPS, kind), torch.float32, "cpu")
+    ids = tokens(n=40)
+    caches = [torch.zeros(2, 6, 16, cfg.num_kv_heads, cache_head_size(kind, cfg.head_dim), dtype=KV_DTYPES[kind])
+              for _ in range(cfg.num_layers)]
+    got = window_logits(model, ids, caches)
+    want = window_logits(load_model(tiny, REFERENCE_OPS, torch.float32, "cpu")[0], ids)
+    assert float((got - want).norm() / want.norm()) < tol
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_engine_with_quantized_kv_cache(tiny, kind):
+    from backend.engine.config import EngineConfig
+    from backend.engine.engine import LLMEngine
+    from backend.engine.model_config import ModelConfig
+    from backend.engine.model_runner import kv_block_bytes
+    from backend.engine.sampling_params import SamplingParams
+
+    cfg = ModelConfig.from_dir(tiny)
+    # 16-bit cache vs 8-bit: twice the tokens in the same bytes (int8 less its 2-byte scale per head vector).
+    ratio = kv_block_bytes(cfg, 16, torch.bfloat16) / kv_block_bytes(cfg, 16, torch.bfloat16, kind)
+    assert ratio == pytest.approx(2.0 if kind == "fp8" else 2 * 16 / 18)
+    settings = dict(model=str(tiny), device="cpu", dtype="float32", kv_cache_memory_mb=1)
+    engine = LLMEngine(EngineConfig(**settings, kv_cache_dtype=kind))
+    base = LLMEngine(EngineConfig(**settings))
+    assert engine.runner.num_blocks == pytest.approx(base.runner.num_blocks * (4 if kind == "fp8" else 64 / 18), rel=0.01)
+    assert engine.runner.kv_caches[0].dtype != torch.float32
+    prompt = tokens(n=20)[0].tolist()
+    params = SamplingParams(max_tokens=6, min_tokens=6)
+    out, want = engine.generate([prompt], params)[0], base.generate([prompt], params)[0]
+    assert len(out) == 6 and out[0] == want[0]

@@ -10,6 +10,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 LOAD_FORMATS = ("safetensors", "dummy")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class EngineConfig:
     async_scheduling: bool = True
     attention_backend: str = "auto"
     load_format: str = "safetensors"  # "dummy": random weights of the checkpoint's shapes, for benchmarks
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "int8" / "fp8": 8-bit cache, ~2x the tokens
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +61,7 @@ class EngineConfig:
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
             raise InvalidParameterError(
                 "max_num_batched_tokens",

@@ -50,10 +50,14 @@ class BatchInputs:
     sample_rows: torch.Tensor  # rows of the hidden states whose logits are sampled
 
 
-def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """Bytes one block takes across all layers: keys and values of block_size tokens."""
-    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
-    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+    per_head = model_config.head_dim * torch.empty((), dtype=dtype).element_size()
+    if kv_cache_dtype != "auto":
+        from backend.kernels.kv_quant import bytes_per_head
+
+        per_head = bytes_per_head(kv_cache_dtype, model_config.head_dim)
+    return 2 * model_config.num_layers * model_config.num_kv_heads * per_head * block_size
 
 
 class ModelRunner:
@@ -62,6 +66,10 @@ class ModelRunner:
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.ops = select_ops(config.attention_backend, self.device.type)
+        if config.kv_cache_dtype != "auto":
+            from backend.kernels.kv_quant import quantized_kv_ops
+
+            self.ops = quantized_kv_ops(self.ops, config.kv_cache_dtype)
         self.model, self.model_config = self._load(checkpoint_dir)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()  # handed to the block manager; one more block is scratch
@@ -82,7 +90,16 @@ class ModelRunner:
         model_config = ModelConfig.from_dir(checkpoint_dir)
         model = build_model(model_config, self.ops, self.dtype, self.device)
         fill_random_weights(model, self.config.seed)
+        self._quantize_dummy(model, checkpoint_dir)
         return model, model_config
+
+    def _quantize_dummy(self, model, checkpoint_dir: Path) -> None:
+        """Dummy weights of a quantized checkpoint: the random float weights, quantized in place."""
+        from .quantization import QuantConfig, quantize_model_
+
+        quant = QuantConfig.from_dir(checkpoint_dir)
+        if quant is not None:
+            quantize_model_(model, quant.method, self.ops, max(quant.group_size, 32))
 
     def warm_up(self, max_model_len: int) -> None:
         """Compiles every kernel specialization and captures decode graphs, so live traffic never JITs."""
@@ -91,6 +108,9 @@ class ModelRunner:
         start = time.perf_counter()
         if self.ops.name == "triton":
             self._warm_up_kernels()
+            from .quantization.layers import warmup as warm_up_quantized_linears
+
+            warm_up_quantized_linears(self.model)
         self._warm_up_forward(max_model_len)
         if self.config.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
@@ -103,6 +123,10 @@ class ModelRunner:
         from backend.kernels.triton_ops import warmup
 
         mc = self.model_config
+        if self.config.kv_cache_dtype != "auto":
+            from backend.kernels.kv_quant import warmup_quantized_kv
+
+            return warmup_quantized_kv(self.ops, mc, self.kv_caches[0], self.dtype)
         warmup(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_q_heads=mc.num_heads,
                num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, kv_cache=self.kv_caches[0], dtype=self.dtype,
                eps=mc.rms_norm_eps)
@@ -141,7 +165,7 @@ class ModelRunner:
         return self.num_blocks * self.block_size
 
     def _num_kv_blocks(self) -> int:
-        block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype)
+        block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype, self.config.kv_cache_dtype)
         budget = self._kv_budget_bytes()
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
@@ -161,7 +185,13 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         mc = self.model_config
         shape = (2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        dtype = self.dtype
+        if self.config.kv_cache_dtype != "auto":
+            from backend.kernels.kv_quant import KV_DTYPES, cache_head_size
+
+            shape = shape[:-1] + (cache_head_size(self.config.kv_cache_dtype, mc.head_dim),)
+            dtype = KV_DTYPES[self.config.kv_cache_dtype]
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> SampledTokens:

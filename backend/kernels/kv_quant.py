@@ -1,0 +1,371 @@
+"""KV cache in 8 bits: the rotary + cache write and the paged attention of rotary.py / paged_attention.py, for a
+cache that stores keys and values quantized.
+
+Layouts (per layer, like the float cache [2, num_blocks, block_size, Hkv, D]):
+  fp8:  float8_e4m3fn [2, num_blocks, block_size, Hkv, D]; values stored as they are (e4m3 reaches 448,
+        far beyond post-RoPE keys and values), no scale: exactly half the bytes of a 16-bit cache.
+  int8: int8 [2, num_blocks, block_size, Hkv, D + 2]: each (token, head) vector's D codes, then its scale
+        (absmax / 127) as the float16 in the last two bytes. The cache stays one tensor per layer, so the
+        block manager, CUDA graphs and every shape[2] / shape[3] reader are unchanged; 2 bytes per 2D saved
+        (D = 128: 1.97x the tokens of a 16-bit cache in the same bytes).
+Attention dequantizes after the dot products: scores = (q . k_codes) * k_scale and p * v_scale before p . v,
+so the codes enter the tensor cores exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from backend.engine.attention_metadata import AttentionMetadata
+from backend.kernels.paged_attention import gather_sequence_kv
+from backend.kernels.rotary import apply_rotary_ref
+
+KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0
+SCALE_BYTES = 2
+
+
+def cache_head_size(kind: str, head_dim: int) -> int:
+    """Last dimension of the cache: D codes, plus the float16 scale for int8."""
+    return head_dim + SCALE_BYTES if kind == "int8" else head_dim
+
+
+def bytes_per_head(kind: str, head_dim: int) -> int:
+    return cache_head_size(kind, head_dim)
+
+
+def quantize_kv_ref(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """[..., D] float -> [..., D(+2)] in the cache's layout."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-6).half()
+    codes = torch.round(xf / scale.float()).clamp(-127, 127).to(torch.int8)
+    return torch.cat((codes, scale.view(torch.int8)), dim=-1)
+
+
+def dequantize_kv_ref(packed: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[..., D(+2)] cache layout -> float32 [..., D]."""
+    if packed.dtype == torch.float8_e4m3fn:
+        return packed.float()
+    codes = packed[..., :head_dim].float()
+    scale = packed[..., head_dim:].contiguous().view(torch.float16).float()
+    return codes * scale
+
+
+def write_kv_cache_quant_ref(k, v, kv_cache, slot_mapping) -> None:
+    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
+    flat[0, slot_mapping] = quantize_kv_ref(k, kv_cache.dtype)
+    flat[1, slot_mapping] = quantize_kv_ref(v, kv_cache.dtype)
+
+
+def rotary_and_cache_quant_ref(q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
+    """Same contract as rotary_and_cache_ref, for a quantized cache."""
+    q = apply_rotary_ref(q, positions, cos_sin_cache)
+    k = apply_rotary_ref(k, positions, cos_sin_cache)
+    write_kv_cache_quant_ref(k, v, kv_cache, slot_mapping)
+    return q, k
+
+
+def paged_attention_quant_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                              scale: float) -> torch.Tensor:
+    """Same contract as paged_attention_ref, reading a quantized cache."""
+    out = torch.empty_like(q)
+    head_dim, block_size = q.shape[2], kv_cache.shape[2]
+    group = q.shape[1] // kv_cache.shape[3]
+    starts = meta.query_start_loc_cpu
+    for b, seq_len in enumerate(meta.seq_lens_cpu):
+        q_b = q[starts[b]:starts[b + 1]].float()
+        n_blocks = (seq_len + block_size - 1) // block_size
+        keys, values = gather_sequence_kv(kv_cache, meta.block_tables[b, :n_blocks].long(), seq_len)
+        keys = dequantize_kv_ref(keys, head_dim).repeat_interleave(group, dim=1)
+        values = dequantize_kv_ref(values, head_dim).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q_b, keys) * scale
+        query_pos = torch.arange(seq_len - q_b.shape[0], seq_len, device=q.device).unsqueeze(1)
+        key_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        probs = torch.softmax(scores.masked_fill(key_pos > query_pos, float("-inf")), dim=-1)
+        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
+
+
+# ---- Triton kernels -----------------------------------------------------------------------------------------
+# Copies of the float-cache kernels (rotary.py, paged_attention.py: see their comments for the tiling) with the
+# cache reads and writes changed; the decode split-reduce kernel is shared as it is (it never reads the cache).
+try:
+    import triton.language as tl
+except ImportError:  # triton is optional on CPU: the references above need only torch
+    tl = None
+
+from backend.kernels import paged_attention as pa
+from backend.kernels._jit import lazy_jit
+
+
+@lazy_jit
+def _rotary_and_cache_quant_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, qo_ptr, ko_ptr,
+                                   q_st, q_sh, k_st, k_sh, v_st, v_sh, cs_st,
+                                   c_kv, c_blk, c_row, c_head, qo_st, qo_sh, ko_st, ko_sh,
+                                   HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                                   BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                                   BLOCK_SIZE: tl.constexpr, KV_INT8: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dm = d < HALF
+    cos = tl.load(cs_ptr + pos * cs_st + d, mask=dm, other=0.0)[None, :]
+    sin = tl.load(cs_ptr + pos * cs_st + HALF + d, mask=dm, other=0.0)[None, :]
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    mq = (hq < HQ) & dm[None, :]
+    q1 = tl.load(q_ptr + t * q_st + hq * q_sh + d[None, :], mask=mq, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + t * q_st + hq * q_sh + HALF + d[None, :], mask=mq, other=0.0).to(tl.float32)
+    qo = qo_ptr + t * qo_st + hq * qo_sh + d[None, :]
+    tl.store(qo, (q1 * cos - q2 * sin).to(qo_ptr.dtype.element_ty), mask=mq)
+    tl.store(qo + HALF, (q2 * cos + q1 * sin).to(qo_ptr.dtype.element_ty), mask=mq)
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    mk = (hk < HKV) & dm[None, :]
+    k1 = tl.load(k_ptr + t * k_st + hk * k_sh + d[None, :], mask=mk, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + t * k_st + hk * k_sh + HALF + d[None, :], mask=mk, other=0.0).to(tl.float32)
+    r1 = (k1 * cos - k2 * sin).to(ko_ptr.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(ko_ptr.dtype.element_ty)
+    ko = ko_ptr + t * ko_st + hk * ko_sh + d[None, :]
+    tl.store(ko, r1, mask=mk)
+    tl.store(ko + HALF, r2, mask=mk)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    mc = mk & (slot >= 0)  # negative slots (padding) write nothing
+    dst = cache_ptr + (slot // BLOCK_SIZE) * c_blk + (slot % BLOCK_SIZE) * c_row + hk * c_head
+    v1 = tl.load(v_ptr + t * v_st + hk * v_sh + d[None, :], mask=mc, other=0.0).to(tl.float32)
+    v2 = tl.load(v_ptr + t * v_st + hk * v_sh + HALF + d[None, :], mask=mc, other=0.0).to(tl.float32)
+    # Keys (kv = 0) then values (kv = 1); a loop of two, as kernels here cannot call jitted helpers.
+    for kv in tl.static_range(2):
+        x1 = r1.to(tl.float32) if kv == 0 else v1
+        x2 = r2.to(tl.float32) if kv == 0 else v2
+        base = dst + kv * c_kv
+        if KV_INT8:
+            amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+            scale = tl.maximum(amax / 127.0, 1e-6).to(tl.float16)
+            sf = scale.to(tl.float32)[:, None]
+            c1 = x1 / sf
+            c2 = x2 / sf
+            # round half away from zero (the reference rounds half to even: they differ only on exact ties)
+            c1 = tl.minimum(tl.maximum(tl.where(c1 >= 0, tl.floor(c1 + 0.5), tl.ceil(c1 - 0.5)), -127.0), 127.0)
+            c2 = tl.minimum(tl.maximum(tl.where(c2 >= 0, tl.floor(c2 + 0.5), tl.ceil(c2 - 0.5)), -127.0), 127.0)
+            tl.store(base + d[None, :], c1.to(tl.int8), mask=mc)
+            tl.store(base + HALF + d[None, :], c2.to(tl.int8), mask=mc)
+            tl.store((base + 2 * HALF).to(tl.pointer_type(tl.float16)), scale[:, None],
+                     mask=(hk < HKV) & (slot >= 0))
+        else:
+            c1 = tl.minimum(tl.maximum(x1, -448.0), 448.0)
+            c2 = tl.minimum(tl.maximum(x2, -448.0), 448.0)
+            tl.store(base + d[None, :], c1.to(cache_ptr.dtype.element_ty), mask=mc)
+            tl.store(base + HALF + d[None, :], c2.to(cache_ptr.dtype.element_ty), mask=mc)
+
+
+@lazy_jit(do_not_specialize=["num_splits"])
+def _decode_split_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr,
+                               q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
+                               num_splits, qk_scale,
+                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                               KV_INT8: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    start = s * split_len
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + split_len, seq_len)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    qh = kvh * GROUP + g
+    q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
+                mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt = bt_ptr + b.to(tl.int64) * bt_st
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < end
+        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
+        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
+        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
+        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
+        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        if KV_INT8:
+            k_scale = tl.load((cache_ptr + off + HEAD_DIM).to(tl.pointer_type(tl.float16)), mask=nm, other=0.0)
+            v_scale = tl.load((cache_ptr + c_kv + off + HEAD_DIM).to(tl.pointer_type(tl.float16)), mask=nm,
+                              other=0.0)
+            scores = scores * k_scale.to(tl.float32)[None, :]
+        scores = tl.where(nm[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_INT8:
+            p = p * v_scale.to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    gm = g < GROUP
+    po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
+    tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
+    tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
+
+
+@lazy_jit(do_not_specialize=["max_q_len"])
+def _prefill_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
+                          q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale, max_q_len,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          KV_INT8: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    mt = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if mt * BLOCK_M >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len
+    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = r < q_len * GROUP
+    tok = r // GROUP
+    qh = kvh * GROUP + r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * q_st + qh[:, None] * q_sh + d[None, :],
+                mask=rm[:, None] & dm[None, :], other=0.0)
+    q_pos = ctx + tok
+    end = ctx + tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1) + 1
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt = bt_ptr + b.to(tl.int64) * bt_st
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nm = n < end
+        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
+        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
+        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
+        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
+        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        if KV_INT8:
+            k_scale = tl.load((cache_ptr + off + HEAD_DIM).to(tl.pointer_type(tl.float16)), mask=nm, other=0.0)
+            v_scale = tl.load((cache_ptr + c_kv + off + HEAD_DIM).to(tl.pointer_type(tl.float16)), mask=nm,
+                              other=0.0)
+            scores = scores * k_scale.to(tl.float32)[None, :]
+        scores = tl.where((n[None, :] <= q_pos[:, None]) & nm[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_INT8:
+            p = p * v_scale.to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + q_rows[:, None] * o_st + qh[:, None] * o_sh + d[None, :], out,
+             mask=rm[:, None] & dm[None, :])
+
+
+def rotary_and_cache_quant_triton(q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
+    """Same contract as rotary_and_cache_quant_ref (and rotary_and_cache_triton: strided q/k/v views, negative
+    slots skipped). Specializations: Hq, Hkv, D, block size, dtypes, int8 or fp8 cache."""
+    import triton
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    num_tokens, hq, head_dim = q.shape
+    hkv = k.shape[1]
+    out_q, out_k = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens == 0:
+        return out_q, out_k
+    half = head_dim // 2
+    _rotary_and_cache_quant_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping, out_q, out_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        out_q.stride(0), out_q.stride(1), out_k.stride(0), out_k.stride(1),
+        HQ=hq, HKV=hkv, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=kv_cache.shape[2], KV_INT8=kv_cache.dtype == torch.int8,
+        num_warps=4)
+    return out_q, out_k
+
+
+def paged_attention_quant_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                                 *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as paged_attention_quant_ref; launches as paged_attention_triton does (decode: split +
+    the shared reduce kernel, CUDA-graph safe; otherwise one prefill launch with 64-row tiles)."""
+    import triton
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    if meta.num_seqs == 0 or q.shape[0] == 0:
+        return out
+    num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
+    hkv = kv_cache.shape[3]
+    group = hq // hkv
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    qk_scale = scale * pa._LOG2E
+    strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+               kv_cache.stride(3), meta.block_tables.stride(0))
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=kv_cache.shape[2], KV_INT8=kv_cache.dtype == torch.int8)
+    if meta.max_query_len > 1:
+        block_m = 64
+        _prefill_quant_kernel[(num_seqs, hkv, triton.cdiv(meta.max_query_len * group, block_m))](
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, *strides,
+            out.stride(0), out.stride(1), qk_scale, meta.max_query_len, GROUP=group, BLOCK_M=block_m,
+            BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2, **common)
+        return out
+    splits = pa.decode_num_splits(num_seqs, hkv, q.device)
+    po = pa._alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
+    pl = pa._alloc_workspace((num_seqs, hq, splits), q.device)
+    block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
+    _decode_split_quant_kernel[(num_seqs, hkv, splits)](
+        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl, *strides,
+        po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1), splits, qk_scale,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, num_warps=4,
+        num_stages=3, **common)
+    pa._decode_reduce_kernel[(num_seqs, hq)](
+        po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
+        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS_PAD=pa.MAX_SPLITS, num_warps=4)
+    return out
+
+
+def quantized_kv_ops(base, kind: str):
+    """The KernelOps `base` with the cache write and attention swapped for ones reading a `kind` cache."""
+    import dataclasses
+
+    if kind not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kind!r} is not one of auto, {', '.join(KV_DTYPES)}")
+    if base.name == "triton":
+        return dataclasses.replace(base, rotary_and_cache=rotary_and_cache_quant_triton,
+                                   paged_attention=paged_attention_quant_triton, name="triton")
+    return dataclasses.replace(base, rotary_and_cache=rotary_and_cache_quant_ref,
+                               paged_attention=paged_attention_quant_ref)
+
+
+def warmup_quantized_kv(ops, model_config, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    """Compiles the quantized-cache kernels (cache write; decode and prefill attention) and the other fused
+    kernels of `ops`, on tiny inputs in the model's layout (writes slots 3..42 of kv_cache's first blocks)."""
+    from backend.kernels.triton_ops import _warmup_meta
+
+    mc, device = model_config, kv_cache.device
+    x = torch.randn(4, mc.hidden_size, dtype=dtype, device=device)
+    ops.rms_norm(x, torch.ones(mc.hidden_size, dtype=dtype, device=device), mc.rms_norm_eps)
+    ops.rms_norm(x, torch.ones(mc.hidden_size, dtype=dtype, device=device), mc.rms_norm_eps, torch.randn_like(x))
+    ops.silu_and_mul(torch.randn(4, 2 * mc.intermediate_size, dtype=dtype, device=device))
+    cos_sin = torch.randn(64, mc.head_dim, dtype=torch.float32, device=device)
+    sizes = [mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim]
+    for query_len in (1, 40):
+        meta = _warmup_meta(kv_cache.shape[2], query_len, device)
+        qkv = torch.randn(query_len, sum(sizes), dtype=dtype, device=device)
+        q, k, v = (t.view(query_len, -1, mc.head_dim) for t in qkv.split(sizes, dim=-1))
+        q, _ = ops.rotary_and_cache(q, k, v, torch.arange(3, 3 + query_len, device=device), cos_sin, kv_cache,
+                                    meta.slot_mapping)
+        ops.paged_attention(q, kv_cache, meta, mc.head_dim ** -0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,71 @@
+"""Quantize a checkpoint offline into a new safetensors checkpoint that the engine loads as it is.
+
+    python -m tools.quantize --model SRC --quant int4_awq --output DST
+
+SRC: an HF checkpoint directory, a .gguf file, or nothing for the bundled SmolLM2. Methods (TensorRT-LLM's
+--qformat names where one exists): int8_wo, int4_wo (round-to-nearest), int4_awq, int4_gptq (calibrated on
+text; the bundled Lee corpus unless --calib-file), fp8 and int8_sq (W8A8). The repo generator calls
+backend.engine.quantization.quantize_checkpoint, as this does.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from backend.engine.quantization import METHODS, quantize_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--quant", required=True, choices=sorted(METHODS), help="quantization method")
+    p.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the tensors left unquantized (default: as in the source)")
+    p.add_argument("--calib-file", help="calibration text (paragraphs separated by blank lines)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8_sq migration strength")
+    p.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    p.add_argument("--eval", action="store_true", help="print perplexity of source and result on held-out text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from backend.engine.checkpoint import resolve_checkpoint
+
+    args = parse_args(argv)
+    src = resolve_checkpoint(args.model or None)
+    texts = None
+    if args.calib_file:
+        from backend.engine.quantization.calibration import texts_from_file
+
+        texts = texts_from_file(args.calib_file)
+    start = time.perf_counter()
+    out = quantize_checkpoint(src, args.output, args.quant, group_size=args.group_size, dtype=args.dtype,
+                              calib_texts=texts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                              smoothquant_alpha=args.smoothquant_alpha, device=args.device,
+                              progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {args.quant} checkpoint {out} in {time.perf_counter() - start:.1f} s (from {src})")
+    if args.eval:
+        report_perplexity(src, out, args.device)
+    return 0
+
+
+def report_perplexity(src, out, device: str) -> None:
+    from backend.engine.checkpoint import load_tokenizer
+    from backend.engine.quantization.calibration import eval_texts, token_windows
+    from backend.engine.quantization.perplexity import checkpoint_perplexity
+
+    windows = token_windows(load_tokenizer(src), eval_texts(), 512)
+    base, quant = checkpoint_perplexity(src, windows, device), checkpoint_perplexity(out, windows, device)
+    print(f"perplexity on {windows.numel()} held-out tokens: source {base:.3f}, quantized {quant:.3f} "
+          f"({100 * (quant / base - 1):+.2f}%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
