@@ -16,13 +16,25 @@ import pytest
 import torch
 
 from backend.engine.quantization import quantize_checkpoint
-from backend.engine.quantization.calibration import eval_texts, token_windows
+from backend.engine.quantization.calibration import CORPUS_INSTALL, corpus_path, eval_texts, token_windows
 from backend.engine.quantization.perplexity import checkpoint_perplexity
 
 EVAL_WINDOWS = 4  # x 512 tokens: ~5 s per model on 2 cores
 CALIB_SAMPLES = 8  # x 512 tokens; GPTQ's Hessian of down_proj (K = 1536) needs more rows than 4 windows
 
 pytestmark = pytest.mark.slow
+
+
+def _corpus_missing() -> bool:
+    try:
+        corpus_path()
+        return False
+    except FileNotFoundError:
+        return True
+
+
+if _corpus_missing():  # the environment's setup installs it; say how if it did not
+    pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=f"calibration corpus not installed: {CORPUS_INSTALL}")]
 
 
 @pytest.fixture(scope="module")
