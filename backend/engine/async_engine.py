@@ -104,6 +104,7 @@ class AsyncEngine:
                 output = self.engine.abort_request(request_id)
                 if output is not None:
                     self._deliver([output])
+            self.engine.shutdown()  # stops tensor-parallel workers: none may outlive the instance
 
     @contextlib.contextmanager
     def _caller(self):

@@ -40,6 +40,11 @@ class EngineConfig:
     load_format: str = "safetensors"  # "dummy": random weights of the checkpoint's shapes, for benchmarks
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "int8" / "fp8": 8-bit cache, ~2x the tokens
     seed: int = 0
+    # Tensor parallelism: ranks (processes, one GPU each) that split every layer; parallel/ has the details.
+    tensor_parallel_size: int = 1
+    # GPUs of the ranks, comma-separated ("2,3": rank 0 on cuda:2); "" = GPUs 0..tp-1. Triton's KIND_GPU
+    # instances get theirs from backend/model.py. Ignored on CPU.
+    device_ids: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -57,6 +62,8 @@ class EngineConfig:
             raise InvalidParameterError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if not isinstance(self.async_scheduling, bool):
             raise InvalidParameterError("async_scheduling", f"must be true or false, got {self.async_scheduling!r}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        parse_device_ids(self.device_ids, self.tensor_parallel_size)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
@@ -79,6 +86,24 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_device_ids(text: str, tensor_parallel_size: int) -> list[int]:
+    """"2,3" -> [2, 3]; one distinct GPU id per tensor-parallel rank ("" means [] = the default GPUs)."""
+    if not isinstance(text, str):
+        raise InvalidParameterError("device_ids", f"must be a string like '0,1', got {text!r}")
+    if not text.strip():
+        return []
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidParameterError("device_ids", f"must be comma-separated GPU ids, got {text!r}") from None
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise InvalidParameterError("device_ids", f"must be distinct non-negative GPU ids, got {text!r}")
+    if len(ids) != tensor_parallel_size:
+        raise InvalidParameterError(
+            "device_ids", f"lists {len(ids)} GPUs for tensor_parallel_size {tensor_parallel_size}: one per rank")
+    return ids
 
 
 def _positive_int(name: str, value) -> None:

@@ -19,7 +19,8 @@ from .block_manager import BlockManager
 from .checkpoint import load_tokenizer, resolve_checkpoint
 from .config import EngineConfig
 from .errors import InvalidParameterError
-from .model_runner import ModelRunner
+from .model_config import ModelConfig
+from .parallel.runner import make_runner
 from .outputs import RequestOutput, SchedulerOutput
 from .sampler import PendingTokens
 from .request import Request
@@ -29,13 +30,19 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The context length served: the model's (capped by a sliding window if any), or less if configured."""
+    limit = model_config.max_model_len
+    return min(config.max_model_len, limit) if config.max_model_len else limit
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.checkpoint_dir: Path = resolve_checkpoint(config.model or None)
-        self.runner = ModelRunner(config, self.checkpoint_dir)
+        self.runner = make_runner(config, self.checkpoint_dir)  # tensor_parallel_size > 1: rank 0 + workers
         self.model_config = self.runner.model_config
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = resolve_max_model_len(self.model_config, config)
         self.runner.warm_up(self.max_model_len)
         self.scheduler = Scheduler(
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching),
@@ -54,10 +61,6 @@ class LLMEngine:
         self.num_steps = 0
         self._num_generate_calls = 0
         self.max_batch_size_seen = 0
-
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_model_len  # positions, capped by a sliding window if any
-        return min(self.config.max_model_len, limit) if self.config.max_model_len else limit
 
     @property
     def tokenizer(self):
@@ -178,6 +181,11 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             num_new_blocks=request.num_new_blocks,
         )
+
+    def shutdown(self) -> None:
+        """Stops what the engine started (tensor-parallel worker processes); steps fail afterwards."""
+        self._in_flight = None
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         return {**self.scheduler.stats(), "steps": self.num_steps, "max_batch_size_seen": self.max_batch_size_seen}

@@ -17,6 +17,8 @@ from .host_inputs import build_host_inputs
 from .model_config import ModelConfig
 from .ops import select_ops
 from .outputs import SampledTokens, SchedulerOutput
+from .parallel.channel import HostStep
+from .parallel.sharding import shard_config
 from .request import Request
 from .sampler import PendingTokens, Sampler
 
@@ -26,12 +28,22 @@ CPU_DEFAULT_KV_MB = 512
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, device_ids: str = "", rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank `rank`: on CUDA, GPU device_ids[rank] (default: GPU `rank`).
+
+    An explicit index (not CUDA_VISIBLE_DEVICES set in-process) keeps working when something in the process
+    initialized CUDA before the engine did, and lets one process see the GPUs of its tensor-parallel peers."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    ids = [int(i) for i in device_ids.split(",")] if device_ids else None
+    index = ids[rank] if ids else rank
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device_ids: GPU {index} does not exist (torch sees {torch.cuda.device_count()})")
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -61,9 +73,16 @@ def kv_block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtyp
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, checkpoint_dir: Path, device: torch.device | None = None):
+    """`parallel` (a ParallelGroup) makes this one tensor-parallel rank: it loads its shard of the weights
+    and runs forwards in lockstep with the other ranks; rank 0 is parallel/runner.py's DriverRunner."""
+
+    def __init__(self, config: EngineConfig, checkpoint_dir: Path, device: torch.device | None = None,
+                 parallel=None):
         self.config = config
-        self.device = device or resolve_device(config.device)
+        self.parallel = parallel
+        self.device = device or resolve_device(config.device, config.device_ids, parallel.rank if parallel else 0)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton kernels and graph capture use the current device
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.ops = select_ops(config.attention_backend, self.device.type)
         if config.kv_cache_dtype != "auto":
@@ -71,6 +90,8 @@ class ModelRunner:
 
             self.ops = quantized_kv_ops(self.ops, config.kv_cache_dtype)
         self.model, self.model_config = self._load(checkpoint_dir)
+        # What this rank holds: the model's heads and MLP columns over the tensor-parallel ranks.
+        self.shard_config = shard_config(self.model_config, parallel.world_size if parallel else 1)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()  # handed to the block manager; one more block is scratch
         self.kv_caches = self._allocate_kv_cache()
@@ -82,7 +103,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.warmup_seconds = 0.0
 
+    def shutdown(self) -> None:
+        """Nothing to stop in one process; the tensor-parallel driver stops its workers here."""
+
     def _load(self, checkpoint_dir: Path):
+        if self.parallel is not None:
+            from .parallel.sharding import load_shard
+
+            return load_shard(checkpoint_dir, self.config, self.ops, self.dtype, self.device, self.parallel)
         if self.config.load_format == "safetensors":
             return load_model(checkpoint_dir, self.ops, self.dtype, self.device)
         from .models.registry import build_model
@@ -122,7 +150,7 @@ class ModelRunner:
     def _warm_up_kernels(self) -> None:
         from backend.kernels.triton_ops import warmup
 
-        mc = self.model_config
+        mc = self.shard_config
         if self.config.kv_cache_dtype != "auto":
             from backend.kernels.kv_quant import warmup_quantized_kv
 
@@ -165,9 +193,11 @@ class ModelRunner:
         return self.num_blocks * self.block_size
 
     def _num_kv_blocks(self) -> int:
-        block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype, self.config.kv_cache_dtype)
+        block_bytes = kv_block_bytes(self.shard_config, self.block_size, self.dtype, self.config.kv_cache_dtype)
         budget = self._kv_budget_bytes()
         num_blocks = int(budget // block_bytes)
+        if self.parallel is not None:  # rank 0's block manager hands out block ids for every rank's cache
+            num_blocks = self.parallel.min_over_ranks(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_mb: {budget / 2**20:.1f} MiB holds no block of {block_bytes} bytes")
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size, num_blocks * block_bytes / 2**20)
@@ -183,7 +213,7 @@ class ModelRunner:
         return max(free - reserve, 0.0)
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
-        mc = self.model_config
+        mc = self.shard_config
         shape = (2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         dtype = self.dtype
         if self.config.kv_cache_dtype != "auto":
@@ -213,14 +243,19 @@ class ModelRunner:
 
     def _forward(self, scheduled: SchedulerOutput):
         """Logits of the sampling rows, and the chunks they belong to."""
-        batch = self.prepare_inputs(scheduled)
+        logits = self.forward_step(self.host_inputs(scheduled))
+        return logits, [chunk for chunk in scheduled.chunks if chunk.samples]
+
+    def forward_step(self, step: HostStep) -> torch.Tensor:
+        """Logits of a step's sampling rows; tensor-parallel workers run just this, with rank 0's step."""
+        batch = self.device_inputs(step)
         if self._graph_fits(batch):
             logits = self.graphs.replay(batch.input_ids, batch.positions, batch.meta.slot_mapping,
                                         batch.meta.seq_lens, batch.meta.block_tables)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-        return logits, [chunk for chunk in scheduled.chunks if chunk.samples]
+        return logits
 
     def _graph_fits(self, batch: BatchInputs) -> bool:
         meta = batch.meta
@@ -228,20 +263,35 @@ class ModelRunner:
                 and self.graphs.fits(meta.num_seqs, meta.block_tables.shape[1]))
 
     def prepare_inputs(self, scheduled: SchedulerOutput) -> BatchInputs:
+        return self.device_inputs(self.host_inputs(scheduled))
+
+    def host_inputs(self, scheduled: SchedulerOutput) -> HostStep:
+        """The step's integer inputs on the host: what tensor-parallel rank 0 broadcasts to its workers."""
         host = build_host_inputs(scheduled.chunks, self.block_size)
         tables = host.block_tables
         sources = self._placeholder_sources(host.placeholder_requests)
         parts = [host.token_ids, host.positions, host.slots, host.query_start, host.seq_lens, host.sample_rows,
                  tables.ravel(), host.placeholder_rows, sources]
-        ids, pos, slot_mapping, qsl, lens, rows, flat_tables, fill_rows, fill_sources = self._to_device(parts)
-        if sources:  # on the device, queued behind the step that sampled them: no host sync
-            ids[fill_rows] = self._last_sampled[fill_sources]
-        seq_lens = host.seq_lens.tolist()
+        return HostStep(parts, tuple(tables.shape), host.max_query_len)
+
+    def device_inputs(self, step: HostStep) -> BatchInputs:
+        ids, pos, slot_mapping, qsl, lens, rows, flat_tables, fill_rows, fill_sources = self._to_device(step.parts)
+        if len(step.parts[-1]):
+            self._fill_placeholders(ids, fill_rows, fill_sources)
+        seq_lens = np.asarray(step.parts[4]).tolist()
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=qsl.to(torch.int32), seq_lens=lens.to(torch.int32),
-            block_tables=flat_tables.to(torch.int32).view(tables.shape), max_query_len=host.max_query_len,
-            max_seq_len=max(seq_lens), query_start_loc_cpu=host.query_start.tolist(), seq_lens_cpu=seq_lens)
+            block_tables=flat_tables.to(torch.int32).view(step.table_shape), max_query_len=step.max_query_len,
+            max_seq_len=max(seq_lens), query_start_loc_cpu=np.asarray(step.parts[3]).tolist(), seq_lens_cpu=seq_lens)
         return BatchInputs(ids, pos, meta, rows)
+
+    def _fill_placeholders(self, ids: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Async scheduling's placeholder tokens, on the device, queued behind the step that sampled them: no
+        host sync. Only rank 0 samples, so under tensor parallelism it sends the filled ids to the others."""
+        if self.parallel is None or self.parallel.is_driver:
+            ids[rows] = self._last_sampled[sources]
+        if self.parallel is not None:
+            self.parallel.broadcast_from_driver_(ids)
 
     def _placeholder_sources(self, requests: list[Request]) -> list[int]:
         """Row in the last launched step's sampled ids of each placeholder token."""

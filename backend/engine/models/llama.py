@@ -4,6 +4,11 @@ The fused operations (RMSNorm + residual, RoPE + KV-cache write, paged attention
 the KernelOps given at construction, so one model runs on the torch references or on the Triton kernels.
 Projections are plain nn.Linear modules (a quantization pass can swap them); q/k/v are one fused linear
 [q | k | v] and gate/up one fused linear [gate | up], filled from the HF per-projection weights at load.
+
+Tensor parallelism (`tp`, a backend.engine.parallel.group.ParallelGroup): the model is built from the rank's
+slice of the config (parallel/sharding.py: heads and MLP columns over the ranks) and loaded from the rank's
+slices of the weights; the only changes here are an all-reduce after o_proj and down_proj, and a
+vocab-parallel lm_head whose logits are gathered.
 """
 from __future__ import annotations
 
@@ -49,9 +54,9 @@ def compute_cos_sin_cache(head_dim: int, theta: float, max_positions: int,
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.tp = ops, tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim ** -0.5
@@ -67,18 +72,23 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, _ = self.ops.rotary_and_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return _reduce(self.tp, self.o_proj(out.reshape(T, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
-        self.ops = ops
+        self.ops, self.tp = ops, tp
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return _reduce(self.tp, self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x))))
+
+
+def _reduce(tp, partial: torch.Tensor) -> torch.Tensor:
+    """Row-parallel layers leave each rank a partial sum of the output; without tp it is already whole."""
+    return partial if tp is None else tp.all_reduce_(partial)
 
 
 class RMSNorm(nn.Module):
@@ -93,12 +103,12 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = MLP(cfg, ops, tp)
 
     def forward(self, x, residual, positions, cos_sin_cache, kv_cache, meta):
         """x is the previous sublayer's output, not yet added to residual (None before the first layer)."""
@@ -111,11 +121,20 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """Named like HF's `model.` submodule so that parameter names line up with checkpoint names."""
 
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+
+
+def _lm_head(cfg: ModelConfig, tp) -> nn.Linear | None:
+    """None when tied (the embedding is the head); under tp, this rank's slice of the vocabulary, tied or not."""
+    if tp is not None:
+        from backend.engine.parallel.sharding import vocab_shard_size
+
+        return nn.Linear(cfg.hidden_size, vocab_shard_size(cfg.vocab_size, tp.world_size), bias=False)
+    return None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 # HF projection name -> (our fused parameter's module, shard index). Shards are laid out in this order.
@@ -126,11 +145,11 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
-        self.config, self.ops = cfg, ops
-        self.model = DecoderStack(cfg, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.ops, self.tp = cfg, ops, tp
+        self.model = DecoderStack(cfg, ops, tp)
+        self.lm_head = _lm_head(cfg, tp)
         self.register_buffer("cos_sin_cache", torch.empty(cfg.max_model_len, cfg.head_dim), persistent=False)
 
     def init_rotary(self) -> None:
@@ -151,6 +170,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> float32 logits [N, V]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.tp is not None:
+            return self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size).float()
         return F.linear(hidden, weight).float()
 
     # ---- weights -------------------------------------------------------------------------------------------

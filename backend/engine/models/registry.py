@@ -30,14 +30,16 @@ def model_class(architecture: str) -> type:
         ) from None
 
 
-def build_model(model_config: ModelConfig, ops: KernelOps, dtype: torch.dtype, device: str | torch.device):
-    """An uninitialized model (weights are empty until load_weights) of `dtype` on `device`.
+def build_model(model_config: ModelConfig, ops: KernelOps, dtype: torch.dtype, device: str | torch.device,
+                tp=None):
+    """An uninitialized model (weights are empty until load_weights) of `dtype` on `device`; with `tp` (a
+    ParallelGroup) the model of one tensor-parallel rank, built from that rank's (sharded) config.
 
     Built on the meta device and then materialized, so no time goes into random init (minutes at 8B on CPU).
     """
     cls = model_class(model_config.architecture)
     with torch.device("meta"):
-        model = cls(model_config, ops)
+        model = cls(model_config, ops) if tp is None else cls(model_config, ops, tp)
         model = model.to(dtype)  # cast while on meta: free, and no second copy of the weights
     model = model.to_empty(device=device)
     model.init_rotary()  # the cos/sin table stays float32 whatever `dtype` is

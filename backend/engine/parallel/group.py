@@ -1,0 +1,105 @@
+"""One process's place in a tensor-parallel group, and the two collectives the model needs.
+
+Two process groups, both from torch.distributed (no transport of our own):
+  * `control`: gloo, CPU tensors, effectively no timeout. Rank 0 broadcasts each step's inputs on it; a
+    worker waits on it while the engine is idle, which may last days, so its timeout must not fire.
+  * `compute`: NCCL on CUDA (gloo on CPU), the all-reduces inside the forward pass (and inside CUDA graphs).
+A dead peer shows up on gloo as a closed connection at the next collective; on NCCL a collective with a dead
+peer never finishes, so rank 0 also watches its workers' processes (workers.py) and never waits on the GPU
+without checking them (runner.py).
+
+Pipeline parallelism would add a third axis here: a rank is (pipeline stage, tensor rank), with one compute
+group per stage and point-to-point send/recv of hidden states between stages (README, "Multi-GPU").
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+IDLE_TIMEOUT = datetime.timedelta(days=365)  # control group: workers wait there while the engine is idle
+
+
+@dataclass
+class ParallelGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+    control: object  # gloo ProcessGroup for step messages (CPU tensors)
+    compute: object  # NCCL (CUDA) or gloo (CPU) ProcessGroup for the forward's collectives
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 schedules, samples and talks to the caller; the others only run forwards."""
+        return self.rank == 0
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of the row-parallel partial outputs, in place (captured into CUDA graphs like any kernel)."""
+        dist.all_reduce(x, group=self.compute)
+        return x
+
+    def gather_vocab(self, local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[N, V/K] logits of this rank's vocabulary slice -> [N, V] on every rank (padding cut off)."""
+        n, shard = local_logits.shape
+        gathered = torch.empty((self.world_size * n, shard), dtype=local_logits.dtype, device=local_logits.device)
+        dist.all_gather_into_tensor(gathered, local_logits.contiguous(), group=self.compute)  # rank-major rows
+        by_rank = gathered.view(self.world_size, n, shard)
+        return by_rank.permute(1, 0, 2).reshape(n, self.world_size * shard)[:, :vocab_size]
+
+    def broadcast_from_driver_(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's values into x on every rank (device tensors: no host round trip)."""
+        dist.broadcast(x, src=0, group=self.compute)
+        return x
+
+    def min_over_ranks(self, value: int) -> int:
+        """Every rank must size its KV cache alike: the block manager on rank 0 hands out block ids for all."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def abort(self) -> None:
+        """Abort the NCCL communicator so that collectives waiting for a dead peer return (with an error)
+        instead of spinning on the GPU forever; gloo needs nothing: a dead peer closes its sockets."""
+        if self.device.type == "cuda":
+            try:
+                dist.distributed_c10d._abort_process_group(self.compute)
+            except Exception as exc:  # best effort: the engine is failing already
+                log.warning("aborting the NCCL group failed: %s", exc)
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def store_timeout_s() -> float:
+    """Rendezvous and compute-collective timeout: long enough for one rank to compile kernels while another
+    waits in warm-up; TRITIUM_TP_TIMEOUT_S overrides it."""
+    return float(os.environ.get("TRITIUM_TP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+def join_group(rank: int, world_size: int, device: torch.device, timeout_s: float, store) -> ParallelGroup:
+    """Build the control and compute groups over `store` (a TCPStore that rank 0 hosts: the same
+    MASTER_ADDR/MASTER_PORT rendezvous a multi-node launch would use, README)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=IDLE_TIMEOUT)
+    control = dist.group.WORLD
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        compute = dist.new_group(backend="nccl", timeout=timeout)
+    else:
+        compute = dist.new_group(backend="gloo", timeout=timeout)
+    log.info("rank %d/%d joined (device %s)", rank, world_size, device)
+    return ParallelGroup(rank, world_size, device, control, compute)
+
+
+def host_store(world_size: int, timeout_s: float):
+    """Rank 0's TCPStore on a free port of the loopback interface (port 0: the OS picks, no race)."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
