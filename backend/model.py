@@ -10,10 +10,10 @@ tools/generate_repo.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
-import os
 import threading
 
 import numpy as np
@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from backend.engine.async_engine import AsyncEngine
 from backend.engine.errors import EngineError
+from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import from_parameters, serving_settings
 from backend.serving.metrics import EngineMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -61,9 +62,8 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the tritium backend needs model_transaction_policy { decoupled: true }")
         self.input_names = [i["name"] for i in model_config.get("input", [])]
-        _select_device(args)
         parameters = model_config.get("parameters", {})
-        config = from_parameters(parameters, args["model_repository"])
+        config = _select_device(from_parameters(parameters, args["model_repository"]), args, parameters)
         self.engine = AsyncEngine(config)
         # The tokenizer loads now (loading it on the first request stalled that stream for ~2 s). It also
         # serves requests sent to this model directly with text_input, the path on which client cancellation
@@ -138,11 +138,18 @@ def _parameters(request) -> dict:
         return {}
 
 
-def _select_device(args: dict) -> None:
-    """One engine per instance: a KIND_GPU instance sees only its own GPU (set before CUDA initializes)."""
-    if args.get("model_instance_kind") != "GPU":
-        return
-    device_id = int(args.get("model_instance_device_id", 0))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else None
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices[device_id] if devices and device_id < len(devices) else str(device_id)
+def _select_device(config, args: dict, parameters: dict):
+    """A KIND_GPU instance runs on the GPU(s) Triton gave it, not GPU 0 for all (a known failure of other
+    backends). By explicit device index (cuda:N and torch.cuda.set_device in the engine), not by setting
+    CUDA_VISIBLE_DEVICES here: that only works if nothing in this stub process initialized CUDA first, and a
+    tensor-parallel instance must see its peers' GPUs too. Indices are Triton's, so they honour a
+    CUDA_VISIBLE_DEVICES given to tritonserver itself."""
+    groups = parameters.get(GROUPS_KEY, {})
+    groups = groups.get("string_value", "") if isinstance(groups, dict) else str(groups)
+    device_ids = instance_device_ids(args.get("model_instance_kind"), int(args.get("model_instance_device_id", 0)),
+                                     groups, config.tensor_parallel_size)
+    return config if device_ids is None else dataclasses.replace(config, device=_cuda(config), device_ids=device_ids)
+
+
+def _cuda(config) -> str:
+    return "cuda" if config.device == "auto" else config.device

@@ -88,7 +88,7 @@ def run_cli(argv, capsys):
     (["--dtype", "float8"], "--dtype: invalid choice"),
     (["--block-size", "x"], "--block-size: invalid int value"),
     (["--instances", "0"], "--instances: must be a positive integer"),
-    (["--gpus", "0,1"], "--gpus: only with --instance-kind gpu"),
+    (["--instance-kind", "cpu", "--gpus", "0,1"], "--gpus: only with --instance-kind gpu"),
     (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
 ])
 def test_bad_options_exit_2_naming_them(tmp_path, capsys, argv, named):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from backend.engine.config import ATTENTION_BACKENDS, DEVICES, DTYPES, EngineConfig
 from backend.engine.errors import EngineError, InvalidParameterError
+from backend.engine.parallel.placement import format_groups
 from backend.serving.engine_settings import to_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ ALIASES = {
     "max_num_seqs": ["--max-batch-size"],
     "max_model_len": ["--max-seq-len"],
     "kv_cache_memory_mb": ["--kv-cache-mb"],
+    "tensor_parallel_size": ["--tp"],
 }
 CHOICES = {"dtype": DTYPES, "device": DEVICES, "attention_backend": ATTENTION_BACKENDS}
 INSTANCE_KINDS = {"model": "KIND_MODEL", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
@@ -89,13 +91,18 @@ def engine_parameters_block(config: EngineConfig) -> str:
 
 
 def template_values(args: argparse.Namespace, config: EngineConfig) -> dict[str, str]:
-    gpus = f"\n    gpus: [ {', '.join(str(g) for g in args.gpus)} ]" if args.gpus else ""
+    """With --gpus, Triton starts `count` instances on each listed GPU: list each instance's first GPU once
+    (count 1); the instance finds the rest of its tensor-parallel group in instance_gpu_groups."""
+    tp = config.tensor_parallel_size
+    leads = args.gpus[::tp] if args.gpus else []
+    gpus = f"\n    gpus: [ {', '.join(str(g) for g in leads)} ]" if leads else ""
     return {
         "max_batch_size": str(config.max_num_seqs),
         "engine_model": args.engine_model_name,
-        "instance_count": str(args.instances),
+        "instance_count": "1" if leads else str(args.instances),
         "instance_kind": INSTANCE_KINDS[args.instance_kind],
         "instance_gpus": gpus,
+        "instance_gpu_groups": format_groups(args.gpus, tp) if args.gpus else "",
         "engine_parameters": engine_parameters_block(config),
         "tokenizer_dir": TOKENIZER_SUBDIR,
         "apply_chat_template": "true" if args.apply_chat_template else "false",
@@ -187,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-model-name", default="llm", help="name of the engine model (default: llm)")
     parser.add_argument("--instances", type=int, default=1, help="engine instances (each loads the model)")
     parser.add_argument("--instance-kind", choices=sorted(INSTANCE_KINDS), default="model",
-                        help="model: the engine picks its device (GPU if any); gpu: one instance per listed GPU")
-    parser.add_argument("--gpus", type=_int_list, default=None, help="GPU ids for --instance-kind gpu, e.g. 0,1")
+                        help="model: the engine picks its device (GPU if any); gpu: instances on GPUs (implied "
+                             "by --gpus and by --tp > 1 on GPU)")
+    parser.add_argument("--gpus", type=_int_list, default=None,
+                        help="GPU ids, --instances x --tp of them: instance i gets gpus[i*tp:(i+1)*tp], e.g. "
+                             "--instances 2 --tp 2 --gpus 0,1,2,3 (default with --tp > 1: 0..instances*tp-1)")
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="apply the tokenizer's chat template to every prompt by default (a request "
                              "parameter apply_chat_template overrides it)")
@@ -238,8 +248,6 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name in ("instances", "preprocessing_instances", "postprocessing_instances"):
         if getattr(args, name) < 1:
             parser.error(f"argument {_flag(name)}: must be a positive integer, got {getattr(args, name)}")
-    if args.gpus and args.instance_kind != "gpu":
-        parser.error("argument --gpus: only with --instance-kind gpu")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.engine_model_name) or args.engine_model_name in TEMPLATE_MODELS[:2]:
         parser.error(f"argument --engine-model-name: invalid model name {args.engine_model_name!r}")
     out = Path(args.output_dir)
@@ -249,17 +257,64 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"argument --output-dir: {out} is not empty (use --force to overwrite)")
 
 
+def place_instances(args: argparse.Namespace, config: EngineConfig, parser: argparse.ArgumentParser) -> None:
+    """Decide the instance kind and GPU list for --instances/--tp/--gpus; a bad combination names the option."""
+    tp = config.tensor_parallel_size
+    if args.gpus is not None and (args.instance_kind == "cpu" or config.device == "cpu"):
+        parser.error("argument --gpus: only with --instance-kind gpu (not with --instance-kind cpu or --device cpu)")
+    if config.device == "cpu":
+        return  # tensor parallelism on CPU (gloo) runs inside one instance of kind model/cpu
+    if args.gpus is None and tp > 1:
+        args.gpus = list(range(args.instances * tp))
+    if args.gpus is None:
+        return
+    args.instance_kind = "gpu"
+    if len(set(args.gpus)) != len(args.gpus):
+        parser.error(f"argument --gpus: GPU ids must be distinct, got {args.gpus}")
+    if len(args.gpus) != args.instances * tp:
+        parser.error(f"argument --gpus: lists {len(args.gpus)} GPUs, but --instances {args.instances} x --tp {tp} "
+                     f"needs {args.instances * tp}")
+    available = visible_gpu_count()
+    if available is None:
+        print("warning: no GPU visible here; --gpus is not checked against the serving machine", file=sys.stderr)
+    elif max(args.gpus) >= available:
+        parser.error(f"argument --gpus: GPU {max(args.gpus)} does not exist ({available} visible: 0..{available - 1})")
+
+
+def visible_gpu_count() -> int | None:
+    """GPUs this machine has, or None (no GPU, or a CPU-only torch): then --gpus cannot be checked here."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return count or None
+
+
+def check_tensor_parallel(checkpoint: Path, config: EngineConfig, parser: argparse.ArgumentParser) -> None:
+    """Whole heads and equal MLP slices per rank, checked against the checkpoint's config.json now."""
+    from backend.engine.model_config import ModelConfig
+    from backend.engine.parallel.sharding import check_divisible
+
+    try:
+        check_divisible(ModelConfig.from_dir(checkpoint), config.tensor_parallel_size)
+    except InvalidParameterError as exc:
+        parser.error(f"argument --tp/--tensor-parallel-size: {str(exc).split(': ', 1)[-1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_options(args, parser)
     config = engine_config(args, parser)
+    place_instances(args, config, parser)
     try:
         configs = render_configs(template_values(args, config))
         for name, text in configs.items():
             check_config_syntax(name, text)
         from backend.engine.checkpoint import resolve_checkpoint
         checkpoint = resolve_checkpoint(args.model or None)
+        check_tensor_parallel(checkpoint, config, parser)
         out = write_repo(args, config, configs, checkpoint)
     except (TemplateError, EngineError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,7 +14,7 @@ from backend.engine.errors import InvalidParameterError
 
 NONE = ""  # how None is written: Triton parameters are strings
 # Settings of the serving layer (not the engine) that the engine model's config may also carry.
-SERVING_KEYS = ("apply_chat_template",)
+SERVING_KEYS = ("apply_chat_template", "instance_gpu_groups")  # the latter: parallel/placement.py
 
 
 def to_parameters(config: EngineConfig) -> dict[str, str]:
