@@ -23,7 +23,7 @@ from backend.engine.async_engine import AsyncEngine
 from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import from_parameters, serving_settings
-from backend.serving.metrics import EngineMetrics
+from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
 from backend.serving.request_parser import parse_request
 from backend.serving.session import Session
@@ -76,12 +76,12 @@ class TritonPythonModel:
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
-        self.metrics = EngineMetrics(pb_utils, self.engine, labels).start()
+        self.metrics = ServingMetrics(pb_utils, self.engine, labels).start()
         log.info("tritium engine ready: %s", json.dumps(config.to_dict()))
 
     def execute(self, requests):
         for request in requests:
-            self._start(request)
+            self.metrics.admit(self._start, request)  # counts a request that started no session
         return None
 
     def _start(self, request) -> None:
@@ -99,7 +99,8 @@ class TritonPythonModel:
             log.exception("request %s could not start", request_id)
             send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
             return
-        session = Session(self.engine, request_id, parsed, stream, TritonSink(request, sender), self.block_size)
+        session = Session(self.engine, request_id, parsed, stream, TritonSink(request, sender), self.block_size,
+                          self.metrics.observer())
         thread = threading.Thread(target=self._run_session, args=(session,), name=f"tritium-{request_id}", daemon=True)
         with self._threads_lock:
             self._threads.add(thread)

@@ -3,6 +3,8 @@
 The sink is whatever can send a response: `send(outputs: dict, final: bool)`, `send_error(message)`
 (always final) and `is_cancelled()`. The final flag rides on the last data response, so a non-streamed
 request gets exactly one response, which the HTTP generate endpoint and Triton's OpenAI frontend need.
+An optional observer hears of token arrivals and of the request's end (latency metrics); it runs on the
+request's thread, so it must be cheap.
 """
 from __future__ import annotations
 
@@ -30,6 +32,22 @@ class Sink(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+class SessionObserver(Protocol):
+    def on_tokens(self, state: "SessionState", num_new: int, previous_token_ns: int) -> None:
+        """`num_new` tokens arrived at state.last_token_ns; the one before them at previous_token_ns (0: none)."""
+
+    def on_finish(self, state: "SessionState", outcome: str) -> None:
+        """Once per request: outcome is "success", "error", "cancelled" (by the client) or "aborted" (engine)."""
+
+
+class NoObserver:
+    def on_tokens(self, state, num_new: int, previous_token_ns: int) -> None:
+        pass
+
+    def on_finish(self, state, outcome: str) -> None:
+        pass
+
+
 @dataclass
 class SessionState:
     """What accumulates over a request: counts, log probs and timestamps for the response fields."""
@@ -46,7 +64,8 @@ class SessionState:
 
 
 class Session:
-    def __init__(self, engine, request_id: str, request: GenerationRequest, stream, sink: Sink, block_size: int):
+    def __init__(self, engine, request_id: str, request: GenerationRequest, stream, sink: Sink, block_size: int,
+                 observer: SessionObserver | None = None):
         self.engine = engine
         self.request_id = request_id
         self.request = request
@@ -57,6 +76,8 @@ class Session:
         self.state = SessionState(num_input_tokens=len(request.prompt_ids))
         self._text: list[str] = [request.echo_text] if request.echo_text else []
         self._logprobs: list[float] = []
+        self.observer = observer or NoObserver()
+        self._outcome: str | None = None
 
     def run(self) -> None:
         """Streams until the request finishes, stops on a stop string, fails, or is cancelled."""
@@ -66,6 +87,7 @@ class Session:
             log.exception("request %s failed", self.request_id)
             self.engine.abort(self.request_id)
             self.sink.send_error(f"internal error: {type(exc).__name__}: {exc}")
+            self._finish("error")
 
     def _run(self) -> None:
         last_cancel_check = time.monotonic()
@@ -98,6 +120,7 @@ class Session:
         last = outputs[-1]
         if last.error:
             self.sink.send_error(f"generation failed: {last.error}")
+            self._finish("error")
             return True
         token_ids = [t for out in outputs for t in out.new_token_ids]
         self._update_state(outputs, token_ids)
@@ -105,14 +128,26 @@ class Session:
         if self.detok.stopped:
             self.engine.abort(self.request_id)  # frees the KV blocks now; the stream's abort output is dropped
             self.state.finish_reason = "stop"
-            return self._respond(delta + self.detok.finish(), final=True)
+            return self._respond_final(delta + self.detok.finish())
         if last.finished:
             self.state.finish_reason = last.finish_reason
-            return self._respond(delta + self.detok.finish(), final=True)
+            return self._respond_final(delta + self.detok.finish())
         return self._respond(delta, final=False)
+
+    def _respond_final(self, text: str) -> bool:
+        self._respond(text, final=True)
+        self._finish("aborted" if self.state.finish_reason == "abort" else "success")
+        return True
+
+    def _finish(self, outcome: str) -> None:
+        """Tells the observer once: an exception raised after an outcome was recorded does not count again."""
+        if self._outcome is None:
+            self._outcome = outcome
+            self.observer.on_finish(self.state, outcome)
 
     def _update_state(self, outputs: list[RequestOutput], token_ids: list[int]) -> None:
         s, last = self.state, outputs[-1]
+        previous_token_ns = s.last_token_ns
         if token_ids:
             s.last_token_ns = time.time_ns()
             s.first_token_ns = s.first_token_ns or s.last_token_ns
@@ -122,6 +157,8 @@ class Session:
         for out in outputs:
             self._logprobs += out.new_logprobs or []
             s.cum_logprob += float(sum(out.new_logprobs or []))
+        if token_ids:
+            self.observer.on_tokens(s, len(token_ids), previous_token_ns)
 
     def _respond(self, delta: str, final: bool) -> bool:
         if not self.request.stream:
@@ -138,6 +175,7 @@ class Session:
         self.engine.abort(self.request_id)
         self.state.finish_reason = "abort"
         self.sink.send_error("request cancelled by the client")
+        self._finish("cancelled")
 
     def _outputs(self, text: str, logprobs: list[float]) -> dict[str, np.ndarray]:
         return build_outputs(text, logprobs, self.state, self.request, self.block_size)
