@@ -1,0 +1,217 @@
+"""Multi-GPU benchmarks and checks (issue #6); perf/gpu_multi.sh runs every part on a 4-GPU machine.
+
+    python3 perf/bench_multi_gpu.py equality --tp 1,2,4 --out eq.json         # greedy TP2/TP4 == TP1 (fp32)
+    python3 perf/bench_multi_gpu.py decode --tp 2 --out tp2.json                # batch-1 decode tok/s, 8B shape
+    python3 perf/bench_multi_gpu.py mixed --device-ids 0 --part 0/1 --out r.json  # mixed workload (share)
+    python3 perf/bench_multi_gpu.py ... --cpu-smoke                             # tiny shapes on CPU with gloo
+
+`mixed --part i/n` runs every n-th request of perf/bench_engine.py's mixed workload (256 requests, prompts
+64-512 tokens, 128 new tokens) starting at i; with --barrier DIR the n processes start timing together
+after all have loaded, and each records wall-clock start/end so that the parent can sum them up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backend.engine.config import EngineConfig  # noqa: E402
+from backend.engine.engine import LLMEngine  # noqa: E402
+from backend.engine.sampling_params import SamplingParams  # noqa: E402
+from perf import bench_engine  # noqa: E402
+from perf.bench_engine import NEW_TOKENS, SHAPES, random_prompts  # noqa: E402
+
+TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=256, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False)
+SHAPES = dict(SHAPES, tiny=TINY_SHAPE)
+BARRIER_TIMEOUT_S = 300
+
+
+def write_config(shape: str, folder: str) -> str:
+    """bench_engine's config.json (same fields, so the 8B shape is the one RESULTS.md measures), plus tiny."""
+    if shape in bench_engine.SHAPES:
+        return bench_engine.write_config(shape, folder)
+    config = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
+                  max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True)
+
+
+def make_engine(folder: str, device: str, **settings) -> LLMEngine:
+    base = dict(model=folder, device=device, load_format="dummy", dtype="bfloat16" if device == "cuda" else "float32",
+                max_model_len=4096, gpu_memory_utilization=0.85)
+    if device == "cpu":
+        base.update(kv_cache_memory_mb=64, max_model_len=1024)
+    return LLMEngine(EngineConfig(**{**base, **settings}))
+
+
+def with_graph_fallback(make, out: dict) -> LLMEngine:
+    """CUDA graphs with NCCL collectives inside are the plan; if capture fails on this stack, record why and
+    measure without graphs rather than lose the run."""
+    try:
+        return make(use_cuda_graphs=True)
+    except Exception as exc:
+        out["cuda_graphs_error"] = f"{type(exc).__name__}: {exc}"[:400]
+        print(f"CUDA graphs failed, retrying without: {out['cuda_graphs_error']}", flush=True)
+        return make(use_cuda_graphs=False)
+
+
+# ---- greedy equality of TP ranks on a tiny real checkpoint -----------------------------------------------------
+
+def equality(args, out: dict) -> None:
+    """Same fp32 weights (a safetensors checkpoint), greedy: every tp must give tp=1's tokens exactly."""
+    from tests.tiny_models import make_tiny_checkpoint
+
+    folder = tempfile.mkdtemp(prefix="tp-eq-")
+    make_tiny_checkpoint("llama", folder, num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
+                         intermediate_size=256, vocab_size=1000)
+    prompts = random_prompts(6, 5, 60, 1000, seed=1)
+    results = {}
+    for tp in [int(t) for t in args.tp.split(",")]:
+        start = time.perf_counter()
+
+        def make(**kw):
+            return LLMEngine(EngineConfig(model=folder, device=args.device, dtype="float32", kv_cache_memory_mb=64,
+                                          max_num_seqs=8, tensor_parallel_size=tp, **kw))
+
+        engine = with_graph_fallback(make, out.setdefault(f"tp{tp}", {}))
+        try:
+            results[tp] = engine.generate(prompts, greedy(32))
+        finally:
+            engine.shutdown()
+        out[f"tp{tp}"]["seconds"] = time.perf_counter() - start
+    base = results[min(results)]
+    for tp, tokens in results.items():
+        out[f"tp{tp}"]["equal_to_tp1"] = tokens == base
+        out[f"tp{tp}"]["first_mismatch"] = next(
+            ([i, j] for i, (a, b) in enumerate(zip(base, tokens)) for j in range(len(a)) if a[j] != b[j]), None)
+
+
+# ---- batch-1 decode on a real shape -------------------------------------------------------------------------
+
+def decode(args, out: dict) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        write_config(args.shape, folder)
+        start = time.perf_counter()
+        engine = with_graph_fallback(lambda **kw: make_engine(
+            folder, args.device, max_num_seqs=8, max_num_batched_tokens=4096, tensor_parallel_size=args.tp,
+            **kw), out)
+        out["load_and_warmup_s"] = time.perf_counter() - start
+        try:
+            vocab = engine.model_config.vocab_size
+            engine.generate(random_prompts(2, 64, 64, vocab), greedy(8))  # allocator, cuBLAS, NCCL warm
+            rates = [decode_b1(engine, vocab, seed) for seed in (1, 2, 3)]
+            out["decode_b1_tok_s_runs"] = rates
+            out["decode_b1_tok_s"] = max(rates)
+        finally:
+            engine.shutdown()
+
+
+def decode_b1(engine: LLMEngine, vocab: int, seed: int) -> float:
+    """tok/s of the decode steps of one 128-token prompt generating NEW_TOKENS (prefill excluded)."""
+    engine.add_request(f"d{seed}", random_prompts(1, 128, 128, vocab, seed=seed)[0], greedy(NEW_TOKENS))
+    engine.step()  # prefill (+ with async scheduling, the first decode launched)
+    done_before = sum(r.num_output_tokens for r in engine.scheduler.running)
+    device = "cuda" if engine.runner.device.type == "cuda" else "cpu"
+    sync(device)
+    start = time.perf_counter()
+    drain(engine)
+    sync(device)
+    return (NEW_TOKENS - done_before) / (time.perf_counter() - start)
+
+
+# ---- the mixed workload, or a share of it, for replicas ------------------------------------------------------
+
+def mixed(args, out: dict) -> None:
+    index, parts = (int(x) for x in args.part.split("/"))
+    with tempfile.TemporaryDirectory() as folder:
+        write_config(args.shape, folder)
+        engine = make_engine(folder, args.device, max_num_seqs=256, max_num_batched_tokens=8192,
+                             device_ids=args.device_ids)
+        try:
+            vocab = engine.model_config.vocab_size
+            engine.generate(random_prompts(32, 64, 512, vocab, seed=6)[index::parts], greedy(16))  # warm
+            prompts = random_prompts(args.requests, 64, 512, vocab, seed=5)[index::parts]
+            wait_at_barrier(args.barrier, index, parts)
+            out["start_wall"] = time.time()
+            for i, prompt in enumerate(prompts):
+                engine.add_request(f"m{i}", prompt, greedy(NEW_TOKENS))
+            drain(engine)
+            sync(args.device)
+            out["end_wall"] = time.time()
+            out["requests"] = len(prompts)
+            out["output_tokens"] = len(prompts) * NEW_TOKENS
+            out["output_tok_s"] = out["output_tokens"] / (out["end_wall"] - out["start_wall"])
+        finally:
+            engine.shutdown()
+
+
+def wait_at_barrier(folder: str | None, index: int, parts: int) -> None:
+    """File barrier across independent processes: each says ready, then waits for all."""
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, f"ready{index}"), "w").close()
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while not all(os.path.exists(os.path.join(folder, f"ready{i}")) for i in range(parts)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {folder}: not all {parts} processes ready in {BARRIER_TIMEOUT_S} s")
+        time.sleep(0.01)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["equality", "decode", "mixed"])
+    parser.add_argument("--tp", default="1", help="equality: a list (1,2,4); decode: one size")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--device-ids", default="", help="mixed: the GPU of this replica")
+    parser.add_argument("--part", default="0/1", help="mixed: run requests i, i+n, ... of the workload (i/n)")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--barrier", default=None)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on CPU, gloo: checks the plumbing")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    args.device = "cpu" if args.cpu_smoke else "cuda"
+    if args.cpu_smoke:
+        args.shape, args.device_ids = "tiny", ""
+        args.requests = min(args.requests, 16)
+    if args.what == "decode":
+        args.tp = int(args.tp)
+    out = {"what": args.what, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "shape": args.shape}
+    try:
+        {"equality": equality, "decode": decode, "mixed": mixed}[args.what](args, out)
+    except Exception as exc:  # the JSON records the failure; the shell script reports it in its table
+        out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        raise
+    finally:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
