@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def describe_run(args) -> dict:
     return {"label": args.label, "device": args.device or default_device(), "date": args.date,
             "commit": git_commit(), "model": args.model, "model_repository": args.model_repository,
             "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
-            "command": " ".join([Path(sys.executable).name, "-m", "perf.sweep"] + sys.argv[1:]), "levels": []}
+            "command": shlex.join([Path(sys.executable).name, "-m", "perf.sweep"] + sys.argv[1:]), "levels": []}
 
 
 def default_device() -> str:
@@ -157,19 +158,21 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
 
 def _throughput_plot(levels: list[dict], title: str, path: Path) -> Path:
+    """Output tokens/s; each point is labelled with its requests/s (a second line would only repeat the
+    first when every output has the same length)."""
     import matplotlib.pyplot as plt
 
     x = [lv["concurrency"] for lv in levels]
+    y = [lv["output_tokens_per_s"] for lv in levels]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(x, [lv["output_tokens_per_s"] for lv in levels], marker="o", label="output tokens/s")
+    ax.plot(x, y, marker="o", label="output tokens/s")
+    for cx, cy, lv in zip(x, y, levels):
+        ax.annotate(f"{lv['requests_per_s']:.2f} req/s", (cx, cy), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=8)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tokens/s")
     _concurrency_axis(ax, x)
-    ax2 = ax.twinx()
-    ax2.plot(x, [lv["requests_per_s"] for lv in levels], marker="s", color="tab:orange", label="requests/s")
-    ax2.set_ylabel("requests/s")
-    ax2.set_ylim(bottom=0)
-    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    ax.set_ylim(top=max(y, default=1) * 1.15)
     return _save(fig, ax, title, path)
 
 
