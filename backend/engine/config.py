@@ -39,6 +39,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     load_format: str = "safetensors"  # "dummy": random weights of the checkpoint's shapes, for benchmarks
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "int8" / "fp8": 8-bit cache, ~2x the tokens
+    # Batch-1 decode projections on the Triton GEMV kernel instead of cuBLAS (backend/kernels/gemv.py).
+    decode_gemv: bool = True
     seed: int = 0
     # Tensor parallelism: ranks (processes, one GPU each) that split every layer; parallel/ has the details.
     tensor_parallel_size: int = 1
@@ -60,8 +62,9 @@ class EngineConfig:
             raise InvalidParameterError("kv_cache_memory_mb", f"must be > 0, got {self.kv_cache_memory_mb}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise InvalidParameterError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not isinstance(self.async_scheduling, bool):
-            raise InvalidParameterError("async_scheduling", f"must be true or false, got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "decode_gemv"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         parse_device_ids(self.device_ids, self.tensor_parallel_size)
         _choice("dtype", self.dtype, DTYPES)

@@ -92,6 +92,10 @@ class ModelRunner:
         self.model, self.model_config = self._load(checkpoint_dir)
         # What this rank holds: the model's heads and MLP columns over the tensor-parallel ranks.
         self.shard_config = shard_config(self.model_config, parallel.world_size if parallel else 1)
+        if config.decode_gemv and self.ops.name == "triton" and self.dtype in (torch.float16, torch.bfloat16):
+            from backend.kernels.gemv import use_gemv_for_decode
+
+            use_gemv_for_decode(self.model)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()  # handed to the block manager; one more block is scratch
         self.kv_caches = self._allocate_kv_cache()
@@ -165,7 +169,7 @@ class ModelRunner:
         Every block-table entry is the scratch block, so all writes land there and reads stay in bounds; the
         values are garbage, and nobody reads them."""
         longest = min(2048, self.config.max_num_batched_tokens, max_model_len)
-        for query_lens in ([longest], [min(64, longest), 1, 1, 1], [min(5, longest)], [1, 1]):
+        for query_lens in ([longest], [min(64, longest), 1, 1, 1], [min(5, longest)], [1, 1], [1]):
             self._forward_dummy(query_lens)
         torch.cuda.synchronize(self.device)
 

@@ -151,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderStack(cfg, ops, tp)
         self.lm_head = _lm_head(cfg, tp)
         self.register_buffer("cos_sin_cache", torch.empty(cfg.max_model_len, cfg.head_dim), persistent=False)
+        self.logits_linear = F.linear  # backend/kernels/gemv.py swaps in its batch-1 kernel on the GPU
 
     def init_rotary(self) -> None:
         """Fill the float32 cos/sin table on the model's device (called after the model is materialized)."""
@@ -172,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp is not None:
             return self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size).float()
-        return F.linear(hidden, weight).float()
+        return self.logits_linear(hidden, weight).float()
 
     # ---- weights -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""Batch-1 bf16/fp16 matrix-vector product y = x @ W^T for decode, where cuBLAS falls short of bandwidth.
+
+At one token per step every projection is a GEMV: it reads each weight once and does 2 FLOP per weight, so
+its speed is the rate at which it streams W from HBM. The kernel gives each program BLOCK_N output rows and
+walks K in BLOCK_K tiles, accumulating elementwise products in fp32 registers and reducing across K once at
+the end (one cross-thread reduction per program instead of one per tile). Enough programs (N / BLOCK_N, a
+few per SM) keep enough loads in flight to approach copy bandwidth. The tile sizes per (N, K) were picked by
+perf/profile_decode.py on an H100 (see perf/RESULTS.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from backend.kernels._jit import lazy_jit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the reference
+    triton = None
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, K] -> [1, N], the reference (fp32 accumulation like the kernel)."""
+    return (x.float() @ weight.float().T).to(x.dtype)
+
+
+if triton is not None:
+
+    @lazy_jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptr + k0 + cols)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            else:
+                col_ok = k0 + cols < K
+                x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def pick_tile(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps). Best of a 12-tile grid per Llama-3-8B projection on an H100
+    (perf/profile_decode.py, 2026-11-21): 8x512/4 warps for qkv, o and gate_up (2.65-3.0 TB/s against
+    cuBLAS 2.4-2.75); long rows (down, K=14336) and the LM head (N=128256) prefer 4-row tiles."""
+    if K >= 8192:
+        return 4, 512, 8
+    if N >= 65536:
+        return 4, 512, 4
+    return 8, 512, 4
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] (contiguous), weight [N, K] with unit stride along K -> [1, N] in x's dtype."""
+    N, K = weight.shape
+    if x.shape != (1, K) or weight.stride(1) != 1:
+        raise ValueError(f"gemv_triton needs x [1, {K}] and a row-major weight; got x {tuple(x.shape)}")
+    block_n, block_k, warps = tile or pick_tile(N, K)
+    block_k = min(block_k, triton.next_power_of_2(K))
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x.contiguous(), weight, out, N, K, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=warps)
+    return out
+
+
+def linear_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that takes the GEMV kernel for a single CUDA row in half precision (decode at batch 1)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1] and triton is not None:
+        y = gemv_triton(x.reshape(1, -1), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class GemvLinear(torch.nn.Linear):
+    """nn.Linear whose single-row half-precision calls take the GEMV kernel; same parameters and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_decode(x, self.weight, self.bias)
+
+
+def use_gemv_for_decode(model: torch.nn.Module) -> int:
+    """Switches every plain nn.Linear of `model` (not quantized replacements) to GemvLinear, and the model's
+    logits product if it has a `logits_linear` hook (the LM head, ~7% of an 8B model's bytes); returns how
+    many linears it switched."""
+    if hasattr(model, "logits_linear"):
+        model.logits_linear = linear_decode
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = GemvLinear
+            count += 1
+    return count

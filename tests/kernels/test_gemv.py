@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from backend.kernels.gemv import GemvLinear, gemv_ref, gemv_triton, linear_decode, use_gemv_for_decode
+
+ON_GPU = torch.cuda.is_available()
+DTYPES = [(torch.bfloat16, 1e-2, 1e-2), (torch.float16, 2e-3, 2e-3)] if ON_GPU else \
+    [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+# (N, K): rows not a multiple of BLOCK_N, K shorter than, not a multiple of, and a multiple of BLOCK_K.
+SHAPES = [(1, 16), (37, 100), (130, 1536), (64, 1024)] + ([(6144, 4096), (4096, 14336), (1000, 4100)] if ON_GPU else [])
+TILES = [(8, 512, 4), (4, 256, 8), (16, 256, 4)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tile", TILES)
+def test_gemv_matches_float64(shape, tile, dtype, atol, rtol, device):
+    n, k = shape
+    weight = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
+    x = torch.randn(1, k, dtype=dtype, device=device)
+    out = gemv_triton(x, weight, tile)
+    expected = x.double() @ weight.double().T
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out, gemv_ref(x, weight), atol=atol, rtol=rtol)
+
+
+def test_gemv_rejects_more_than_one_row(device):
+    with pytest.raises(ValueError, match="x \\[1, 8\\]"):
+        gemv_triton(torch.ones(2, 8, device=device), torch.ones(4, 8, device=device))
+
+
+def test_gemv_linear_keeps_parameters_and_results():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3, bias=False))
+    x = torch.randn(1, 8)
+    before = model(x)
+    assert use_gemv_for_decode(model) == 2
+    assert isinstance(model[0], GemvLinear) and set(dict(model.named_parameters())) == {"0.weight", "0.bias", "2.weight"}
+    torch.testing.assert_close(model(x), before)  # CPU rows take F.linear: identical
+    assert linear_decode(torch.randn(3, 8), model[0].weight).shape == (3, 6)
+
+
+def test_the_logits_hook_is_switched_too():
+    model = torch.nn.Module()
+    model.logits_linear = torch.nn.functional.linear
+    use_gemv_for_decode(model)
+    assert model.logits_linear is linear_decode
