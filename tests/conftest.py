@@ -6,6 +6,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# On a machine without CUDA, Triton kernels can only run interpreted, and triton fixes its language helpers
+# (tl.sum, ...) to compile or interpret when it is first imported, which any engine import does. Set it here,
+# before any test module is collected, so the outcome does not depend on which files a run selects.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
