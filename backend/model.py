@@ -23,9 +23,10 @@ from backend.engine.async_engine import AsyncEngine
 from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import from_parameters, serving_settings
+from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
-from backend.serving.request_parser import parse_request
+from backend.serving.request_parser import RequestLimits, parse_request
 from backend.serving.session import Session
 
 log = logging.getLogger("tritium")
@@ -51,8 +52,9 @@ class TritonSink:
         return self.request.is_cancelled()
 
 
-def send_error(sender, message: str) -> None:
-    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)), flags=FINAL)
+def send_error(sender, message: str, code_name: str = "INTERNAL") -> None:
+    error = triton_error(pb_utils, message, code_name)
+    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -71,6 +73,7 @@ class TritonPythonModel:
         chat = serving_settings(parameters).get("apply_chat_template", "false").lower() == "true"
         self.preprocessor = Preprocessor(self.engine.tokenizer, apply_chat_template=chat)
         self.block_size = config.block_size
+        self.limits = request_limits(self.engine, config.block_size)
         self._ids = itertools.count()
         self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
         self._threads: set[threading.Thread] = set()
@@ -90,10 +93,10 @@ class TritonPythonModel:
         try:
             parameters = _parameters(request)
             inputs = tokenize_inputs(self._inputs(request), parameters, self.preprocessor)
-            parsed = parse_request(inputs, parameters)
+            parsed = parse_request(inputs, parameters, self.limits)
             stream = self.engine.add_request(request_id, parsed.prompt_ids, parsed.params)
-        except (EngineError, ValueError) as exc:  # InvalidParameterError is both; names the field
-            send_error(sender, str(exc))
+        except (EngineError, ValueError) as exc:  # bad input names the field (400); overload/shutdown: 503
+            send_error(sender, str(exc), error_code_name(exc))
             return
         except Exception as exc:  # never leave a request without its final response
             log.exception("request %s could not start", request_id)
@@ -130,6 +133,14 @@ class TritonPythonModel:
         for thread in threads:
             thread.join(timeout=SHUTDOWN_JOIN_S / max(len(threads), 1))
         log.info("tritium engine stopped")
+
+
+def request_limits(engine, block_size: int) -> RequestLimits:
+    """The context length and vocabulary every request is checked against before it reaches the engine."""
+    model_config = getattr(getattr(engine, "engine", None), "model_config", None)
+    kv_blocks = engine.stats().get("kv_blocks_total")
+    return RequestLimits(max_model_len=engine.max_model_len, vocab_size=getattr(model_config, "vocab_size", None),
+                         kv_cache_tokens=kv_blocks * block_size if kv_blocks else None)
 
 
 def _parameters(request) -> dict:

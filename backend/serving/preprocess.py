@@ -10,6 +10,15 @@ import json
 import numpy as np
 
 from backend.engine.errors import InvalidParameterError
+from backend.engine.sampling_params import MAX_STOP_SEQUENCES
+from backend.serving.request_parser import MAX_STOP_WORD_BYTES, decode_text
+
+# Tokenizing is the one cost a request imposes before any limit on tokens can be checked: a prompt of 1 MiB
+# takes ~0.3 s in the fast tokenizer here, and no supported context holds that many characters.
+MAX_PROMPT_BYTES = 1 << 20
+# Each bad word becomes two banned sequences (as written and with a leading space), and the engine takes
+# at most MAX_STOP_SEQUENCES of them.
+MAX_BAD_WORDS = MAX_STOP_SEQUENCES // 2
 
 
 class Preprocessor:
@@ -35,6 +44,7 @@ class Preprocessor:
 
         Each word is banned as written and with a leading space, since a word inside a sentence is usually
         tokenized with its space."""
+        check_bad_words(words)
         sequences: list[list[int]] = []
         for word in (w for w in words if w):
             for variant in dict.fromkeys([word, " " + word.lstrip(" ")]):
@@ -54,24 +64,41 @@ def tokenize_inputs(inputs: dict, parameters: dict, pre: Preprocessor) -> dict:
     if "input_ids" not in out:
         if "text_input" not in out:
             raise InvalidParameterError("text_input", "is required (or input_ids)")
-        text = np.asarray(out["text_input"])
-        if text.size != 1:
-            raise InvalidParameterError("text_input", f"one prompt per request (batch size 1), got shape {list(text.shape)}")
-        prompt = _decode(text.reshape(-1)[0], "text_input")
+        prompt = prompt_text(out["text_input"])
         out["input_ids"] = np.array([pre.encode(prompt, parse_bool_parameter(parameters, "apply_chat_template"))],
                                     dtype=np.int32)
     if "bad_words_ids" not in out and "bad_words" in out:
-        out["bad_words_ids"] = pre.word_list([_decode(w, "bad_words") for w in np.asarray(out["bad_words"]).reshape(-1)])
+        out["bad_words_ids"] = pre.word_list(word_texts(out["bad_words"], "bad_words"))
     return out
 
 
-def _decode(value, name: str) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidParameterError(name, "is not valid UTF-8") from None
-    return str(value)
+def prompt_text(tensor) -> str:
+    """The one prompt of a text_input tensor: valid UTF-8, not empty, at most MAX_PROMPT_BYTES."""
+    text = np.asarray(tensor)
+    if text.size != 1:
+        raise InvalidParameterError("text_input", f"one prompt per request (batch size 1), got shape {list(text.shape)}")
+    value = text.reshape(-1)[0]
+    size = len(value) if isinstance(value, (bytes, str)) else 0
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidParameterError("text_input", f"at most {MAX_PROMPT_BYTES} bytes, got {size}")
+    prompt = decode_text(value, "text_input")
+    if not prompt:
+        raise InvalidParameterError("text_input", "must not be empty")
+    return prompt
+
+
+def word_texts(tensor, name: str) -> list[str]:
+    """The strings of a list-of-words tensor (bad_words), as text."""
+    return [decode_text(w, name) for w in np.asarray(tensor).reshape(-1)]
+
+
+def check_bad_words(words: list[str]) -> None:
+    words = [w for w in words if w]
+    if len(words) > MAX_BAD_WORDS:
+        raise InvalidParameterError("bad_words", f"at most {MAX_BAD_WORDS} words, got {len(words)}")
+    longest = max((len(w.encode("utf-8")) for w in words), default=0)
+    if longest > MAX_STOP_WORD_BYTES:
+        raise InvalidParameterError("bad_words", f"each word at most {MAX_STOP_WORD_BYTES} bytes, got {longest}")
 
 
 def _messages(text: str) -> list[dict]:
@@ -97,4 +124,6 @@ def parse_bool_parameter(parameters: dict, name: str) -> bool | None:
         if value.lower() not in ("true", "false", "1", "0"):
             raise InvalidParameterError(name, f"must be true or false, got {value!r}")
         return value.lower() in ("true", "1")
-    return bool(value)
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise InvalidParameterError(name, f"must be true or false, got {value!r}")

@@ -3,10 +3,18 @@
 The engine model already produced the text deltas (it owns the incremental detokenizer, so stop strings
 are matched across token boundaries and no space or multi-byte character is lost); this step is where any
 final formatting of text_output would go. Optional fields are passed only when the engine sent them.
+Its inputs come from the engine, not the client, but it still checks them: a response without text_output
+or with text that is not UTF-8 is an INTERNAL error for that request only, never a crash of the batch.
 """
 import json
+import logging
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from backend.serving.error_codes import triton_error
+
+log = logging.getLogger("tritium.postprocessing")
 
 
 class TritonPythonModel:
@@ -15,12 +23,29 @@ class TritonPythonModel:
         self.names = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            tensors = []
-            for name in self.names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            return pb_utils.InferenceResponse(output_tensors=self._tensors(request))
+        except Exception as exc:
+            log.exception("postprocessing failed")
+            error = triton_error(pb_utils, f"postprocessing failed: {type(exc).__name__}: {exc}", "INTERNAL")
+            return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+    def _tensors(self, request):
+        tensors = []
+        for name in self.names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
+        if not any(t.name() == "text_output" for t in tensors):
+            raise ValueError("the engine's response has no text_output")
+        _check_utf8(next(t for t in tensors if t.name() == "text_output").as_numpy())
+        return tensors
+
+
+def _check_utf8(text: np.ndarray) -> None:
+    for value in text.reshape(-1):
+        if isinstance(value, bytes):
+            value.decode("utf-8")  # UnicodeDecodeError -> this request's INTERNAL error

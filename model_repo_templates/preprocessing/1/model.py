@@ -1,9 +1,12 @@
 """preprocessing: text_input -> input_ids (chat template when asked), bad_words -> bad_words_ids.
 
 The chat template applies when the model config's `apply_chat_template` parameter is true (set at generate
-time) or the request carries the parameter `apply_chat_template` (true/false), which wins.
+time) or the request carries the parameter `apply_chat_template` (true/false), which wins. Bad input (empty
+or oversized text, invalid UTF-8, too many bad words) fails only its own request, as INVALID_ARG naming the
+input; the ensemble passes that error to the client (HTTP 400).
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -11,7 +14,10 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from backend.engine.errors import InvalidParameterError
-from backend.serving.preprocess import Preprocessor, parse_bool_parameter
+from backend.serving.error_codes import triton_error
+from backend.serving.preprocess import Preprocessor, parse_bool_parameter, prompt_text, word_texts
+
+log = logging.getLogger("tritium.preprocessing")
 
 
 class TritonPythonModel:
@@ -23,33 +29,37 @@ class TritonPythonModel:
         self.pre = Preprocessor(tokenizer, params.get("apply_chat_template", "false").lower() == "true")
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._process(request))
-            except (InvalidParameterError, ValueError) as exc:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
-        return responses
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        """One request's response; an error fails this request only, never the others of its batch."""
+        try:
+            return self._process(request)
+        except (InvalidParameterError, ValueError) as exc:
+            return _error_response(str(exc), "INVALID_ARG")
+        except Exception as exc:  # a tokenizer fault must not take the batch down
+            log.exception("preprocessing failed")
+            return _error_response(f"preprocessing failed: {type(exc).__name__}: {exc}", "INTERNAL")
 
     def _process(self, request):
-        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()
-        if text.size != 1:
-            raise InvalidParameterError("text_input", f"one prompt per request (batch size 1), got shape {list(text.shape)}")
-        prompt = _decode(text.reshape(-1)[0], "text_input")
-        parameters = json.loads(request.parameters() or "{}")
+        prompt = prompt_text(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy())
+        parameters = _parameters(request)
         ids = self.pre.encode(prompt, parse_bool_parameter(parameters, "apply_chat_template"))
         bad = pb_utils.get_input_tensor_by_name(request, "bad_words")
-        words = [] if bad is None else [_decode(w, "bad_words") for w in bad.as_numpy().reshape(-1)]
+        words = [] if bad is None else word_texts(bad.as_numpy(), "bad_words")
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("bad_words_ids", self.pre.word_list(words)),
         ])
 
 
-def _decode(value, name):
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidParameterError(name, "is not valid UTF-8") from None
-    return str(value)
+def _parameters(request) -> dict:
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except ValueError:
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def _error_response(message, code_name):
+    return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(pb_utils, message, code_name))
