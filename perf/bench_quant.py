@@ -32,7 +32,8 @@ from backend.engine.quantization import rtn  # noqa: E402
 from backend.kernels import kv_quant as kq  # noqa: E402
 from backend.kernels import quant_matmul as qm  # noqa: E402
 from backend.kernels import scaled_matmul as sm  # noqa: E402
-from perf.bench_engine import SHAPES, decode_rate, random_prompts, run_all, greedy  # noqa: E402
+from perf.bench_engine import (SHAPES, ceilings, decode_rate, greedy, random_prompts, run_all,  # noqa: E402
+                               weight_bytes_per_step)
 
 # (name, N, K) of the Llama-3-8B projections
 LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
@@ -133,6 +134,8 @@ def engine_run(method: str, kv: str | None, batches: tuple[int, ...]) -> dict:
                                         gpu_memory_utilization=0.85, kv_cache_dtype=kv or "auto"))
         out = {"load_and_warmup_s": time.perf_counter() - start, "kv_blocks": engine.runner.num_blocks,
                "weight_GB": sum(p.numel() * p.element_size() for p in engine.runner.model.parameters()) / 1e9}
+        if method == "bf16":
+            out["weight_GB_per_step"] = weight_bytes_per_step(engine) / 1e9
         vocab = engine.model_config.vocab_size
         run_all(engine, random_prompts(2, 64, 64, vocab), greedy(8))
         for batch in batches:
@@ -159,7 +162,7 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "engine": {}}
+    results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "engine": {}}
     if not args.skip_kernels:
         results["kernels"] = kernels()
         _dump(results, args.out)
@@ -172,6 +175,10 @@ def main() -> None:
                 results["engine"][key] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
             _dump(results, args.out)
         results["speedup_vs_bf16"] = speedups({k: v for k, v in results["engine"].items() if "error" not in v})
+        bf16 = results["engine"].get("bf16", {})
+        if "decode_b1_tok_s" in bf16:  # batch-1 bf16 against the roofline measured in this run
+            roofline = results["ceilings"]["copy_GBps"] / bf16["weight_GB_per_step"]
+            bf16["decode_b1_fraction_of_roofline"] = bf16["decode_b1_tok_s"] / roofline
         _dump(results, args.out)
     print_table(results)
 

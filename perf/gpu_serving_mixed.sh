@@ -4,6 +4,7 @@
 #   bash perf/gpu_serving_mixed.sh        # writes $OUT/offline_mixed.json, $OUT/server_mixed.json, server.log
 set -uo pipefail
 source .device/unpack.sh
+source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tritium-out}
 mkdir -p "$OUT"
@@ -26,8 +27,8 @@ for _ in range(240):
 else:
     raise SystemExit("server not ready after 240 s")
 PY
-python3 -m perf.load_mixed --requests 32 --new-tokens 16 --seed 6 >/dev/null   # warm, other prompts
-python3 -m perf.load_mixed --out "$OUT/server_mixed.json"
+python3 -m perf.load_mixed --requests 32 --new-tokens 16 --seed 6 --timeout 120 | grep -E "completed|all_finished|errors" -A2   # warm, other prompts
+python3 -m perf.load_mixed --out "$OUT/server_mixed.json" --timeout "${LOAD_TIMEOUT:-300}"
 kill -TERM "$server"; wait "$server"
 python3 - "$OUT" <<'PY'
 import json, sys

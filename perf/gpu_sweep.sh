@@ -7,8 +7,8 @@
 #   .venv/bin/python -m perf.sweep --plot-only perf/results/<label>-sweep.json   # back here: the PNG plots
 #
 # Why numpy 1.26: tritonserver 2.51's Python stub corrupts BYTES inputs under numpy 2 (README), and the GPU
-# machine has numpy 2.5, so text_input would fail in preprocessing. The server alone gets numpy 1.26 first on
-# its PYTHONPATH; perf_analyzer is C++ and the sweep itself does not import numpy.
+# machine has numpy 2.5: perf/device_stub_env.sh gives the server's stubs a numpy 1.26 (PYTHONPATH does not reach
+# them).
 set -uo pipefail
 NUMPY_WHEEL_DIR=.device/numpy1
 if [ "${1:-}" = "--prepare" ]; then
@@ -18,6 +18,7 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 source .device/unpack.sh
+source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub (it ignores PYTHONPATH)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tritium-out}
 mkdir -p "$OUT"
@@ -27,12 +28,10 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 LABEL=${LABEL:-$(echo "$GPU" | grep -o -i -E 'h100|h200' | tr 'A-Z' 'a-z' | head -1)-$SHAPE}
 ENGINE_FLAGS="--dtype bfloat16 --max-batch-size 256 --max-seq-len 4096 --max-num-batched-tokens 8192 --gpu-memory-utilization 0.85 --device cuda"
 
-python3 -m pip install -q --no-index --no-deps --target /tmp/numpy1 "$NUMPY_WHEEL_DIR"/numpy-1.26.4-*.whl \
-  || { echo "no numpy 1.26 wheel in $NUMPY_WHEEL_DIR: run 'bash perf/gpu_sweep.sh --prepare' before carrying .device"; exit 2; }
 python3 perf/make_bench_checkpoint.py --shape "$SHAPE" --out /tmp/bench-ckpt >/dev/null
 python3 -m tools.generate_repo --output-dir /tmp/bench-repo --model /tmp/bench-ckpt --load-format dummy $ENGINE_FLAGS --quiet
 # 128-word prompts are 128 tokens with the checkpoint's word-level tokenizer; 128 new tokens each (min_length).
-PYTHONPATH=/tmp/numpy1:$PYTHONPATH python3 -m perf.sweep --start-server --model-repository /tmp/bench-repo \
+python3 -m perf.sweep --start-server --model-repository /tmp/bench-repo \
   --concurrency "$CONCURRENCY" --max-tokens 128 --prompt-words 128 --requests-per-window 16 \
   --label "$LABEL" --device "$GPU, $SHAPE shape, bf16, random weights" --out-dir "$OUT"
 code=$?
