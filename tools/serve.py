@@ -5,9 +5,13 @@
     python -m tools.serve --model-repository model_repo -- --log-verbose=1   # extra tritonserver flags
 
 The binary comes from $TRITONSERVER_ROOT or the installed nvidia-pytriton wheel (pytriton/tritonserver).
-Admin APIs (model loading, shared memory, trace, logging settings) are restricted by default: they need the
-header `admin-key: <key>` (the key from --admin-key or $TRITIUM_ADMIN_KEY, else random and printed).
+Admin APIs (model repository, model config, shared memory, statistics, trace, logging) are restricted by
+default on HTTP and gRPC: they need the header `admin-key: <key>` (the key from --admin-key or
+$TRITIUM_ADMIN_KEY, else random and printed). See docs/SECURITY.md.
 SIGTERM/SIGINT are forwarded to tritonserver, which shuts the engine down cleanly.
+A Python backend stub that dies (killed, out of memory) is not restarted by tritonserver 2.51: its in-flight
+requests hang and later ones fail while the server still reports ready. The launcher watches the stubs and
+restarts tritonserver when one dies (--no-restart-on-stub-death: exit 3 instead, for an orchestrator).
 """
 from __future__ import annotations
 
@@ -28,13 +32,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_MODEL = ROOT / "backend" / "model.py"
-DEFAULT_RESTRICTED = "model-repository,shared-memory,trace,logging"
+# Every admin API of tritonserver 2.51. perf_analyzer reads model-config and statistics: benchmarks pass
+# BENCHMARK_RESTRICTED (or send the header with perf_analyzer -H).
+DEFAULT_RESTRICTED = "model-repository,model-config,shared-memory,statistics,trace,logging"
+BENCHMARK_RESTRICTED = "model-repository,shared-memory,trace,logging"
 ADMIN_HEADER = "admin-key"
 EXIT_TIMEOUT_S = 15
 # tritonserver 2.51 can hang forever in its gRPC server's destructor once the exit timeout has expired (seen
 # when a streaming client vanished without closing its stream: the ensemble never unloads). After SIGTERM
 # we give it the exit timeout plus this grace, then SIGKILL; the Python stubs notice and exit on their own.
 KILL_GRACE_S = 15
+STUB_NAME = "triton_python_backend_stub"
+STUB_POLL_S = 1.0
+EXIT_STUB_DIED = 3
 
 
 def find_tritonserver_root() -> Path:
@@ -158,8 +168,11 @@ class TritonServer:
         if warning:
             print(warning, file=sys.stderr)
         log = open(self.log_path, "wb") if self.log_path else None
+        # Its own process group, so that stubs it leaves behind (when it is killed) can be killed with it.
         self.process = subprocess.Popen(self.command, env=server_env(self.root), stdout=log, stderr=subprocess.STDOUT
-                                        if log else None)
+                                        if log else None, start_new_session=True)
+        self.stub_died = threading.Event()
+        self._stopping = False
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -172,6 +185,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
+                        self._watch_stubs()
                         return
             except OSError:
                 pass
@@ -182,6 +196,7 @@ class TritonServer:
         """SIGTERM, then SIGKILL after `timeout` seconds (default: the exit timeout plus KILL_GRACE_S);
         returns the exit code."""
         timeout = self.exit_timeout + KILL_GRACE_S if timeout is None else timeout
+        self._stopping = True
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -189,8 +204,32 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            kill_process_group(self.process.pid)
         shutil.rmtree(self._workdir, ignore_errors=True)
         return self.process.returncode if self.process else None
+
+    def stub_pids(self) -> dict[int, str]:
+        """The live Python backend stubs of this server: pid -> model instance name (e.g. llm_0_0)."""
+        return {pid: name for pid, (name, state) in stub_processes(self.process.pid).items() if state != "Z"}
+
+    def _watch_stubs(self) -> None:
+        """From readiness on, a stub that dies while the server is not stopping sets `stub_died` and stops
+        tritonserver (bounded), so that hung requests end in errors and health checks fail."""
+        watched = self.stub_pids()
+        thread = threading.Thread(target=self._watch_loop, args=(watched,), name="stub-watchdog", daemon=True)
+        thread.start()
+
+    def _watch_loop(self, watched: dict[int, str]) -> None:
+        while not self._stopping and self.process.poll() is None:
+            time.sleep(STUB_POLL_S)
+            dead = sorted(set(watched) - set(self.stub_pids()))
+            if dead and not self._stopping:
+                print(f"tritium: the Python backend stub of {', '.join(watched[p] for p in dead)} died; tritonserver "
+                      "2.51 does not restart it (its requests would hang): stopping tritonserver", file=sys.stderr)
+                self.stub_died.set()
+                self.stop()
+                return
 
     def __enter__(self) -> "TritonServer":
         self.start()
@@ -203,6 +242,35 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stub_processes(server_pid: int) -> dict[int, tuple[str, str]]:
+    """Children of server_pid that are Python backend stubs: pid -> (model instance name, process state).
+    Read from /proc (Linux), so the launcher needs no extra package."""
+    stubs = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_path.read_text()
+            cmdline = (stat_path.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == server_pid and cmdline and cmdline[0].endswith(STUB_NAME.encode()):
+            stubs[int(stat_path.parent.name)] = (_instance_name(cmdline), state)
+    return stubs
+
+
+def _instance_name(cmdline: list[bytes]) -> str:
+    """The stub's arguments: model.py path, shm region, sizes, parent pid, backend dir, ipc size, instance name."""
+    return cmdline[8].decode(errors="replace") if len(cmdline) > 8 else "?"
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL what is left of tritonserver's process group (stubs it did not stop); nothing if it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -222,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--exit-timeout-secs", type=int, default=EXIT_TIMEOUT_S,
                         help="after SIGTERM, how long in-flight requests may finish (tritonserver's drain); "
                              f"the launcher kills tritonserver {KILL_GRACE_S} s after that")
+    parser.add_argument("--restart-on-stub-death", action=argparse.BooleanOptionalAction, default=True,
+                        help="restart tritonserver when a Python backend stub dies (tritonserver 2.51 does not "
+                             f"restart it); --no-restart-on-stub-death exits with code {EXIT_STUB_DIED} instead")
     parser.add_argument("--admin-key", default=os.environ.get("TRITIUM_ADMIN_KEY"),
                         help="value of the admin-key header for restricted APIs (default: random, printed)")
     return parser.parse_args(argv), extra
@@ -238,22 +309,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model-repository {repo} does not exist (generate it: python -m tools.generate_repo "
               f"--output-dir {repo}, or add --generate)", file=sys.stderr)
         return 2
-    server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port, args.restricted_apis,
-                          args.admin_key, extra, exit_timeout=args.exit_timeout_secs)
-    if args.restricted_apis and not args.admin_key:
-        print(f"restricted APIs ({args.restricted_apis}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
-              file=sys.stderr)
+    while True:
+        server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port, args.restricted_apis,
+                              args.admin_key, extra, exit_timeout=args.exit_timeout_secs)
+        if args.restricted_apis and not args.admin_key:
+            args.admin_key = server.admin_key  # the same key across restarts
+            print(f"restricted APIs ({args.restricted_apis}) need the header '{ADMIN_HEADER}: {server.admin_key}'",
+                  file=sys.stderr)
+        code = run_until_exit(server, args.exit_timeout_secs)
+        if not server.stub_died.is_set():
+            return code
+        if not args.restart_on_stub_death:
+            return EXIT_STUB_DIED
+        print("tritium: restarting tritonserver", file=sys.stderr)
+
+
+def run_until_exit(server: TritonServer, exit_timeout: int) -> int:
+    """Starts tritonserver, forwards SIGTERM/SIGINT to it (SIGKILL KILL_GRACE_S after the exit timeout) and
+    waits; the stub watchdog runs once it is ready."""
     server.start()
-    killer = threading.Timer(args.exit_timeout_secs + KILL_GRACE_S, server.process.kill)
+    killer = threading.Timer(exit_timeout + KILL_GRACE_S, server.process.kill)
     killer.daemon = True
 
     def forward(signum, frame) -> None:
+        server._stopping = True  # a shutdown, not a stub death: the watchdog stands down
         server.process.send_signal(signum)
         if killer.ident is None:  # the first signal starts the kill timer
             killer.start()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    try:
+        server.wait_ready(timeout=float("inf"))
+    except (RuntimeError, TimeoutError):
+        pass  # it exited before it was ready (or was stopped): its exit code tells
     code = server.process.wait()
     killer.cancel()
     server.stop()

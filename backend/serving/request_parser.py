@@ -85,7 +85,7 @@ def _sampling_params(inputs: dict[str, np.ndarray], parameters: dict, vocab_size
         raise InvalidParameterError("end_id", f"must be a token id in [0, {vocab_size}), got {end_id}")
     return SamplingParams(
         max_tokens=_int(inputs, "max_tokens", None, required=True),
-        min_tokens=_int(inputs, "min_tokens", None, alias="min_length") or 0,
+        min_tokens=_non_negative(inputs, "min_tokens", alias="min_length"),
         temperature=_float(inputs, "temperature", 0.0),
         top_k=_int(inputs, "top_k", 0),
         top_p=_float(inputs, "top_p", 1.0),
@@ -158,6 +158,15 @@ def _int(inputs, name: str, default, required: bool = False, alias: str | None =
     if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
         raise InvalidParameterError(key, f"must be an integer tensor, got {dtype}")
     return int(value)
+
+
+def _non_negative(inputs, name: str, alias: str) -> int:
+    """An optional count (0 when absent); a negative one is an error naming the input the client sent."""
+    key, _ = _value(inputs, name, alias)
+    value = _int(inputs, name, 0, alias=alias)
+    if value < 0:
+        raise InvalidParameterError(key, f"must be >= 0, got {value}")
+    return value
 
 
 def _float(inputs, name: str, default: float) -> float:
