@@ -92,14 +92,16 @@ def maybe_server(args):
         yield
         return
     from tools.generate_repo import main as generate_repo
-    from tools.serve import TritonServer
+    from tools.serve import BENCHMARK_RESTRICTED, TritonServer
 
     repo = Path(args.model_repository)
     if not (repo / "ensemble" / "config.pbtxt").is_file():
         if generate_repo(["--output-dir", str(repo), "--quiet", "--device", "cpu"]) != 0:
             raise SystemExit(f"could not generate {repo}")
     http, grpc, metrics = args.ports
-    with TritonServer(repo, http, grpc, metrics, log_path=Path(args.out_dir) / f"{args.label}-server.log"):
+    # perf_analyzer reads model-config and statistics, restricted by default (docs/SECURITY.md).
+    with TritonServer(repo, http, grpc, metrics, restricted=BENCHMARK_RESTRICTED,
+                      log_path=Path(args.out_dir) / f"{args.label}-server.log"):
         args.url, args.metrics_url = f"localhost:{grpc}", f"localhost:{metrics}"
         yield
 
