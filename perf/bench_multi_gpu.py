@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, n
                   intermediate_size=256, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False)
 SHAPES = dict(SHAPES, tiny=TINY_SHAPE)
 BARRIER_TIMEOUT_S = 300
+EQUALITY_TIMEOUT_S = 100  # one tiny tensor-parallel engine: start, 6 prompts x 32 tokens, stop
 
 
 def write_config(shape: str, folder: str) -> str:
@@ -81,32 +83,57 @@ def with_graph_fallback(make, out: dict) -> LLMEngine:
 # ---- greedy equality of TP ranks on a tiny real checkpoint -----------------------------------------------------
 
 def equality(args, out: dict) -> None:
-    """Same fp32 weights (a safetensors checkpoint), greedy: every tp must give tp=1's tokens exactly."""
+    """Same fp32 weights (a safetensors checkpoint), greedy: every tp must give tp=1's tokens exactly. Each size
+    runs in its own process: a process holds one torch.distributed group, and NCCL's teardown of the previous
+    engine's group can outlast the next engine's start (seen on 4xH200: TP4 refused after TP2)."""
+    tps = [int(t) for t in args.tp.split(",")]
+    if len(tps) == 1:
+        record = out.setdefault(f"tp{tps[0]}", {})
+        record["tokens"] = generate_tiny(args, tps[0], record)
+        return
+    results = {tp: equality_subprocess(args, tp, out) for tp in tps}
+    base = results[min(results)]
+    for tp, tokens in results.items():
+        out[f"tp{tp}"]["equal_to_tp1"] = tokens is not None and tokens == base
+        out[f"tp{tp}"]["first_mismatch"] = None if tokens is None else next(
+            ([i, j] for i, (a, b) in enumerate(zip(base, tokens)) for j in range(len(a)) if a[j] != b[j]), None)
+
+
+def equality_subprocess(args, tp: int, out: dict) -> list | None:
+    path = f"{args.out}.tp{tp}.json"
+    command = [sys.executable, os.path.abspath(__file__), "equality", "--tp", str(tp), "--out", path]
+    start = time.perf_counter()
+    proc = subprocess.run(command + (["--cpu-smoke"] if args.cpu_smoke else []), capture_output=True, text=True,
+                          timeout=EQUALITY_TIMEOUT_S)
+    try:
+        with open(path) as f:
+            child = json.load(f)
+    except (OSError, ValueError):
+        child = {"error": f"exit {proc.returncode}: {proc.stderr[-400:]}"}
+    record = out[f"tp{tp}"] = {k: v for k, v in child.get(f"tp{tp}", {}).items() if k != "tokens"}
+    record["seconds"] = time.perf_counter() - start
+    if "error" in child:
+        record["error"] = child["error"]
+    return child.get(f"tp{tp}", {}).get("tokens")
+
+
+def generate_tiny(args, tp: int, record: dict) -> list[list[int]]:
     from tests.tiny_models import make_tiny_checkpoint
 
     folder = tempfile.mkdtemp(prefix="tp-eq-")
     make_tiny_checkpoint("llama", folder, num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
-                         intermediate_size=256, vocab_size=1000)
+                         intermediate_size=256, vocab_size=1000, seed=0)
     prompts = random_prompts(6, 5, 60, 1000, seed=1)
-    results = {}
-    for tp in [int(t) for t in args.tp.split(",")]:
-        start = time.perf_counter()
 
-        def make(**kw):
-            return LLMEngine(EngineConfig(model=folder, device=args.device, dtype="float32", kv_cache_memory_mb=64,
-                                          max_num_seqs=8, tensor_parallel_size=tp, **kw))
+    def make(**kw):
+        return LLMEngine(EngineConfig(model=folder, device=args.device, dtype="float32", kv_cache_memory_mb=64,
+                                      max_num_seqs=8, tensor_parallel_size=tp, **kw))
 
-        engine = with_graph_fallback(make, out.setdefault(f"tp{tp}", {}))
-        try:
-            results[tp] = engine.generate(prompts, greedy(32))
-        finally:
-            engine.shutdown()
-        out[f"tp{tp}"]["seconds"] = time.perf_counter() - start
-    base = results[min(results)]
-    for tp, tokens in results.items():
-        out[f"tp{tp}"]["equal_to_tp1"] = tokens == base
-        out[f"tp{tp}"]["first_mismatch"] = next(
-            ([i, j] for i, (a, b) in enumerate(zip(base, tokens)) for j in range(len(a)) if a[j] != b[j]), None)
+    engine = with_graph_fallback(make, record)
+    try:
+        return engine.generate(prompts, greedy(32))
+    finally:
+        engine.shutdown()
 
 
 # ---- batch-1 decode on a real shape -------------------------------------------------------------------------

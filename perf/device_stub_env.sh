@@ -17,9 +17,22 @@ else
   [ -x /tmp/stub-venv/bin/python3 ] || python3 -m venv --without-pip /tmp/stub-venv
   _sp=$(/tmp/stub-venv/bin/python3 -c 'import site; print(site.getsitepackages()[0])')
   python3 -m pip install -q --no-index --no-deps --target "$_sp" "$_wheel"
-  # an "import" line in a .pth runs at start-up; addsitedir also reads that directory's own .pth files
-  echo "import site; site.addsitedir('$_base')" > "$_sp/zz-base-site-packages.pth"
+  # The machine's packages, seen through a directory of links that leaves out numpy and the packages built
+  # for numpy 2 only (scipy, scikit-learn, pandas): under numpy 1.26 they fail to import, and transformers,
+  # which imports them when it finds them, then failed to load AutoTokenizer (measured on the H200 machine).
+  # An "import" line in a .pth runs at start-up; addsitedir also reads that directory's own .pth files.
+  python3 - "$_base" /tmp/stub-site <<'PY'
+import os, re, sys
+base, links = sys.argv[1:]
+os.makedirs(links, exist_ok=True)
+hidden = re.compile(r"^(numpy|scipy|sklearn|scikit_learn|pandas)([-_.].*)?$", re.IGNORECASE)
+for name in os.listdir(base):
+    target, link = os.path.join(base, name), os.path.join(links, name)
+    if not hidden.match(name) and not os.path.lexists(link):
+        os.symlink(target, link)
+PY
+  echo "import site; site.addsitedir('/tmp/stub-site')" > "$_sp/zz-base-site-packages.pth"
   export PATH=/tmp/stub-venv/bin:$PATH
-  echo "device_stub_env: $(python3 -c 'import numpy, torch; print("numpy", numpy.__version__, "torch", torch.__version__)')"
+  echo "device_stub_env: $(python3 -c 'import numpy, torch; from transformers import AutoTokenizer; print("numpy", numpy.__version__, "torch", torch.__version__, "AutoTokenizer ok")')"
 fi
 unset _wheel _base _sp

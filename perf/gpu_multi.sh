@@ -33,7 +33,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one part; a failure or timeout i
   echo "$rc" >"$OUT/$name.rc"
 }
 
-step equality 120 $BENCH equality --tp "$TPS" $SMOKE --out "$OUT/equality.json"
+step equality 240 $BENCH equality --tp "$TPS" $SMOKE --out "$OUT/equality.json"
 step decode_tp1 90 $BENCH decode --tp 1 $SMOKE --out "$OUT/decode_tp1.json"
 step decode_tp2 120 $BENCH decode --tp 2 $SMOKE --out "$OUT/decode_tp2.json"
 step mixed_1replica 90 $BENCH mixed --device-ids 0 --part 0/1 $SMOKE --out "$OUT/mixed_1replica.json"
