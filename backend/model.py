@@ -3,8 +3,9 @@
 Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
 `<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. It takes token ids from `preprocessing` (the
 ensemble path) or the ensemble's own text inputs when called directly. Decoupled: `execute` validates each request,
-hands it to the engine and returns at once; one thread per request streams its responses (the final flag on
-the last data response), polls cancellation and aborts the engine request when the client goes away.
+hands it to the engine and returns at once; one responder thread (backend/serving/responder.py) streams every
+request's responses (the final flag on the last data response), polls cancellation and aborts the engine
+request when the client goes away.
 Engine settings come from the model config's `parameters` (every EngineConfig field, written by
 tools/generate_repo.py).
 """
@@ -14,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -27,6 +27,7 @@ from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
 from backend.serving.request_parser import RequestLimits, parse_request
+from backend.serving.responder import Responder
 from backend.serving.session import Session
 
 log = logging.getLogger("tritium")
@@ -76,8 +77,7 @@ class TritonPythonModel:
         self.limits = request_limits(self.engine, config.block_size)
         self._ids = itertools.count()
         self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
-        self._threads: set[threading.Thread] = set()
-        self._threads_lock = threading.Lock()
+        self.responder = Responder()
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
         self.metrics = ServingMetrics(pb_utils, self.engine, labels).start()
         log.info("tritium engine ready: %s", json.dumps(config.to_dict()))
@@ -102,19 +102,8 @@ class TritonPythonModel:
             log.exception("request %s could not start", request_id)
             send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
             return
-        session = Session(self.engine, request_id, parsed, stream, TritonSink(request, sender), self.block_size,
-                          self.metrics.observer())
-        thread = threading.Thread(target=self._run_session, args=(session,), name=f"tritium-{request_id}", daemon=True)
-        with self._threads_lock:
-            self._threads.add(thread)
-        thread.start()
-
-    def _run_session(self, session: Session) -> None:
-        try:
-            session.run()
-        finally:
-            with self._threads_lock:
-                self._threads.discard(threading.current_thread())
+        self.responder.add(Session(self.engine, request_id, parsed, stream, TritonSink(request, sender),
+                                   self.block_size, self.metrics.observer()))
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
         inputs = {}
@@ -125,13 +114,10 @@ class TritonPythonModel:
         return inputs
 
     def finalize(self) -> None:
-        """Aborts running requests (their threads send final responses and end), then stops the engine."""
+        """Aborts running requests (the responder sends their final responses), then stops the engine."""
         self.metrics.stop()
         self.engine.shutdown()
-        with self._threads_lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=SHUTDOWN_JOIN_S / max(len(threads), 1))
+        self.responder.stop(timeout=SHUTDOWN_JOIN_S)
         log.info("tritium engine stopped")
 
 

@@ -32,6 +32,9 @@ SHAPES = {
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
     "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                         intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    # for CPU runs of the serving path and smoke tests of the GPU scripts
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=256, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False),
 }
 NEW_TOKENS = 128
 

@@ -26,25 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backend.engine.config import EngineConfig  # noqa: E402
 from backend.engine.engine import LLMEngine  # noqa: E402
 from backend.engine.sampling_params import SamplingParams  # noqa: E402
-from perf import bench_engine  # noqa: E402
-from perf.bench_engine import NEW_TOKENS, SHAPES, random_prompts  # noqa: E402
+from perf.bench_engine import NEW_TOKENS, SHAPES, random_prompts, write_config  # noqa: E402
 
-TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=256, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False)
-SHAPES = dict(SHAPES, tiny=TINY_SHAPE)
 BARRIER_TIMEOUT_S = 300
 EQUALITY_TIMEOUT_S = 100  # one tiny tensor-parallel engine: start, 6 prompts x 32 tokens, stop
-
-
-def write_config(shape: str, folder: str) -> str:
-    """bench_engine's config.json (same fields, so the 8B shape is the one RESULTS.md measures), plus tiny."""
-    if shape in bench_engine.SHAPES:
-        return bench_engine.write_config(shape, folder)
-    config = dict(SHAPES[shape], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
-                  max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return folder
 
 
 def sync(device: str) -> None:

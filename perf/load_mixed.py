@@ -106,7 +106,7 @@ def run(args) -> dict:
             "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))] if ttft else None}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--model", default="llm")
@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", action="store_true", help="send text_input instead of input_ids")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     result = run(args)
     print(json.dumps(result, indent=1))
     if args.out:

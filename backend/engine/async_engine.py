@@ -33,9 +33,13 @@ class RequestStream:
         self.request_id = request_id
         self._queue: queue.Queue[RequestOutput] = queue.Queue()
         self.finished = False
+        self.on_put = None  # optional callable, run after each put (on the engine's thread: keep it cheap)
 
     def put(self, output: RequestOutput) -> None:
         self._queue.put(output)
+        on_put = self.on_put
+        if on_put is not None:
+            on_put()
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """Blocks until the next output; raises queue.Empty after `timeout` seconds."""

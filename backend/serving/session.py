@@ -80,14 +80,33 @@ class Session:
         self._outcome: str | None = None
 
     def run(self) -> None:
-        """Streams until the request finishes, stops on a stop string, fails, or is cancelled."""
+        """Streams until the request finishes, stops on a stop string, fails, or is cancelled (blocking: for a
+        caller that gives each request its own thread; the server's Responder uses poll instead)."""
+        self._guarded(self._run)
+
+    @property
+    def done(self) -> bool:
+        """The final response is sent (what the stream still holds, e.g. the abort after a stop string, is not
+        for the client)."""
+        return self._outcome is not None
+
+    def poll(self) -> bool:
+        """Consumes whatever outputs are ready without waiting; True once the request's final response is sent."""
+        return self.done or self._guarded(lambda: self._consume_ready(self._take_ready([])))
+
+    def cancel_if_requested(self) -> bool:
+        """Aborts the engine request if the client has gone; True if it did (the final response is sent)."""
+        return self.done or self._guarded(lambda: self.sink.is_cancelled() and self._cancel())
+
+    def _guarded(self, step) -> bool:
         try:
-            self._run()
+            return bool(step())
         except Exception as exc:  # never let one request's fault kill the response thread silently
             log.exception("request %s failed", self.request_id)
             self.engine.abort(self.request_id)
             self.sink.send_error(f"internal error: {type(exc).__name__}: {exc}")
             self._finish("error")
+            return True
 
     def _run(self) -> None:
         last_cancel_check = time.monotonic()
@@ -98,22 +117,27 @@ class Session:
                 if self.sink.is_cancelled():
                     self._cancel()
                     return
-            if outputs and self._consume(outputs):
+            if self._consume_ready(outputs):
                 return
 
     def _next_outputs(self) -> list[RequestOutput]:
         """Waits briefly for one output, then takes whatever else is ready, so a slow client gets fewer,
         larger responses instead of falling behind."""
         try:
-            outputs = [self.stream.get(timeout=CANCEL_POLL_S)]
+            return self._take_ready([self.stream.get(timeout=CANCEL_POLL_S)])
         except queue.Empty:
             return []
-        while not outputs[-1].finished:
+
+    def _take_ready(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        while not (outputs and outputs[-1].finished):
             try:
                 outputs.append(self.stream.get(timeout=0))
             except queue.Empty:
                 break
         return outputs
+
+    def _consume_ready(self, outputs: list[RequestOutput]) -> bool:
+        return bool(outputs) and self._consume(outputs)
 
     def _consume(self, outputs: list[RequestOutput]) -> bool:
         """Folds engine outputs into the response; True once the final response is sent."""
@@ -171,11 +195,12 @@ class Session:
             self._logprobs = []
         return final
 
-    def _cancel(self) -> None:
+    def _cancel(self) -> bool:
         self.engine.abort(self.request_id)
         self.state.finish_reason = "abort"
         self.sink.send_error("request cancelled by the client")
         self._finish("cancelled")
+        return True
 
     def _outputs(self, text: str, logprobs: list[float]) -> dict[str, np.ndarray]:
         return build_outputs(text, logprobs, self.state, self.request, self.block_size)
