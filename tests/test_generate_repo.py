@@ -138,3 +138,28 @@ def test_generated_engine_parameters_load_back(tmp_path):
     config = from_parameters(params, str(out / "llm"))
     assert config.max_num_seqs == 3 and config.seed == 9
     assert Path(config.model) == out / "llm" / "1" / "checkpoint"
+
+
+def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_checkpoint):
+    import json
+
+    from backend.engine.engine import LLMEngine
+    from backend.engine.sampling_params import SamplingParams
+
+    source = tiny_checkpoint("llama")
+    out = tmp_path / "repo"
+    assert gen.main(["--output-dir", str(out), "--model", str(source), "--quiet", "--quant", "int8_wo",
+                     "--kv-cache-mb", "16"]) == 0
+    checkpoint = out / "llm" / "1" / "checkpoint"
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["method"] == "int8_wo"
+    size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
+    assert size(checkpoint) < size(Path(source))
+    assert not list(out.glob(".quantizing-*"))  # the scratch folder is gone; only the four models remain
+    assert sorted(p.name for p in out.iterdir()) == ["ensemble", "llm", "postprocessing", "preprocessing"]
+    engine = LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_mb=16))
+    assert len(engine.generate([[1, 5, 9, 3]], SamplingParams(max_tokens=6, min_tokens=6))[0]) == 6
+
+
+def test_quant_with_dummy_weights_is_refused(tmp_path, capsys):
+    code, err = run_cli(["--output-dir", str(tmp_path / "r"), "--quant", "int8_wo", "--load-format", "dummy"], capsys)
+    assert code == 2 and "--quant" in err

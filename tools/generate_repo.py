@@ -17,11 +17,13 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from backend.engine.config import ATTENTION_BACKENDS, DEVICES, DTYPES, EngineConfig
 from backend.engine.errors import EngineError, InvalidParameterError
 from backend.engine.parallel.placement import format_groups
+from backend.engine.quantization.config import METHODS as QUANT_METHODS
 from backend.serving.engine_settings import to_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +159,8 @@ def _try_link(src: Path, dst: Path) -> bool:
         return False
 
 
-def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str], checkpoint: Path) -> Path:
+def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str], checkpoint: Path,
+               link_weights: bool | None = None) -> Path:
     out = Path(args.output_dir)
     names = {m: (args.engine_model_name if m == "llm" else m) for m in TEMPLATE_MODELS}
     for model in TEMPLATE_MODELS:
@@ -168,7 +171,8 @@ def write_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str
         (target / "1").mkdir(exist_ok=True)
     weights, small = checkpoint_files(checkpoint, with_weights=config.load_format != "dummy")
     engine_dir = out / names["llm"] / CHECKPOINT_SUBDIR
-    copy_with_progress(weights, engine_dir, progress=not args.quiet, link=not args.copy and _is_cached(checkpoint))
+    link = link_weights if link_weights is not None else not args.copy and _is_cached(checkpoint)
+    copy_with_progress(weights, engine_dir, progress=not args.quiet, link=link)
     for f in small:
         shutil.copy2(f, engine_dir / f.name)
     tokenizer_dir = out / "preprocessing" / TOKENIZER_SUBDIR
@@ -207,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--copy", action="store_true",
                         help="always copy the weights (default: hard-link converted GGUF weights from the cache)")
+    quant = parser.add_argument_group("quantization (the repo gets a quantized checkpoint; see tools/quantize.py)")
+    quant.add_argument("--quant", choices=sorted(QUANT_METHODS), default=None,
+                       help="int8_wo, int4_wo, int4_awq, int4_gptq, fp8 or int8_sq (default: none)")
+    quant.add_argument("--quant-group-size", type=int, default=128, help="INT4 group size (default 128)")
+    quant.add_argument("--calib-file", default=None,
+                       help="calibration text for int4_awq/int4_gptq/int8_sq (default: the bundled corpus)")
+    quant.add_argument("--quant-device", default="cpu", choices=["cpu", "cuda"], help="where calibration runs")
     engine = parser.add_argument_group("engine settings (backend/engine/config.py)")
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
@@ -255,6 +266,11 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"argument --output-dir: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         parser.error(f"argument --output-dir: {out} is not empty (use --force to overwrite)")
+    if args.quant and args.load_format == "dummy":
+        parser.error("argument --quant: needs real weights; with --load-format dummy put a quantization_config "
+                     "in the checkpoint's config.json instead (the engine quantizes its random weights)")
+    if args.quant_group_size < 1:
+        parser.error(f"argument --quant-group-size: must be a positive integer, got {args.quant_group_size}")
 
 
 def place_instances(args: argparse.Namespace, config: EngineConfig, parser: argparse.ArgumentParser) -> None:
@@ -302,6 +318,26 @@ def check_tensor_parallel(checkpoint: Path, config: EngineConfig, parser: argpar
         parser.error(f"argument --tp/--tensor-parallel-size: {str(exc).split(': ', 1)[-1]}")
 
 
+def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str],
+                         checkpoint: Path) -> Path:
+    """Quantizes into a scratch folder inside the output directory (same filesystem: the weights are then
+    hard-linked into llm/1/checkpoint, not copied again) and removes it."""
+    from backend.engine.quantization import quantize_checkpoint
+
+    texts = None
+    if args.calib_file:
+        from backend.engine.quantization.calibration import texts_from_file
+
+        texts = texts_from_file(args.calib_file)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".quantizing-") as scratch:
+        quantized = quantize_checkpoint(checkpoint, Path(scratch) / "checkpoint", args.quant,
+                                        group_size=args.quant_group_size, calib_texts=texts,
+                                        device=args.quant_device, progress=not args.quiet)
+        return write_repo(args, config, configs, quantized, link_weights=not args.copy)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -315,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         from backend.engine.checkpoint import resolve_checkpoint
         checkpoint = resolve_checkpoint(args.model or None)
         check_tensor_parallel(checkpoint, config, parser)
-        out = write_repo(args, config, configs, checkpoint)
+        if args.quant:
+            out = write_quantized_repo(args, config, configs, checkpoint)
+        else:
+            out = write_repo(args, config, configs, checkpoint)
     except (TemplateError, EngineError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
