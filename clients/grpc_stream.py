@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from clients.options import add_common_options, sampling_inputs
+
 INT32 = ("max_tokens", "top_k", "min_tokens", "end_id", "beam_width", "num_return_sequences")
 FP32 = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 BOOL = ("stream", "exclude_input_in_output", "return_log_probs", "return_num_input_tokens",
@@ -137,19 +139,8 @@ def text_of(outputs: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m clients.grpc_stream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--url", default="localhost:8001")
-    parser.add_argument("--model", default="ensemble")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    add_common_options(parser, default_url="localhost:8001")
     parser.add_argument("--no-stream", action="store_true", help="ask for one response with the whole text")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--min-tokens", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--bad-word", action="append", help="word never to generate (repeatable)")
     parser.add_argument("--usage", action="store_true", help="print token counts at the end")
     return parser.parse_args(argv)
 
@@ -160,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {}
     try:
         for outputs in client.stream(args.prompt, args.max_tokens, chat=args.chat, stream=not args.no_stream,
-                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     seed=args.seed, min_tokens=args.min_tokens, stop_words=args.stop,
-                                     bad_words=args.bad_word, return_num_input_tokens=args.usage,
-                                     return_num_output_tokens=args.usage):
+                                     return_num_input_tokens=args.usage, return_num_output_tokens=args.usage,
+                                     **sampling_inputs(args)):
             sys.stdout.write(text_of(outputs))
             sys.stdout.flush()
             counts = {k: int(outputs[k].reshape(-1)[0]) for k in ("num_input_tokens", "num_output_tokens")

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from typing import Iterator
 
+from clients.options import add_common_options, sampling_inputs
+
 
 class GenerateError(RuntimeError):
     pass
@@ -70,10 +72,7 @@ def _event(payload: str) -> dict:
 
 def build_body(args: argparse.Namespace) -> dict:
     body = {"text_input": args.prompt, "max_tokens": args.max_tokens, "stream": args.stream,
-            "exclude_input_in_output": not args.echo}
-    optional = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-                "min_tokens": args.min_tokens, "stop_words": args.stop, "bad_words": args.bad_word}
-    body.update({k: v for k, v in optional.items() if v is not None})
+            "exclude_input_in_output": not args.echo, **sampling_inputs(args)}
     if args.chat:
         body["apply_chat_template"] = True
     return body
@@ -82,20 +81,9 @@ def build_body(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m clients.http_generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--url", default="localhost:8000")
-    parser.add_argument("--model", default="ensemble")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    add_common_options(parser, default_url="localhost:8000")
     parser.add_argument("--stream", action="store_true", help="use generate_stream and print text as it arrives")
-    parser.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     parser.add_argument("--echo", action="store_true", help="prepend the prompt (exclude_input_in_output false)")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--min-tokens", type=int)
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--bad-word", action="append", help="word never to generate (repeatable)")
     return parser.parse_args(argv)
 
 

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from tests.openai_frontend.fixtures import (engine_metrics, free_ports, frontend, oai_repo,  # noqa: F401
-                                            oai_triton, wait_for_metrics)
+from tests.openai_frontend.fixtures import frontend, oai_repo, oai_triton  # noqa: F401
+from tests.triton_helpers import free_ports, wait_for_metrics
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -4,8 +4,6 @@ frontend for the module)."""
 from __future__ import annotations
 
 import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,36 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.triton_helpers import free_ports, running_server
 from tools.generate_repo import main as generate_repo
-from tools.serve import TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def engine_metrics(metrics_port: int) -> dict[str, float]:
-    """The engine's statistics from Triton's metrics endpoint (the backend refreshes them every 0.2 s)."""
-    with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^tritium_(\w+)\{[^}]*\} (\S+)$", text, re.M)}
-
-
-def wait_for_metrics(metrics_port: int, predicate, timeout: float = 15.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = engine_metrics(metrics_port)
-        if predicate(metrics) or time.monotonic() > deadline:
-            return metrics
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +27,7 @@ def oai_repo(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def oai_triton(oai_repo, tmp_path_factory):
-    http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("openai-log") / "tritonserver.log"
-    server = TritonServer(oai_repo, http, grpc, metrics, log_path=log)
-    server.start()
-    try:
-        server.wait_ready(timeout=240)
-    except Exception:
-        server.stop()
-        print(log.read_text()[-5000:])
-        raise
-    yield server
-    server.stop()
+    yield from running_server(oai_repo, tmp_path_factory.mktemp("openai-log") / "tritonserver.log")
 
 
 @pytest.fixture(scope="module")

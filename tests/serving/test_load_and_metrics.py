@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,8 @@ from backend.serving.metrics import ITL, REQUEST_LATENCY, TTFT, RequestRecorder
 from backend.serving.session import SessionState
 from clients.http_generate import generate, generate_stream
 from perf import prometheus
-from tests.serving.conftest import free_ports
-from tools.serve import TritonServer
+from tests.triton_helpers import running_server
+from tools.serve import BENCHMARK_RESTRICTED
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).parent / "locust"
@@ -28,19 +26,10 @@ LOCUST_REQUESTS, LOCUST_TOKENS = 6, 8
 
 @pytest.fixture(scope="module")
 def server(model_repo, tmp_path_factory):
-    """This module's own server: test_server.py's last test stops the session-wide one."""
-    http, grpc, metrics = free_ports(3)
+    """This module's own server (test_server.py's last test stops the session-wide one), with model-config and
+    statistics open as perf_analyzer needs them (tools.serve.BENCHMARK_RESTRICTED)."""
     log = tmp_path_factory.mktemp("load-log") / "tritonserver.log"
-    triton = TritonServer(model_repo, http, grpc, metrics, log_path=log)
-    triton.start()
-    try:
-        triton.wait_ready(timeout=240)
-    except Exception:
-        triton.stop()
-        print(log.read_text()[-5000:])
-        raise
-    yield triton
-    triton.stop()
+    yield from running_server(model_repo, log, restricted=BENCHMARK_RESTRICTED)
 
 
 def scrape(server) -> dict:

@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from clients.grpc_stream import GrpcStreamClient
-from tests.serving.conftest import engine_metrics, free_ports, wait_for_metrics
+from tests.triton_helpers import engine_metrics, free_ports, wait_for_metrics
 from tools.generate_repo import main as generate_repo
 from tools.serve import ROOT, TritonServer, stub_processes
 
@@ -265,10 +265,12 @@ def test_waiting_queue_bound_refuses_at_once_and_recovers(server):
         t.join(timeout=300)
     refused = [s for s in statuses if s[0] != 200]
     assert len(statuses) == MAX_WAITING + 14 and refused
+    accepted_seconds = [seconds for status, seconds, _ in statuses if status == 200]
     for status, seconds, body in refused:
         assert status in (400, 503) and "max_waiting_requests" in body and "retry later" in body, body
-        assert seconds < 5, seconds
-    assert sum(s[0] == 200 for s in statuses) >= MAX_WAITING
+        # at once: without waiting for a slot (2 shared cores under a full test run: 5.06 s was seen once)
+        assert seconds < min(10.0, max(accepted_seconds)), (seconds, max(accepted_seconds))
+    assert len(accepted_seconds) >= MAX_WAITING
     assert grpc_call(server, "ensemble", GOOD)[0] is None
 
 

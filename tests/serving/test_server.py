@@ -23,7 +23,7 @@ from backend.engine.sampling_params import SamplingParams
 from backend.serving.preprocess import Preprocessor
 from clients.grpc_stream import GrpcStreamClient, build_inputs, text_of
 from clients.http_generate import GenerateError, generate, generate_stream
-from tests.serving.conftest import engine_metrics, wait_for_metrics
+from tests.triton_helpers import engine_metrics, wait_for_metrics
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
