@@ -1,11 +1,12 @@
 """One thread that streams the responses of every running request.
 
-Why not a thread per request: under the mixed workload on an H200 (256 concurrent streams), per-request
-threads, each waking every CANCEL_POLL_S to check for cancellation and to wait on its own queue, competed
-for the GIL with the engine's step thread inside the same stub process, and the server delivered 1,931
-output tok/s against 10,250 offline (perf/RESULTS.md). Here the engine's step thread only marks a session as
-ready (a queue put); this thread takes ready sessions in batches, so a session that fell behind sends one
-larger response instead of many, and sweeps all sessions for client cancellation every CANCEL_POLL_S.
+Why not a thread per request: under the mixed workload on an H200 (256 concurrent streams) a thread per
+request sent every token as its own response, and the server delivered 1,931 output tok/s (~1.9k responses/s)
+against 10,250 offline (perf/RESULTS.md); one response costs the stub ~0.44 ms of IPC (measured on CPU), so
+the response rate, not the engine, set the pace. Here the engine's step thread only marks a session as ready
+(a queue put); this thread takes ready sessions in batches, so when sends fall behind a session sends one
+response carrying every token that arrived meanwhile, and 256 threads waking every CANCEL_POLL_S are gone:
+one sweep checks all sessions for client cancellation. Not yet measured on the GPU.
 """
 from __future__ import annotations
 
