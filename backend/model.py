@@ -78,7 +78,10 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
         self.responder = Responder()
-        labels = {"model": args["model_name"], "version": str(args["model_version"])}
+        # One series per instance: gauges (running, waiting, KV blocks) of replicas must not overwrite each
+        # other, and the spread of requests over instances shows in the per-instance counters.
+        labels = {"model": args["model_name"], "version": str(args["model_version"]),
+                  "instance": args["model_instance_name"]}
         self.metrics = ServingMetrics(pb_utils, self.engine, labels).start()
         log.info("tritium engine ready: %s", json.dumps(config.to_dict()))
 
