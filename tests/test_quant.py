@@ -43,12 +43,16 @@ def fake_quant_reference(path, method, group):
 
 
 def test_rtn_int4_error_is_within_half_a_step():
-    w = torch.randn(8, 100)  # 100 = 3 groups of 32 and a short one of 4
+    w = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))  # 3 groups of 32, a short one of 4
     q, s, z = rtn.quantize_int4(w, 32)
     assert q.shape == (8, 100) and s.shape == (8, 4) and q.max() <= 15
-    deq = rtn.dequantize_int4_codes(q, s, z, 32)
+    error = (rtn.dequantize_int4_codes(q, s, z, 32) - w).abs()
     step = s.repeat_interleave(32, dim=1)[:, :100]
-    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    # Codes inside 0..15 are rounded: half a step. At the ends the zero point's own rounding can push the
+    # group's extreme half a step past the range, where the code is clamped: at most a whole step.
+    inside = (q > 0) & (q < 15)
+    assert (error[inside] <= step[inside] / 2 + 1e-6).all()
+    assert (error <= step + 1e-6).all()
 
 
 @pytest.mark.parametrize("method", ["int8_wo", "int4_wo"])

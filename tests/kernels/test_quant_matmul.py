@@ -54,6 +54,23 @@ def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
+# Batch 1 takes the GEMV: rows off its 8-row tile, K shorter than / not a multiple of its 512-column tile, a
+# last group shorter than the others, groups smaller than and equal to K.
+GEMV_SHAPES = [(37, 576, 128), (8, 1024, 32), (130, 1536, 64), (16, 96, 96)] + \
+    ([(6144, 4096, 128), (4096, 14336, 128)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
+def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(1, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w4a16_gemv_triton(x, qweight, scales, zeros, group)
+    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+    torch.testing.assert_close(qm.w4a16_matmul_triton(x, qweight, scales, zeros, group), got)  # the dispatch
+
+
 def test_w4a16_batched_input_and_per_channel_group(device):
     # Leading batch dims are flattened; group_size == K is one group per row (AutoGPTQ's group_size -1).
     qweight, scales, zeros = random_int4(48, 96, 96, device)
