@@ -144,6 +144,15 @@ def report(environment, request_type: str, name: str, timing: StreamTiming, erro
          exception=None, context={})
 
 
+def setup_locustfile() -> RequestBudget:
+    """What every tritium locustfile does at import: our command-line options, and a request budget whose
+    output throughput is logged when locust quits. Returns the budget."""
+    events.init_command_line_parser.add_listener(add_arguments)
+    budget = RequestBudget()
+    register_throughput_report(budget)
+    return budget
+
+
 def register_throughput_report(budget: RequestBudget) -> None:
     @events.quitting.add_listener
     def _print_throughput(environment, **_):

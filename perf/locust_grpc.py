@@ -15,7 +15,7 @@ import queue
 import sys
 
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, events, task
+from locust import User, task
 
 # gRPC's C core blocks in its own threads; this makes it cooperate with locust's gevent greenlets.
 grpc_gevent.init_gevent()
@@ -25,16 +25,9 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clients.grpc_stream import build_inputs  # noqa: E402
-from perf.locust_common import (RequestBudget, StreamTiming, add_arguments, min_tokens,  # noqa: E402
-                                prompt_text, register_throughput_report, report)
+from perf.locust_common import StreamTiming, min_tokens, prompt_text, report, setup_locustfile  # noqa: E402
 
-BUDGET = RequestBudget()
-register_throughput_report(BUDGET)
-
-
-@events.init_command_line_parser.add_listener
-def _arguments(parser):
-    add_arguments(parser)
+BUDGET = setup_locustfile()
 
 
 def grpc_address(host: str) -> str:

@@ -15,19 +15,12 @@ import os
 import sys
 
 import requests
-from locust import User, events, task
+from locust import User, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from perf.locust_common import (RequestBudget, StreamTiming, add_arguments, min_tokens,  # noqa: E402
-                                prompt_text, register_throughput_report, report)
+from perf.locust_common import StreamTiming, min_tokens, prompt_text, report, setup_locustfile  # noqa: E402
 
-BUDGET = RequestBudget()
-register_throughput_report(BUDGET)
-
-
-@events.init_command_line_parser.add_listener
-def _arguments(parser):
-    add_arguments(parser)
+BUDGET = setup_locustfile()
 
 
 class StreamError(RuntimeError):

@@ -21,6 +21,14 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def generate_smollm2_repo(repo: Path) -> Path:
+    """A repository for the bundled SmolLM2 on CPU (float32) with a 128 MiB KV cache; returns `repo`."""
+    from tools.generate_repo import main as generate_repo
+
+    assert generate_repo(["--output-dir", str(repo), "--quiet", "--kv-cache-mb", "128", "--device", "cpu"]) == 0
+    return repo
+
+
 def running_server(repo: Path, log: Path, ready_timeout: float = 240, **options) -> Iterator[TritonServer]:
     """For a fixture: `yield from running_server(...)` starts tritonserver on free ports (`options`: more
     TritonServer arguments), waits until it is ready (printing the end of its log if it never is), and stops

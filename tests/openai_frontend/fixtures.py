@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.triton_helpers import free_ports, running_server
-from tools.generate_repo import main as generate_repo
+from tests.triton_helpers import free_ports, generate_smollm2_repo, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def oai_repo(tmp_path_factory, smollm2_dir):
-    repo = tmp_path_factory.mktemp("openai") / "model_repo"
-    assert generate_repo(["--output-dir", str(repo), "--quiet", "--kv-cache-mb", "128", "--device", "cpu"]) == 0
-    return repo
+    return generate_smollm2_repo(tmp_path_factory.mktemp("openai") / "model_repo")
 
 
 @pytest.fixture(scope="module")

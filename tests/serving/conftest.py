@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.triton_helpers import running_server
-from tools.generate_repo import main as generate_repo
+from tests.triton_helpers import generate_smollm2_repo, running_server
 
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory, smollm2_dir):
-    repo = tmp_path_factory.mktemp("serving") / "model_repo"
-    assert generate_repo(["--output-dir", str(repo), "--quiet", "--kv-cache-mb", "128", "--device", "cpu"]) == 0
-    return repo
+    return generate_smollm2_repo(tmp_path_factory.mktemp("serving") / "model_repo")
 
 
 @pytest.fixture(scope="session")
