@@ -2,10 +2,10 @@
 
 Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
 `<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. It takes token ids from `preprocessing` (the
-ensemble path) or the ensemble's own text inputs when called directly. Decoupled: `execute` validates each request,
-hands it to the engine and returns at once; one responder thread (backend/serving/responder.py) streams every
-request's responses (the final flag on the last data response), polls cancellation and aborts the engine
-request when the client goes away.
+ensemble path) or the ensemble's own text inputs when called directly. Decoupled: `execute` validates each
+request, hands it to the engine and returns at once; a few responder threads (backend/serving/responder.py)
+stream every request's responses (the final flag on the last data response), poll cancellation and abort the
+engine request when the client goes away.
 Engine settings come from the model config's `parameters` (every EngineConfig field, written by
 tools/generate_repo.py).
 """
@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 from backend.engine.async_engine import AsyncEngine
 from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
-from backend.serving.engine_settings import from_parameters, serving_settings
+from backend.serving.engine_settings import from_parameters, responder_threads, serving_settings
 from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -71,13 +71,14 @@ class TritonPythonModel:
         # The tokenizer loads now (loading it on the first request stalled that stream for ~2 s). It also
         # serves requests sent to this model directly with text_input, the path on which client cancellation
         # reaches the engine (tritonserver 2.51 does not propagate cancellation into ensemble steps).
-        chat = serving_settings(parameters).get("apply_chat_template", "false").lower() == "true"
+        serving = serving_settings(parameters)
+        chat = serving.get("apply_chat_template", "false").lower() == "true"
         self.preprocessor = Preprocessor(self.engine.tokenizer, apply_chat_template=chat)
         self.block_size = config.block_size
         self.limits = request_limits(self.engine, config.block_size)
         self._ids = itertools.count()
         self._prefix = f"{args['model_name']}-{args['model_instance_name']}"
-        self.responder = Responder()
+        self.responder = Responder(responder_threads(serving))
         # One series per instance: gauges (running, waiting, KV blocks) of replicas must not overwrite each
         # other, and the spread of requests over instances shows in the per-instance counters.
         labels = {"model": args["model_name"], "version": str(args["model_version"]),

@@ -35,6 +35,7 @@ class Tracker:
         self.first: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.errors: list[str] = []
+        self.responses = 0
         self.remaining = count
         self.done = threading.Event()
         self.lock = threading.Lock()
@@ -46,6 +47,7 @@ class Tracker:
                 self.errors.append(str(error))
                 self._finish_one()
                 return
+            self.responses += 1
             response = result.get_response()
             request_id = response.id
             self.first.setdefault(request_id, now)
@@ -87,7 +89,7 @@ def run(args) -> dict:
     client = grpcclient.InferenceServerClient(args.url)
     tracker = Tracker(len(prompts))
     client.start_stream(callback=tracker.callback, stream_timeout=args.timeout)
-    start = time.perf_counter()
+    start, client_cpu_start = time.perf_counter(), time.process_time()
     for i, prompt in enumerate(prompts):
         request_id = f"mixed-{i}"
         tracker.sent[request_id] = time.perf_counter()
@@ -96,12 +98,16 @@ def run(args) -> dict:
                                   request_id=request_id, enable_empty_final_response=True)
     finished = tracker.done.wait(args.timeout)
     elapsed = time.perf_counter() - start
+    client_cpu_s = time.process_time() - client_cpu_start
     client.stop_stream()
     ttft = sorted(tracker.first[r] - tracker.sent[r] for r in tracker.first)
     output_tokens = sum(tracker.tokens.values())
     return {"requests": len(prompts), "completed": len(prompts) - tracker.remaining, "all_finished": finished,
             "errors": tracker.errors[:5], "output_tokens": output_tokens, "elapsed_s": elapsed,
             "output_tok_s": output_tokens / elapsed,
+            # tokens per response > 1: the server coalesced tokens; client CPU near elapsed: the client saturated
+            "responses": tracker.responses, "tokens_per_response": output_tokens / max(tracker.responses, 1),
+            "client_cpu_s": client_cpu_s,
             "ttft_p50_s": statistics.median(ttft) if ttft else None,
             "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))] if ttft else None}
 

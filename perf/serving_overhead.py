@@ -49,13 +49,14 @@ def offline(folder: str, args) -> float:
     return args.requests * args.new_tokens / elapsed
 
 
-def served(folder: str, args, work: str) -> dict:
+def served(folder: str, args, work: str, responder_threads: int) -> dict:
     from tools.generate_repo import main as generate_repo
     from tools.serve import TritonServer
 
-    repo = os.path.join(work, "repo")
+    repo = os.path.join(work, f"repo-{responder_threads}")
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in engine_settings(args).items()]
-    generate_repo(["--output-dir", repo, "--model", folder, "--quiet", *flags])
+    generate_repo(["--output-dir", repo, "--model", folder, "--quiet", *flags,
+                   "--responder-threads", str(responder_threads)])
     with TritonServer(repo, http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2) as server:
         server.wait_ready(timeout=300)
         common = ["--url", server.grpc_url, "--vocab", str(SHAPES[args.shape]["vocab_size"]), "--timeout", "600"]
@@ -71,24 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8300)
+    parser.add_argument("--responder-threads", default="4",
+                        help="comma-separated: one server run per value (e.g. 1,4 compares them)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    thread_counts = [int(x) for x in args.responder_threads.split(",")]
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, "checkpoint")
         os.makedirs(folder)
         write_config(args.shape, folder)
         write_tokenizer(SHAPES[args.shape]["vocab_size"], folder)
         result = {"device": args.device, "shape": args.shape, "requests": args.requests,
-                  "new_tokens": args.new_tokens, "offline_output_tok_s": offline(folder, args)}
-        server = served(folder, args, work)
-    result.update(server_output_tok_s=server["output_tok_s"], server_all_finished=server["all_finished"],
-                  server_ttft_p50_s=server["ttft_p50_s"], server_errors=server["errors"])
-    result["server_over_offline"] = result["server_output_tok_s"] / result["offline_output_tok_s"]
+                  "new_tokens": args.new_tokens, "offline_output_tok_s": offline(folder, args), "served": {}}
+        for threads in thread_counts:
+            server = served(folder, args, work, threads)
+            result["served"][threads] = dict(
+                output_tok_s=server["output_tok_s"], all_finished=server["all_finished"],
+                ttft_p50_s=server["ttft_p50_s"], errors=server["errors"],
+                over_offline=server["output_tok_s"] / result["offline_output_tok_s"])
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    return 0 if server["all_finished"] and not server["errors"] else 1
+    served_ok = all(s["all_finished"] and not s["errors"] for s in result["served"].values())
+    return 0 if served_ok else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from backend.engine.config import EngineConfig
+from backend.engine.errors import InvalidParameterError
 from tools import generate_repo as gen
 
 INTERFACE_INPUTS = {
@@ -88,6 +89,7 @@ def run_cli(argv, capsys):
     (["--dtype", "float8"], "--dtype: invalid choice"),
     (["--block-size", "x"], "--block-size: invalid int value"),
     (["--instances", "0"], "--instances: must be a positive integer"),
+    (["--responder-threads", "0"], "--responder-threads: expected a whole number of at least 1, got '0'"),
     (["--instance-kind", "cpu", "--gpus", "0,1"], "--gpus: only with --instance-kind gpu"),
     (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
 ])
@@ -129,14 +131,16 @@ def test_generated_repository(tmp_path):
 
 
 def test_generated_engine_parameters_load_back(tmp_path):
-    from backend.serving.engine_settings import from_parameters
+    from backend.serving.engine_settings import from_parameters, responder_threads, serving_settings
 
     out = tmp_path / "repo"
-    assert gen.main(["--output-dir", str(out), "--quiet", "--max-batch-size", "3", "--seed", "9"]) == 0
+    assert gen.main(["--output-dir", str(out), "--quiet", "--max-batch-size", "3", "--seed", "9",
+                     "--responder-threads", "2"]) == 0
     text = (out / "llm" / "config.pbtxt").read_text()
     params = dict(re.findall(r'key: "(\w+)"\n    value: \{ string_value: "(.*?)" \}', text))
     config = from_parameters(params, str(out / "llm"))
     assert config.max_num_seqs == 3 and config.seed == 9
+    assert responder_threads(serving_settings(params)) == 2
     assert Path(config.model) == out / "llm" / "1" / "checkpoint"
 
 
@@ -163,3 +167,14 @@ def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_ch
 def test_quant_with_dummy_weights_is_refused(tmp_path, capsys):
     code, err = run_cli(["--output-dir", str(tmp_path / "r"), "--quant", "int8_wo", "--load-format", "dummy"], capsys)
     assert code == 2 and "--quant" in err
+
+
+@pytest.mark.parametrize("value, expected", [("", 4), ("1", 1), ("8", 8), ("0", None), ("many", None)])
+def test_responder_threads_setting(value, expected):
+    from backend.serving.engine_settings import responder_threads
+
+    if expected is None:
+        with pytest.raises(InvalidParameterError, match="responder_threads: expected a whole number"):
+            responder_threads({"responder_threads": value})
+    else:
+        assert responder_threads({"responder_threads": value} if value else {}) == expected

@@ -1,6 +1,8 @@
-"""The serving responder: one thread streaming many sessions, with the engine's thread feeding their streams."""
+"""The serving responder: a few threads streaming many sessions, with the engine's thread feeding their streams."""
 import threading
 import time
+
+import pytest
 
 from backend.engine.async_engine import RequestStream
 from backend.engine.outputs import RequestOutput
@@ -25,10 +27,10 @@ class AbortingEngine:
         self.streams[request_id].put(RequestOutput(request_id, [], None, True, "abort"))
 
 
-def start(responder, engine, request_id, cancel_after=None, **request_values):
+def start(responder, engine, request_id, cancel_after=None, sink=None, **request_values):
     request = parse_request(tensors(exclude_input_in_output=True, **request_values))
     stream = engine.streams[request_id] = RequestStream(request_id)
-    sink = RecordingSink(cancel_after)
+    sink = sink or RecordingSink(cancel_after)
     responder.add(Session(engine, request_id, request, stream, sink, block_size=16))
     return stream, sink
 
@@ -86,3 +88,53 @@ def test_a_cancelled_client_is_found_by_the_sweep_without_any_output():
     wait_until(lambda: responder.active() == 0)
     assert engine.aborted == ["c"] and sink.errors == ["request cancelled by the client"]
     responder.stop(timeout=1)
+
+
+class MeetingSink(RecordingSink):
+    """A send that returns only once `barrier.parties` sends are in progress at the same time."""
+
+    def __init__(self, barrier: threading.Barrier):
+        super().__init__()
+        self.barrier = barrier
+
+    def send(self, outputs, final):
+        self.barrier.wait(timeout=2)
+        super().send(outputs, final)
+
+
+def test_lanes_send_at_the_same_time():
+    """The stub's send waits for tritonserver with the GIL released; two lanes must overlap their sends."""
+    responder, engine = Responder(threads=2, poll_s=0.01), AbortingEngine()
+    barrier = threading.Barrier(2)
+    sessions = [start(responder, engine, f"m{i}", sink=MeetingSink(barrier), stream=False) for i in range(2)]
+    for stream, _ in sessions:
+        feed(stream, [1, 2, 0])
+    wait_until(lambda: responder.active() == 0)
+    for _, sink in sessions:  # a broken barrier (sends one after another) would have raised inside send
+        assert not sink.errors and text(sink.sent[-1][0]) == "Hello world"
+    responder.stop(timeout=1)
+
+
+def test_one_lane_sends_one_at_a_time():
+    """The barrier above can fail: with one lane the two sends cannot meet, and both requests fail loudly."""
+    responder, engine = Responder(threads=1, poll_s=0.01), AbortingEngine()
+    barrier = threading.Barrier(2)
+    sessions = [start(responder, engine, f"o{i}", sink=MeetingSink(barrier), stream=False) for i in range(2)]
+    for stream, _ in sessions:
+        feed(stream, [1, 2, 0])
+    wait_until(lambda: responder.active() == 0)
+    assert all(sink.errors and "BrokenBarrierError" in sink.errors[0] for _, sink in sessions)
+    responder.stop(timeout=1)
+
+
+def test_sessions_spread_over_lanes():
+    responder, engine = Responder(threads=3, poll_s=0.01), AbortingEngine()
+    for i in range(6):
+        start(responder, engine, f"p{i}", stream=True)
+    assert sorted(lane.active() for lane in responder._lanes) == [2, 2, 2]
+    for request_id in list(engine.streams):
+        engine.abort(request_id)
+    wait_until(lambda: responder.active() == 0)
+    responder.stop(timeout=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        Responder(threads=0)

@@ -24,7 +24,7 @@ from backend.engine.config import ATTENTION_BACKENDS, DEVICES, DTYPES, EngineCon
 from backend.engine.errors import EngineError, InvalidParameterError
 from backend.engine.parallel.placement import format_groups
 from backend.engine.quantization.config import METHODS as QUANT_METHODS
-from backend.serving.engine_settings import to_parameters
+from backend.serving.engine_settings import DEFAULT_RESPONDER_THREADS, to_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "model_repo_templates"
@@ -108,6 +108,7 @@ def template_values(args: argparse.Namespace, config: EngineConfig) -> dict[str,
         "engine_parameters": engine_parameters_block(config),
         "tokenizer_dir": TOKENIZER_SUBDIR,
         "apply_chat_template": "true" if args.apply_chat_template else "false",
+        "responder_threads": str(args.responder_threads),
         "preprocessing_instances": str(args.preprocessing_instances),
         "postprocessing_instances": str(args.postprocessing_instances),
     }
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="apply the tokenizer's chat template to every prompt by default (a request "
                              "parameter apply_chat_template overrides it)")
+    parser.add_argument("--responder-threads", type=_positive_int, default=DEFAULT_RESPONDER_THREADS,
+                        help="threads per engine instance that stream responses to tritonserver (default: "
+                             f"{DEFAULT_RESPONDER_THREADS}); their sends overlap, see backend/serving/responder.py")
     parser.add_argument("--preprocessing-instances", type=int, default=1)
     parser.add_argument("--postprocessing-instances", type=int, default=1)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -243,6 +247,16 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> EngineConfig:

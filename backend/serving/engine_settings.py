@@ -14,7 +14,9 @@ from backend.engine.errors import InvalidParameterError
 
 NONE = ""  # how None is written: Triton parameters are strings
 # Settings of the serving layer (not the engine) that the engine model's config may also carry.
-SERVING_KEYS = ("apply_chat_template", "instance_gpu_groups")  # the latter: parallel/placement.py
+# instance_gpu_groups: parallel/placement.py; responder_threads: serving/responder.py
+SERVING_KEYS = ("apply_chat_template", "instance_gpu_groups", "responder_threads")
+DEFAULT_RESPONDER_THREADS = 4
 
 
 def to_parameters(config: EngineConfig) -> dict[str, str]:
@@ -25,6 +27,18 @@ def serving_settings(parameters: dict) -> dict[str, str]:
     """The SERVING_KEYS among a model config's parameters, as plain strings."""
     return {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
             for k, v in parameters.items() if k in SERVING_KEYS}
+
+
+def responder_threads(serving: dict[str, str]) -> int:
+    """responder_threads from serving_settings; absent (repositories generated before it existed): the default."""
+    text = serving.get("responder_threads", "").strip()
+    try:
+        threads = int(text) if text else DEFAULT_RESPONDER_THREADS
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise InvalidParameterError("responder_threads", f"expected a whole number of at least 1, got {text!r}")
+    return threads
 
 
 def from_parameters(parameters: dict[str, str], model_dir: str | None = None) -> EngineConfig:

@@ -1,12 +1,17 @@
-"""One thread that streams the responses of every running request.
+"""A few threads that stream the responses of every running request.
 
 Why not a thread per request: under the mixed workload on an H200 (256 concurrent streams) a thread per
 request sent every token as its own response, and the server delivered 1,931 output tok/s (~1.9k responses/s)
 against 10,250 offline (perf/RESULTS.md); one response costs the stub ~0.44 ms of IPC (measured on CPU), so
 the response rate, not the engine, set the pace. Here the engine's step thread only marks a session as ready
-(a queue put); this thread takes ready sessions in batches, so when sends fall behind a session sends one
-response carrying every token that arrived meanwhile, and 256 threads waking every CANCEL_POLL_S are gone:
-one sweep checks all sessions for client cancellation. Not yet measured on the GPU.
+(a queue put); a lane's thread takes its ready sessions in batches, so when sends fall behind a session sends
+one response carrying every token that arrived meanwhile, and one sweep per lane checks its sessions for
+client cancellation.
+
+Why several lanes: the stub's `send` releases the GIL and waits for tritonserver to take the response, and
+tritonserver takes them on a pool of threads (python_backend's `thread_pool_`, 32 by default), so sends from
+different threads overlap. Each session belongs to one lane for its whole life, which keeps its responses in
+order; a new session goes to the lane with the fewest.
 """
 from __future__ import annotations
 
@@ -15,23 +20,47 @@ import queue
 import threading
 import time
 
+from .engine_settings import DEFAULT_RESPONDER_THREADS
 from .session import CANCEL_POLL_S, Session
 
 log = logging.getLogger(__name__)
 
 
 class Responder:
-    def __init__(self, poll_s: float = CANCEL_POLL_S):
+    def __init__(self, threads: int = DEFAULT_RESPONDER_THREADS, poll_s: float = CANCEL_POLL_S):
+        if threads < 1:
+            raise ValueError(f"responder threads must be at least 1, got {threads}")
+        self._lanes = [_Lane(f"tritium-responder-{i}", poll_s) for i in range(threads)]
+
+    def add(self, session: Session) -> None:
+        """Starts streaming `session`; outputs that arrived before this call are picked up at once."""
+        min(self._lanes, key=_Lane.active).add(session)
+
+    def active(self) -> int:
+        return sum(lane.active() for lane in self._lanes)
+
+    def stop(self, timeout: float) -> None:
+        """Waits up to `timeout` for running sessions to send their final responses, then ends the threads."""
+        deadline = time.monotonic() + timeout
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for lane in self._lanes:
+            lane.stop(max(deadline - time.monotonic(), 1.0))
+
+
+class _Lane:
+    """One thread and the sessions it streams."""
+
+    def __init__(self, name: str, poll_s: float):
         self.poll_s = poll_s
         self._ready: queue.SimpleQueue[Session] = queue.SimpleQueue()
         self._sessions: set[Session] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tritium-responder", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def add(self, session: Session) -> None:
-        """Starts streaming `session`; outputs that arrived before this call are picked up at once."""
         with self._lock:
             self._sessions.add(session)
         session.stream.on_put = lambda: self._ready.put(session)
@@ -42,12 +71,8 @@ class Responder:
             return len(self._sessions)
 
     def stop(self, timeout: float) -> None:
-        """Waits up to `timeout` for running sessions to send their final responses, then ends the thread."""
-        deadline = time.monotonic() + timeout
-        while self.active() and time.monotonic() < deadline:
-            time.sleep(0.01)
         self._stopping.set()
-        self._thread.join(timeout=max(deadline - time.monotonic(), 1.0))
+        self._thread.join(timeout=timeout)
 
     def _loop(self) -> None:
         last_sweep = time.monotonic()

@@ -4,7 +4,7 @@ The sink is whatever can send a response: `send(outputs: dict, final: bool)`, `s
 (always final) and `is_cancelled()`. The final flag rides on the last data response, so a non-streamed
 request gets exactly one response, which the HTTP generate endpoint and Triton's OpenAI frontend need.
 An optional observer hears of token arrivals and of the request's end (latency metrics); it runs on the
-thread that streams the responses (the server's one responder thread), so it must be cheap.
+thread that streams the responses (one of the server's responder threads), so it must be cheap.
 """
 from __future__ import annotations
 
