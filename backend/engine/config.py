@@ -47,6 +47,9 @@ class EngineConfig:
     # GPUs of the ranks, comma-separated ("2,3": rank 0 on cuda:2); "" = GPUs 0..tp-1. Triton's KIND_GPU
     # instances get theirs from backend/model.py. Ignored on CPU.
     device_ids: str = ""
+    # Small tensor-parallel all-reduces (decode) through PyTorch symmetric memory when every rank can use it,
+    # else NCCL (parallel/custom_all_reduce.py); False: always NCCL.
+    custom_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,7 +65,7 @@ class EngineConfig:
             raise InvalidParameterError("kv_cache_memory_mb", f"must be > 0, got {self.kv_cache_memory_mb}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise InvalidParameterError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("async_scheduling", "decode_gemv"):
+        for name in ("async_scheduling", "decode_gemv", "custom_all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)

@@ -56,7 +56,7 @@ class DriverRunner(ModelRunner):
         self.pool = WorkerPool(world, store.port, config.to_dict(), str(checkpoint_dir))
         try:
             self._wait_for_workers(store, world, timeout)
-            group = join_group(0, world, device, timeout, store)
+            group = join_group(0, world, device, timeout, store, config.custom_all_reduce)
             super().__init__(config, checkpoint_dir, device=device, parallel=group)
             self.pool.on_death(self._on_worker_death)  # from here on NCCL collectives run (warm-up, steps)
         except BaseException:

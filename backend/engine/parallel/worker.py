@@ -50,7 +50,8 @@ def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
     store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, is_master=False)
     store.set(READY_KEY.format(rank=args.rank), "1")
-    group = join_group(args.rank, args.world_size, device, store_timeout_s(), store=store)
+    group = join_group(args.rank, args.world_size, device, store_timeout_s(), store=store,
+                       custom_all_reduce_enabled=config.custom_all_reduce)
     runner = ModelRunner(config, args.checkpoint, device=device, parallel=group)
     runner.warm_up(resolve_max_model_len(runner.model_config, config))
     with torch.inference_mode():
