@@ -3,7 +3,11 @@
     python3 perf/bench_multi_gpu.py equality --tp 1,2,4 --out eq.json         # greedy TP2/TP4 == TP1 (fp32)
     python3 perf/bench_multi_gpu.py decode --tp 2 --out tp2.json                # batch-1 decode tok/s, 8B shape
     python3 perf/bench_multi_gpu.py mixed --device-ids 0 --part 0/1 --out r.json  # mixed workload (share)
+    python3 perf/bench_multi_gpu.py allreduce --tp 2 --out ar.json              # all-reduce latency in graphs
     python3 perf/bench_multi_gpu.py ... --cpu-smoke                             # tiny shapes on CPU with gloo
+
+--custom-all-reduce on|off (equality, decode): EngineConfig.custom_all_reduce, the symmetric-memory all-reduce
+for small messages (backend/engine/parallel/custom_all_reduce.py) or NCCL only; the JSON records the path taken.
 
 `mixed --part i/n` runs every n-th request of perf/bench_engine.py's mixed workload (256 requests, prompts
 64-512 tokens, 128 new tokens) starting at i; with --barrier DIR the n processes start timing together
@@ -54,6 +58,12 @@ def make_engine(folder: str, device: str, **settings) -> LLMEngine:
     return LLMEngine(EngineConfig(**{**base, **settings}))
 
 
+def record_all_reduce_path(engine: LLMEngine, out: dict) -> None:
+    group = getattr(engine.runner, "parallel", None)
+    out["all_reduce_path"] = group.all_reduce_path if group is not None else "none (tp=1)"
+    out["all_reduce_note"] = group.all_reduce_note if group is not None else ""
+
+
 def with_graph_fallback(make, out: dict) -> LLMEngine:
     """CUDA graphs with NCCL collectives inside are the plan; if capture fails on this stack, record why and
     measure without graphs rather than lose the run."""
@@ -88,8 +98,8 @@ def equality_subprocess(args, tp: int, out: dict) -> list | None:
     path = f"{args.out}.tp{tp}.json"
     command = [sys.executable, os.path.abspath(__file__), "equality", "--tp", str(tp), "--out", path]
     start = time.perf_counter()
-    proc = subprocess.run(command + (["--cpu-smoke"] if args.cpu_smoke else []), capture_output=True, text=True,
-                          timeout=EQUALITY_TIMEOUT_S)
+    command += ["--custom-all-reduce", args.custom_all_reduce] + (["--cpu-smoke"] if args.cpu_smoke else [])
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=EQUALITY_TIMEOUT_S)
     try:
         with open(path) as f:
             child = json.load(f)
@@ -112,9 +122,11 @@ def generate_tiny(args, tp: int, record: dict) -> list[list[int]]:
 
     def make(**kw):
         return LLMEngine(EngineConfig(model=folder, device=args.device, dtype="float32", kv_cache_memory_mb=64,
-                                      max_num_seqs=8, tensor_parallel_size=tp, **kw))
+                                      max_num_seqs=8, tensor_parallel_size=tp,
+                                      custom_all_reduce=args.custom_all_reduce == "on", **kw))
 
     engine = with_graph_fallback(make, record)
+    record_all_reduce_path(engine, record)
     try:
         return engine.generate(prompts, greedy(32))
     finally:
@@ -129,8 +141,9 @@ def decode(args, out: dict) -> None:
         start = time.perf_counter()
         engine = with_graph_fallback(lambda **kw: make_engine(
             folder, args.device, max_num_seqs=8, max_num_batched_tokens=4096, tensor_parallel_size=args.tp,
-            **kw), out)
+            custom_all_reduce=args.custom_all_reduce == "on", **kw), out)
         out["load_and_warmup_s"] = time.perf_counter() - start
+        record_all_reduce_path(engine, out)
         try:
             vocab = engine.model_config.vocab_size
             engine.generate(random_prompts(2, 64, 64, vocab), greedy(8))  # allocator, cuBLAS, NCCL warm
@@ -152,6 +165,95 @@ def decode_b1(engine: LLMEngine, vocab: int, seed: int) -> float:
     drain(engine)
     sync(device)
     return (NEW_TOKENS - done_before) / (time.perf_counter() - start)
+
+
+# ---- all-reduce latency inside CUDA graphs: NCCL vs symmetric memory -------------------------------------------
+
+AR_SIZES = [(8 * 1024, "bfloat16"), (8 * 1024, "float32"), (64 * 1024, "bfloat16"), (256 * 1024, "bfloat16"),
+            (1024 * 1024, "bfloat16"), (4 * 1024 * 1024, "bfloat16")]
+AR_CHAIN = 64  # all-reduces per graph: one batch-1 decode step of the 8B shape has 64
+AR_REPLAYS = 30
+
+
+def allreduce(args, out: dict) -> None:
+    """Parent: start --tp rank processes (tests/test_custom_all_reduce.py's launcher); rank 0's numbers."""
+    from tests.test_custom_all_reduce import launch_ranks
+
+    command = [sys.executable, os.path.abspath(__file__), "allreduce-rank"]
+    results = launch_ranks(int(args.tp), ["--cpu-smoke"] if args.cpu_smoke else [], command=command, timeout_s=240)
+    out.update({k: v for k, v in results[0].items() if k not in ("what", "device", "shape")})
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        out["error"] = " | ".join(e[-600:] for e in errors)
+
+
+def allreduce_rank(args, out: dict) -> None:
+    import torch.distributed as dist
+    from backend.engine.parallel.group import join_group
+
+    device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
+    store = dist.TCPStore("127.0.0.1", args.port, args.world, is_master=False)
+    group = join_group(args.rank, args.world, device, 120.0, store)
+    out.update(all_reduce_path=group.all_reduce_path, all_reduce_note=group.all_reduce_note, rows=[])
+    try:
+        for nbytes, dtype_name in AR_SIZES:
+            dtype = getattr(torch, dtype_name)
+            x = torch.randn(nbytes // torch.tensor([], dtype=dtype).element_size(), device=device).to(dtype)
+            row = {"bytes": nbytes, "dtype": dtype_name,
+                   "nccl_us": time_chain(lambda t: dist.all_reduce(t, group=group.compute), x, device)}
+            if group.custom is not None and group.custom.fits(x):
+                from backend.engine.parallel.custom_all_reduce import algorithm
+
+                row["algorithm"] = algorithm(nbytes, args.world)
+                row["symm_mem_us"] = time_chain(group.custom.all_reduce_, x, device)
+            out["rows"].append(row)
+        out["gather_vocab"] = time_gather(group, device)
+    finally:
+        group.destroy()
+
+
+def time_chain(op, x: torch.Tensor, device: torch.device, chain: int = AR_CHAIN) -> float:
+    """Median microseconds per op of `chain` back-to-back ops replayed from one CUDA graph (eager on CPU)."""
+    x = x.clone()
+    op(x)  # eager first: NCCL's communicator, the symmetric buffer's rendezvous
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(chain):
+            op(x)
+        return (time.perf_counter() - start) / chain * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(chain):
+            x.mul_(0.5)  # keep the sums finite over the chain; a few us, the same in both paths
+            op(x)
+    times = []
+    for _ in range(AR_REPLAYS):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / chain)
+    return sorted(times)[len(times) // 2]
+
+
+def time_gather(group, device: torch.device) -> dict:
+    """Batch-1 logits gather of the 8B shape (128256-token vocabulary): NCCL all_gather vs sum into zeros."""
+    from backend.engine.parallel.sharding import vocab_shard_size
+
+    shard = vocab_shard_size(128256, group.world_size) if device.type == "cuda" else 500
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    local = torch.randn(1, shard, device=device).to(dtype)
+    result = {"shard": shard, "dtype": str(dtype)}
+    custom, group.custom = group.custom, None
+    try:
+        result["nccl_us"] = time_chain(lambda t: group.gather_vocab(t, 128256), local, device, chain=16)
+    finally:
+        group.custom = custom
+    if custom is not None:
+        result["symm_mem_us"] = time_chain(lambda t: group.gather_vocab(t, 128256), local, device, chain=16)
+    return result
 
 
 # ---- the mixed workload, or a share of it, for replicas ------------------------------------------------------
@@ -195,8 +297,12 @@ def wait_at_barrier(folder: str | None, index: int, parts: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["equality", "decode", "mixed"])
-    parser.add_argument("--tp", default="1", help="equality: a list (1,2,4); decode: one size")
+    parser.add_argument("what", choices=["equality", "decode", "mixed", "allreduce", "allreduce-rank"])
+    parser.add_argument("--tp", default="1", help="equality: a list (1,2,4); decode, allreduce: one size")
+    parser.add_argument("--custom-all-reduce", default="on", choices=["on", "off"],
+                        help="equality, decode: symmetric-memory all-reduce for small messages (on) or NCCL only")
+    for name in ("--rank", "--world", "--port"):  # allreduce-rank: set by the allreduce parent
+        parser.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--device-ids", default="", help="mixed: the GPU of this replica")
     parser.add_argument("--part", default="0/1", help="mixed: run requests i, i+n, ... of the workload (i/n)")
@@ -211,10 +317,13 @@ def main() -> int:
         args.requests = min(args.requests, 16)
     if args.what == "decode":
         args.tp = int(args.tp)
+    if args.what == "allreduce-rank" and args.device == "cuda":
+        torch.cuda.set_device(args.rank)  # before anything touches CUDA: no context on another rank's GPU
     out = {"what": args.what, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "shape": args.shape}
     try:
-        {"equality": equality, "decode": decode, "mixed": mixed}[args.what](args, out)
+        {"equality": equality, "decode": decode, "mixed": mixed, "allreduce": allreduce,
+         "allreduce-rank": allreduce_rank}[args.what](args, out)
     except Exception as exc:  # the JSON records the failure; the shell script reports it in its table
         out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
         raise
