@@ -190,7 +190,9 @@ def allreduce(args, out: dict) -> None:
 def allreduce_rank(args, out: dict) -> None:
     import torch.distributed as dist
     from backend.engine.parallel.group import join_group
+    from backend.engine.parallel.worker import watch_parent
 
+    watch_parent(os.getppid())  # the launcher's timeout ends the ranks too
     device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
     store = dist.TCPStore("127.0.0.1", args.port, args.world, is_master=False)
     group = join_group(args.rank, args.world, device, 120.0, store)

@@ -199,7 +199,9 @@ def rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch.distributed as dist
     from backend.engine.parallel.group import join_group
+    from backend.engine.parallel.worker import watch_parent
 
+    watch_parent(os.getppid())  # a launcher killed on timeout takes its ranks with it (no GPU left spinning)
     device = torch.device("cuda", args.rank) if args.device == "cuda" else torch.device("cpu")
     store = dist.TCPStore("127.0.0.1", args.port, args.world, is_master=False)
     group = join_group(args.rank, args.world, device, 120.0, store, custom_all_reduce_enabled=not args.nccl_only)
