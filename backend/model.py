@@ -20,9 +20,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backend.engine.async_engine import AsyncEngine
+from backend.engine.engine_process import EngineProcess
 from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
-from backend.serving.engine_settings import from_parameters, responder_threads, serving_settings
+from backend.serving.engine_settings import engine_in_child, from_parameters, responder_threads, serving_settings
 from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -46,8 +47,8 @@ class TritonSink:
         tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
-    def send_error(self, message: str) -> None:
-        send_error(self.sender, message)
+    def send_error(self, message: str, code_name: str = "INTERNAL") -> None:
+        send_error(self.sender, message, code_name)
 
     def is_cancelled(self) -> bool:
         return self.request.is_cancelled()
@@ -67,11 +68,12 @@ class TritonPythonModel:
         self.input_names = [i["name"] for i in model_config.get("input", [])]
         parameters = model_config.get("parameters", {})
         config = _select_device(from_parameters(parameters, args["model_repository"]), args, parameters)
-        self.engine = AsyncEngine(config)
+        serving = serving_settings(parameters)
+        # The step loop in its own process by default (engine_process.py says why); in this process on request
+        self.engine = EngineProcess(config) if engine_in_child(serving) else AsyncEngine(config)
         # The tokenizer loads now (loading it on the first request stalled that stream for ~2 s). It also
         # serves requests sent to this model directly with text_input, the path on which client cancellation
         # reaches the engine (tritonserver 2.51 does not propagate cancellation into ensemble steps).
-        serving = serving_settings(parameters)
         chat = serving.get("apply_chat_template", "false").lower() == "true"
         self.preprocessor = Preprocessor(self.engine.tokenizer, apply_chat_template=chat)
         self.block_size = config.block_size
@@ -127,9 +129,8 @@ class TritonPythonModel:
 
 def request_limits(engine, block_size: int) -> RequestLimits:
     """The context length and vocabulary every request is checked against before it reaches the engine."""
-    model_config = getattr(getattr(engine, "engine", None), "model_config", None)
     kv_blocks = engine.stats().get("kv_blocks_total")
-    return RequestLimits(max_model_len=engine.max_model_len, vocab_size=getattr(model_config, "vocab_size", None),
+    return RequestLimits(max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                          kv_cache_tokens=kv_blocks * block_size if kv_blocks else None)
 
 

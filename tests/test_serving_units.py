@@ -137,14 +137,15 @@ class FakeStream:
 
 class RecordingSink:
     def __init__(self, cancel_after: int | None = None):
-        self.sent, self.errors, self.polls = [], [], 0
+        self.sent, self.errors, self.error_codes, self.polls = [], [], [], 0
         self.cancel_after = cancel_after
 
     def send(self, outputs, final):
         self.sent.append((outputs, final))
 
-    def send_error(self, message):
+    def send_error(self, message, code_name="INTERNAL"):
         self.errors.append(message)
+        self.error_codes.append(code_name)
 
     def is_cancelled(self):
         self.polls += 1

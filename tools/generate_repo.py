@@ -109,6 +109,7 @@ def template_values(args: argparse.Namespace, config: EngineConfig) -> dict[str,
         "tokenizer_dir": TOKENIZER_SUBDIR,
         "apply_chat_template": "true" if args.apply_chat_template else "false",
         "responder_threads": str(args.responder_threads),
+        "engine_process": "true" if args.engine_process else "false",
         "preprocessing_instances": str(args.preprocessing_instances),
         "postprocessing_instances": str(args.postprocessing_instances),
     }
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--responder-threads", type=_positive_int, default=DEFAULT_RESPONDER_THREADS,
                         help="threads per engine instance that stream responses to tritonserver (default: "
                              f"{DEFAULT_RESPONDER_THREADS}); their sends overlap, see backend/serving/responder.py")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each instance's engine step loop in its own process (default; see "
+                             "backend/engine/engine_process.py); --no-engine-process keeps it in the Python stub")
     parser.add_argument("--preprocessing-instances", type=int, default=1)
     parser.add_argument("--postprocessing-instances", type=int, default=1)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -76,6 +76,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Validation errors (InvalidParameterError, EngineOverloadedError) are raised here, synchronously."""
         if self._stopping:

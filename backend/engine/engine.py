@@ -141,12 +141,12 @@ class LLMEngine:
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Abort every live request with an error: what an exception inside a step leaves behind."""
         self._in_flight = None
-        outputs = []
-        for request_id in list(self._requests):
-            output = self.abort_request(request_id)
-            if output is not None:
-                outputs.append(dataclasses.replace(output, finish_reason="error", error=error))
-        return outputs
+        return [dataclasses.replace(output, finish_reason="error", error=error) for output in self.abort_all()]
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every live request (shutdown): their final 'abort' outputs."""
+        outputs = [self.abort_request(request_id) for request_id in list(self._requests)]
+        return [output for output in outputs if output is not None]
 
     def _count_step(self, scheduled: SchedulerOutput) -> None:
         self.num_steps += 1

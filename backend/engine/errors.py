@@ -19,3 +19,16 @@ class UnsupportedModelError(EngineError):
 
 class EngineOverloadedError(EngineError):
     """The bound on waiting requests is reached; the caller should retry later."""
+
+
+def error_code_name(exc: BaseException) -> str:
+    """The Triton error code name for an exception raised while starting a request.
+
+    Bad input is the client's to fix (INVALID_ARG). The engine's other refusals at request start, the bound
+    on waiting requests (EngineOverloadedError) and shutdown, pass: the client should retry (UNAVAILABLE).
+    tritonserver maps the codes to HTTP statuses (400, 503, 500 for INTERNAL) and to gRPC status codes."""
+    if isinstance(exc, (InvalidParameterError, ValueError)):
+        return "INVALID_ARG"
+    if isinstance(exc, EngineError):
+        return "UNAVAILABLE"
+    return "INTERNAL"

@@ -78,3 +78,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_new_blocks: int = 0
     error: str | None = None
+    error_code: str | None = None  # set when the engine refused the request: its Triton code (errors.error_code_name)

@@ -14,8 +14,9 @@ from backend.engine.errors import InvalidParameterError
 
 NONE = ""  # how None is written: Triton parameters are strings
 # Settings of the serving layer (not the engine) that the engine model's config may also carry.
-# instance_gpu_groups: parallel/placement.py; responder_threads: serving/responder.py
-SERVING_KEYS = ("apply_chat_template", "instance_gpu_groups", "responder_threads")
+# instance_gpu_groups: parallel/placement.py; responder_threads: serving/responder.py; engine_process:
+# engine/engine_process.py (the step loop in a child process, "true" unless "false")
+SERVING_KEYS = ("apply_chat_template", "instance_gpu_groups", "responder_threads", "engine_process")
 DEFAULT_RESPONDER_THREADS = 4
 
 
@@ -39,6 +40,13 @@ def responder_threads(serving: dict[str, str]) -> int:
     if threads < 1:
         raise InvalidParameterError("responder_threads", f"expected a whole number of at least 1, got {text!r}")
     return threads
+
+
+def engine_in_child(serving: dict[str, str]) -> bool:
+    text = serving.get("engine_process", "true").strip().lower()
+    if text not in ("true", "false"):
+        raise InvalidParameterError("engine_process", f"expected true or false, got {text!r}")
+    return text == "true"
 
 
 def from_parameters(parameters: dict[str, str], model_dir: str | None = None) -> EngineConfig:

@@ -76,6 +76,9 @@ class RequestRecorder:
             self._observations += observations
 
     def on_finish(self, state, outcome: str) -> None:
+        if outcome == "rejected":  # refused by the engine process: counted like a request refused at start
+            self.on_rejected()
+            return
         with self._lock:
             self._counts[(PROMPT_TOKENS, "")] += state.num_input_tokens
             self._counts[(GENERATION_TOKENS, "")] += state.num_output_tokens

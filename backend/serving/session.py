@@ -1,7 +1,7 @@
 """One request's life after `execute`: engine outputs in, responses out. Triton-free (tested with fakes).
 
-The sink is whatever can send a response: `send(outputs: dict, final: bool)`, `send_error(message)`
-(always final) and `is_cancelled()`. The final flag rides on the last data response, so a non-streamed
+The sink is whatever can send a response: `send(outputs: dict, final: bool)`, `send_error(message, code_name)`
+(always final; code_name as in engine/errors.error_code_name) and `is_cancelled()`. The final flag rides on the last data response, so a non-streamed
 request gets exactly one response, which the HTTP generate endpoint and Triton's OpenAI frontend need.
 An optional observer hears of token arrivals and of the request's end (latency metrics); it runs on the
 thread that streams the responses (one of the server's responder threads), so it must be cheap.
@@ -28,7 +28,7 @@ CANCEL_POLL_S = 0.05  # how often a request waiting on the engine checks for cli
 
 class Sink(Protocol):
     def send(self, outputs: dict[str, np.ndarray], final: bool) -> None: ...
-    def send_error(self, message: str) -> None: ...
+    def send_error(self, message: str, code_name: str = "INTERNAL") -> None: ...
     def is_cancelled(self) -> bool: ...
 
 
@@ -142,6 +142,10 @@ class Session:
     def _consume(self, outputs: list[RequestOutput]) -> bool:
         """Folds engine outputs into the response; True once the final response is sent."""
         last = outputs[-1]
+        if last.error_code:  # the engine refused the request (engine process): its message and code as they are
+            self.sink.send_error(last.error, last.error_code)
+            self._finish("rejected")
+            return True
         if last.error:
             self.sink.send_error(f"generation failed: {last.error}")
             self._finish("error")
