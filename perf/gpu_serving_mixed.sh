@@ -2,7 +2,9 @@
 # On the GPU machine (after carrying .device, see ENVIRONMENT.md): the mixed workload of perf/bench_engine.py
 # offline and then through a real tritonserver, Llama-3-8B shape, bf16, random weights, in one run.
 #   bash perf/gpu_serving_mixed.sh        # writes $OUT/offline_mixed.json, $OUT/server_mixed-<threads>.json, logs
-#   RESPONDER_THREADS="1 4 8" bash perf/gpu_serving_mixed.sh   # one server run per responder thread count
+#   VARIANTS="process:1 process:4 stub:1" bash perf/gpu_serving_mixed.sh   # one server run per variant:
+#     process|stub: the engine's step loop in its own process (default) or in the Python stub (--no-engine-process);
+#     the number: responder threads (--responder-threads)
 set -uo pipefail
 source .device/unpack.sh
 source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub
@@ -15,12 +17,13 @@ ENGINE_FLAGS="--dtype bfloat16 --max-batch-size 256 --max-seq-len 4096 --max-num
 # SKIP_OFFLINE=1 reuses $OUT/offline_mixed.json from an earlier run (say so when reporting the ratio)
 [ -n "${SKIP_OFFLINE:-}" ] || python3 perf/bench_engine.py --shapes "$SHAPE" --mixed-only --out "$OUT/offline_mixed.json" 2>&1 | grep -v Warning | tail -4
 python3 perf/make_bench_checkpoint.py --shape "$SHAPE" --out /tmp/bench-ckpt >/dev/null
-# One server run per RESPONDER_THREADS value (backend/serving/responder.py), each against the same offline figure
-for threads in ${RESPONDER_THREADS:-4}; do
+# One server run per variant, each against the same offline figure
+for variant in ${VARIANTS:-process:4}; do
+  mode=${variant%%:*}; threads=${variant##*:}
   rm -rf /tmp/bench-repo
   python3 -m tools.generate_repo --output-dir /tmp/bench-repo --model /tmp/bench-ckpt --load-format dummy $ENGINE_FLAGS \
-    --responder-threads "$threads" --quiet
-  python3 -m tools.serve --model-repository /tmp/bench-repo >"$OUT/server-$threads.log" 2>&1 &
+    --responder-threads "$threads" $([ "$mode" = stub ] && echo --no-engine-process) --quiet
+  python3 -m tools.serve --model-repository /tmp/bench-repo >"$OUT/server-$mode-$threads.log" 2>&1 &
   server=$!
   python3 - <<'PY'
 import os, time, urllib.request
@@ -34,7 +37,7 @@ else:
     raise SystemExit("server not ready in time")
 PY
   python3 -m perf.load_mixed --requests 32 --new-tokens 16 --seed 6 --timeout 120 | grep -E "all_finished|errors" -A1  # warm
-  python3 -m perf.load_mixed --out "$OUT/server_mixed-$threads.json" --timeout "${LOAD_TIMEOUT:-300}" >/dev/null
+  python3 -m perf.load_mixed --out "$OUT/server_mixed-$mode-$threads.json" --timeout "${LOAD_TIMEOUT:-300}" >/dev/null
   kill -TERM "$server"; wait "$server"
 done
 python3 - "$OUT" <<'PY'
@@ -43,11 +46,12 @@ out = sys.argv[1]
 offline = json.load(open(f"{out}/offline_mixed.json"))["shapes"]
 offline = next(iter(offline.values()))["mixed_256_output_tok_s"]
 print(f"mixed 256x128, offline engine {offline:.0f} output tok/s; through tritonserver (gRPC streaming to llm):")
-print("| responder threads | output tok/s | vs offline | TTFT p50 / p99 s | tokens per response | client CPU s / wall s |")
-for path in sorted(glob.glob(f"{out}/server_mixed-*.json"), key=lambda p: int(re.findall(r"-(\d+)\.json", p)[0])):
+print("| step loop | responder threads | output tok/s | vs offline | TTFT p50 / p99 s | tokens per response "
+      "| client CPU s / wall s |")
+for path in sorted(glob.glob(f"{out}/server_mixed-*-*.json")):
     s = json.load(open(path))
-    threads = re.findall(r"-(\d+)\.json", path)[0]
-    print(f"| {threads} | {s['output_tok_s']:.0f} | {s['output_tok_s'] / offline:.1%} | {s['ttft_p50_s']:.2f} / "
+    mode, threads = re.findall(r"server_mixed-(\w+)-(\d+)\.json", path)[0]
+    print(f"| {mode} | {threads} | {s['output_tok_s']:.0f} | {s['output_tok_s'] / offline:.1%} | {s['ttft_p50_s']:.2f} / "
           f"{s['ttft_p99_s']:.2f} | {s['tokens_per_response']:.2f} | {s['client_cpu_s']:.1f} / {s['elapsed_s']:.1f} |"
           + ("" if s["all_finished"] and not s["errors"] else f" FAILED {s['errors']}"))
 PY

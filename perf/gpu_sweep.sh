@@ -36,5 +36,8 @@ python3 -m perf.sweep --start-server --model-repository /tmp/bench-repo \
   --label "$LABEL" --device "$GPU, $SHAPE shape, bf16, random weights" --out-dir "$OUT"
 code=$?
 cp "$OUT/$LABEL-server.log" "$OUT/server.log" 2>/dev/null
+for f in "$OUT"/work/profile_c*.json; do  # sizes and ends of perf_analyzer's exports (one once broke off)
+  [ -f "$f" ] && { echo "== $f $(stat -c %s "$f") bytes"; tail -c 400 "$f"; echo; } >>"$OUT/export-ends.txt"
+done
 rm -rf "$OUT/work"
 exit $code

@@ -145,8 +145,33 @@ def run_perf_analyzer(url: str, model: str, concurrency: int, prompts: list[str]
     result = {"concurrency": concurrency, "returncode": done.returncode, "command": " ".join(command),
               "output": done.stdout + done.stderr}
     if done.returncode == 0 and export.is_file():
-        result.update(llm_metrics(json.loads(export.read_text())))
+        parsed, complete = load_export(export.read_text())
+        result.update(llm_metrics(parsed))
+        if not complete:
+            result["export_note"] = (f"perf_analyzer's export was not valid JSON past some point; the "
+                                     f"{result['requests']} requests before it were used")
     return result
+
+
+def load_export(text: str) -> tuple[dict, bool]:
+    """The profile export, and whether it parsed whole. On the GPU machine perf_analyzer (2.51) once wrote an
+    export of ~2 MB that broke off mid-way (concurrency 64, 128 streamed tokens per request); then the requests
+    that parse, in order, are kept, which is still a sample of the same steady state."""
+    try:
+        return json.loads(text), True
+    except json.JSONDecodeError:
+        pass
+    decoder, requests = json.JSONDecoder(), []
+    position = text.find("[", text.find('"requests"')) + 1
+    while position > 0:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        try:
+            request, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            break
+        requests.append(request)
+    return {"experiments": [{"requests": requests}]}, False
 
 
 def llm_metrics(export: dict) -> dict:

@@ -47,6 +47,7 @@ def test_recorder_counts_per_token_and_per_request():
     recorder.on_finish(state, "success")
     recorder.on_finish(SessionState(num_input_tokens=2), "cancelled")
     recorder.on_rejected()
+    recorder.on_finish(SessionState(num_input_tokens=4), "rejected")  # refused by the engine process
     observations, counts = recorder.take()
     assert [v for n, v in observations if n == TTFT] == [0.5]
     assert [round(v, 9) for n, v in observations if n == ITL] == [0.0, 0.1, 0.1, 0.1]
@@ -55,8 +56,22 @@ def test_recorder_counts_per_token_and_per_request():
     assert counts[("tritium_generation_tokens_total", "")] == 5
     assert counts[("tritium_request_success_total", "")] == 1
     assert counts[("tritium_request_failure_total", "cancelled")] == 1
-    assert counts[("tritium_request_failure_total", "rejected")] == 1
+    assert counts[("tritium_request_failure_total", "rejected")] == 2
     assert recorder.take() == ([], {})  # taken once
+
+
+def test_a_broken_off_perf_analyzer_export_keeps_the_requests_before_the_break():
+    from perf.perf_analyzer import llm_metrics, load_export
+
+    requests = [{"timestamp": i * 10**9, "response_timestamps": [i * 10**9 + 10**8 * k for k in (1, 2, 3)],
+                 "response_outputs": [{"num_output_tokens": k} for k in (1, 2, 3)]} for i in range(3)]
+    text = json.dumps({"experiments": [{"experiment": {"mode": "concurrency"}, "requests": requests}]}, indent=1)
+    whole, complete = load_export(text)
+    assert complete and llm_metrics(whole)["completed"] == 3
+    cut = text[:text.rindex('"response_outputs"')]  # inside the third request
+    broken, complete = load_export(cut)
+    assert not complete and broken["experiments"][0]["requests"] == requests[:2]
+    assert llm_metrics(broken)["output_tokens"] == 6
 
 
 def send_requests(server) -> list[dict]:
