@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -153,14 +154,20 @@ def run_perf_analyzer(url: str, model: str, concurrency: int, prompts: list[str]
     return result
 
 
+BARE_NON_FINITE = re.compile(r"([:\[,]\s*)-?(?:nan|inf|infinity)(?![\w\"])", re.IGNORECASE)
+
+
 def load_export(text: str) -> tuple[dict, bool]:
-    """The profile export, and whether it parsed whole. On the GPU machine perf_analyzer (2.51) once wrote an
-    export of ~2 MB that broke off mid-way (concurrency 64, 128 streamed tokens per request); then the requests
-    that parse, in order, are kept, which is still a sample of the same steady state."""
-    try:
-        return json.loads(text), True
-    except json.JSONDecodeError:
-        pass
+    """The profile export, and whether it parsed whole. perf_analyzer (2.51) writes every output the model
+    declares, also those a response does not carry, as whatever its buffer held (seen on the GPU machine:
+    kv_cache_reused_blocks -1342177136, cum_log_probs 4.9e26): such a float can be a NaN or an infinity, which it
+    writes as a bare nan/inf that is not JSON. Those become null; should the text still not parse, the requests
+    before the break are kept, in order, which is still a sample of the same steady state."""
+    for attempt in (text, BARE_NON_FINITE.sub(r"\1null", text)):
+        try:
+            return json.loads(attempt), True
+        except json.JSONDecodeError:
+            pass
     decoder, requests = json.JSONDecoder(), []
     position = text.find("[", text.find('"requests"')) + 1
     while position > 0:

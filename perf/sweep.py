@@ -78,6 +78,9 @@ def default_device() -> str:
 
 
 def git_commit() -> str:
+    """TRITIUM_COMMIT if set (the GPU machine's copy of the repository may carry a stale .git), else HEAD."""
+    if os.environ.get("TRITIUM_COMMIT"):
+        return os.environ["TRITIUM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -151,7 +154,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         return []
     matplotlib.use("Agg")
     levels = [lv for lv in results["levels"] if lv["returncode"] == 0]
-    title = f"{results['label']}: {results['device']}, max_tokens {results['max_tokens']}, {results['commit']}"
+    title = f"{results['label']}: {results['device']}\nmax_tokens {results['max_tokens']}, commit {results['commit']}"
     return [_throughput_plot(levels, title, out_dir / f"{results['label']}-throughput.png"),
             _percentile_plot(levels, "ttft_s", "time to first token (ms)", title,
                              out_dir / f"{results['label']}-ttft.png"),

@@ -72,6 +72,12 @@ def test_a_broken_off_perf_analyzer_export_keeps_the_requests_before_the_break()
     broken, complete = load_export(cut)
     assert not complete and broken["experiments"][0]["requests"] == requests[:2]
     assert llm_metrics(broken)["output_tokens"] == 6
+    # a garbage float written as a bare nan/inf (perf_analyzer on outputs a response does not carry) is null
+    garbage = text.replace('"num_output_tokens": 1\n', '"num_output_tokens": 1, "cum_log_probs": -nan\n', 1)
+    garbage = garbage.replace('"num_output_tokens": 2\n', '"num_output_tokens": 2, "x": [inf, -inf]\n', 1)
+    assert garbage != text and load_export(garbage) == (json.loads(text.replace(
+        '"num_output_tokens": 1\n', '"num_output_tokens": 1, "cum_log_probs": null\n', 1).replace(
+        '"num_output_tokens": 2\n', '"num_output_tokens": 2, "x": [null, null]\n', 1)), True)
 
 
 def send_requests(server) -> list[dict]:
