@@ -147,39 +147,50 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_
         tl.store(dst, out, mask=mm[:, None] & nm[None, :])
 
 
-# Batch 1 (decode of one sequence) takes a GEMV instead, shaped like backend/kernels/gemv.py's: BLOCK_N weight
-# rows per program, K walked in BLOCK_K columns (BLOCK_K / 2 packed bytes per row, contiguous, so each row
-# arrives in wide loads; the tiled kernel above read 64-byte columns and streamed only ~0.47 TB/s at M = 1 on
-# an H100, perf/RESULTS.md), nibbles unpacked and (q - z) * s applied per element with each element's group
-# looked up (a gather that hits the same few scale addresses), fp32 products summed over K once at the end.
-# Groups may straddle tiles, so any valid group size works with one tile size.
+# Batch 1 (decode of one sequence) takes a GEMV, shaped like backend/kernels/gemv.py's: BLOCK_N weight rows
+# per program, K walked one chunk at a time. The packed bytes are read as int32 words (word j of a row holds
+# input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk never
+# straddles two groups, so its scale and zero point are one load per row (hoisted out of the element work),
+# and (q - z) * s is applied per word column as s * (sum_i q_i x_i - z * sum_i x_i) instead of per element.
+# Measured before this layout (H100, perf/RESULTS.md): the tiled kernel above streamed ~0.47 TB/s at M = 1,
+# and a byte-wise GEMV with a scale gather per element was slower still (gate_up 135 us vs bf16 82 us).
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
-                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, BLOCK_K // 2)
+    words = tl.arange(0, WORDS)
     row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
-    sz_rows = rows.to(tl.int64)[:, None] * ss_n
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_even = k0 + 2 * half  # K is even: k_even < K implies k_even + 1 < K
-        k_ok = k_even < K
-        mask = row_ok[:, None] & k_ok[None, :]
-        packed = tl.load(w_rows + (k0 // 2 + half)[None, :], mask=mask, other=0).to(tl.int32)
-        group = (k_even // GROUP_SIZE)[None, :]
-        s = tl.load(s_ptr + sz_rows + group, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_rows + group, mask=mask, other=0).to(tl.float32)
-        x_even = tl.load(x_ptr + k_even, mask=k_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + k_even + 1, mask=k_ok, other=0.0).to(tl.float32)
-        low = (packed & 0xF).to(tl.float32) - z
-        high = (packed >> 4).to(tl.float32) - z
-        acc += s * (low * x_even[None, :] + high * x_odd[None, :])
+    rows64 = rows.to(tl.int64)
+    w_rows = w_ptr + rows64[:, None] * sw_n
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    num_words = K // 8
+    for k0 in range(0, K, 8 * WORDS):
+        word = k0 // 8 + words
+        word_ok = word < num_words
+        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
+        group = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + rows64 * ss_n + group, mask=row_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows64 * ss_n + group, mask=row_ok, other=0).to(tl.float32)
+        dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([WORDS], dtype=tl.float32)
+        for i in tl.static_range(8):
+            x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+            dot += q_i * x_i[None, :]
+            x_sum += x_i
+        acc += s[:, None] * (dot - z[:, None] * x_sum[None, :])
     y = tl.sum(acc, axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-W4_GEMV_TILE = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4)  # not tuned on a GPU yet (see perf/bench_quant.py)
+def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
+    """Rows per program: the most that still leaves two programs per SM; words per chunk: one group's (at most
+    32 words = 256 columns; group_size == K has a single group, so any chunk lies in it)."""
+    sms = _num_sms(device)
+    block_n = next((b for b in (64, 32, 16) if -(-N // b) >= 2 * sms), 8)
+    chunk = 256 if group_size == K else min(group_size, 256)
+    return dict(BLOCK_N=block_n, WORDS=chunk // 8, num_warps=4)
+
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
 MEDIUM_M = 64
@@ -256,7 +267,7 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     N, K = qweight.shape[0], qweight.shape[1] * 2
     check_group_size(K, group_size)
     x2 = _rows(x)
-    if x2.shape[0] == 1:
+    if x2.shape[0] == 1 and K % 8 == 0 and qweight.is_contiguous():
         return w4a16_gemv_triton(x2, qweight, scales, zeros, group_size).view(*x.shape[:-1], N)
     block_k = 128 if group_size >= 128 or group_size == K else group_size
     plan = plan_launch(x2.shape[0], N, K, x.device, max_block_k=block_k)
@@ -268,20 +279,23 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int) -> torch.Tensor:
-    """x [1, K] -> [1, N]; same contract as w4a16_matmul_ref for one row."""
+                      group_size: int, tile: dict | None = None) -> torch.Tensor:
+    """x [1, K] -> [1, N]; same contract as w4a16_matmul_ref for one row. K must be a multiple of 8 (whole int32
+    words per row); `tile` overrides w4_gemv_tile (for tuning)."""
     import triton
 
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if x.shape != (1, K) or qweight.stride(1) != 1:
-        raise ValueError(f"w4a16_gemv_triton needs x [1, {K}] and a row-major qweight; got x {tuple(x.shape)}")
+    if x.shape != (1, K) or K % 8 or not qweight.is_contiguous():
+        raise ValueError(f"w4a16_gemv_triton needs x [1, {K}], K a multiple of 8 and a contiguous qweight; "
+                         f"got x {tuple(x.shape)}, K {K}")
+    words = qweight.view(torch.int32)
     if scales.stride() != zeros.stride():
         scales, zeros = scales.contiguous(), zeros.contiguous()
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    tile = W4_GEMV_TILE
+    tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
-        x.contiguous(), qweight, scales, zeros, out, N, K, qweight.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"], num_warps=tile["num_warps"])
+        x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
+        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], num_warps=tile["num_warps"])
     return out
 
 

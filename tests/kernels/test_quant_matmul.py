@@ -54,8 +54,8 @@ def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
-# Batch 1 takes the GEMV: rows off its 8-row tile, K shorter than / not a multiple of its 512-column tile, a
-# last group shorter than the others, groups smaller than and equal to K.
+# Batch 1 takes the GEMV: rows off its row tile, K shorter than / not a multiple of its chunk, a last group
+# shorter than the others, groups smaller than and equal to K (96: not a power of two).
 GEMV_SHAPES = [(37, 576, 128), (8, 1024, 32), (130, 1536, 64), (16, 96, 96)] + \
     ([(6144, 4096, 128), (4096, 14336, 128)] if ON_GPU else [])
 
@@ -76,7 +76,10 @@ def test_w4a16_batched_input_and_per_channel_group(device):
     qweight, scales, zeros = random_int4(48, 96, 96, device)
     x = torch.randn(2, 3, 96, device=device)
     got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, 96)
-    torch.testing.assert_close(got, qm.w4a16_matmul_ref(x, qweight, scales, zeros, 96), atol=1e-4, rtol=1e-4)
+    want = qm.w4a16_matmul_ref(x, qweight, scales, zeros, 96)
+    # on the GPU tl.dot takes fp32 inputs as TF32 (10-bit mantissa): failed at 1e-4 on an H100, as it should
+    tolerance = 2e-3 if got.is_cuda else 1e-4
+    torch.testing.assert_close(got, want, atol=tolerance * want.abs().max().item(), rtol=tolerance)
 
 
 def test_split_k_plan_is_used_for_decode(monkeypatch):
