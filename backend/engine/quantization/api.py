@@ -22,9 +22,10 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
                         progress: bool = True, overwrite: bool = False) -> Path:
     """Writes a quantized copy of the HF-style checkpoint `src_dir` to `dst_dir`; returns dst_dir.
 
-    method: int8_wo | int4_wo | fp8 (round-to-nearest, streamed tensor by tensor, no model needed) or
-    int4_awq | int4_gptq | int8_sq (calibrated: the model runs `calib_samples` windows of `calib_seq_len`
-    tokens of `calib_texts`, by default the bundled corpus's calibration split, on `device`).
+    method: int8_wo | int4_wo (round-to-nearest, streamed tensor by tensor, no model needed) or
+    int4_awq | int4_gptq | int8_sq | fp8 (calibrated: the model runs `calib_samples` windows of `calib_seq_len`
+    tokens of `calib_texts`, by default the bundled corpus's calibration split, on `device`; fp8's e4m3 weights
+    are rounded by GPTQ, its activations stay dynamic per token).
     dtype: of the tensors left unquantized (embeddings, norms, LM head); "auto" keeps the source's.
     """
     src, dst = Path(src_dir), Path(dst_dir)

@@ -31,7 +31,8 @@ def calibrated_tensors(src: Path, qcfg: QuantConfig, dtype, texts: list[str] | N
     model, _ = load_model(src, select_ops("auto", torch.device(device).type), torch.float32, device)
     windows = token_windows(load_tokenizer(src), texts or calibration_texts(), seq_len, samples)
     runner = LayerRunner(model, windows)
-    quantize_layer = {"int4_awq": _awq_layer, "int4_gptq": _gptq_layer, "int8_sq": _smoothquant_layer}[qcfg.method]
+    quantize_layer = {"int4_awq": _awq_layer, "int4_gptq": _gptq_layer, "int8_sq": _smoothquant_layer,
+                      "fp8": _fp8_gptq_layer}[qcfg.method]
     results: dict[str, dict[str, torch.Tensor]] = {}
     for i in tqdm(range(len(model.model.layers)), desc=f"calibrating ({qcfg.method})", unit="layer",
                   disable=not progress):
@@ -51,15 +52,35 @@ def _int4_result(linear: torch.nn.Linear, codes, scales, zeros, group_size: int)
     return {"qweight": pack_int4(codes), "scales": scales.half(), "qzeros": zeros}
 
 
-def _gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+def _hessians(runner: LayerRunner, i: int) -> Iterator[tuple[str, torch.nn.Linear, torch.Tensor]]:
     inputs = capture_inputs(runner, i, PROJECTIONS)
-    out = {}
     for name in PROJECTIONS:
         linear = _linear(runner, i, name)
         hessian = gptq.HessianAccumulator(linear.in_features, inputs[name].device)
         hessian.add(inputs.pop(name))
-        codes, scales, zeros = gptq.gptq_quantize_int4(linear.weight.data, hessian.H, qcfg.group_size)
+        yield name, linear, hessian.H
+
+
+def _gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    out = {}
+    for name, linear, H in _hessians(runner, i):
+        codes, scales, zeros = gptq.gptq_quantize_int4(linear.weight.data, H, qcfg.group_size)
         out[name] = _int4_result(linear, codes, scales, zeros, qcfg.group_size)
+    return out
+
+
+def _fp8_gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    """FP8 weights rounded by GPTQ's error feedback (the same e4m3 per-channel format and scales as
+    round-to-nearest; the activations stay dynamic per token at run time). On SmolLM2-135M the weights' share
+    of the perplexity change went from +1.7% (round-to-nearest) to +0.9%. No smoothing: e4m3 is a
+    floating-point format, so moving magnitude between activations and weights leaves each product's relative
+    rounding error the same (per-token e4m3 errors were ~2.2% of the activation norm in every layer, with
+    under 2% of values subnormal in down_proj's input and under 0.2% elsewhere), unlike INT8 where SmoothQuant pays off."""
+    out = {}
+    for name, linear, H in _hessians(runner, i):
+        q, scales = gptq.gptq_quantize_fp8(linear.weight.data, H)
+        linear.weight.data = (q.float() * scales[:, None]).to(linear.weight.dtype)
+        out[name] = {"weight": q, "weight_scale": scales}
     return out
 
 

@@ -27,7 +27,7 @@ METHODS = {
     "fp8": ("fp8", 8),
     "int8_sq": ("w8a8", 8),
 }
-CALIBRATED = ("int4_awq", "int4_gptq", "int8_sq")
+CALIBRATED = ("int4_awq", "int4_gptq", "int8_sq", "fp8")  # fp8: GPTQ-rounded weights (see gptq.py)
 FORMATS = ("w8a16", "w4a16", "fp8", "w8a8")
 # Foreign checkpoints: AutoAWQ (GEMM kernels' layout) and AutoGPTQ, converted to w4a16 at load.
 FOREIGN = ("awq", "gptq")
