@@ -2,13 +2,11 @@
 held-out text of the Lee corpus (documents 200-299; calibration uses documents 0-199).
 
 Targets from the issue: INT8 weight-only and FP8 within +1%, SmoothQuant within +3%, INT4 AWQ and GPTQ within
-+6% and better than INT4 round-to-nearest. Measured here (6 windows of 512 tokens, float32 CPU; the unquantized
-model: 27.27) -- see each test for what it asserts and why where it is looser than the target:
-    int8_wo +0.4%   fp8 +3.1%   int8_sq +1.4%   int4_wo (RTN, g128) +27.8%   int4_gptq +19.5%   int4_awq +20.7%
-(calibrated on 8 windows of 512 tokens; AWQ on 4 gave the same, GPTQ without act-order on 4 was worse than RTN).
++6% and better than INT4 round-to-nearest. Each target is asserted as stated; the ones this model does not
+reach are strict xfails (they turn into failures the day they pass), next to a test of the figure reached.
+Measured figures and where the remaining error is: perf/RESULTS.md, "Quantization accuracy on SmolLM2-135M".
 SmolLM2-135M is a hard case for 4 bits: its weights are themselves dequantized from Q4_1 (groups of 32), so
 each group of 128 must cover four differently offset 4-bit grids, and at 135M parameters every layer matters.
-The +6% target for AWQ/GPTQ is not met at group 128 on this model; the tests assert what holds: both beat RTN.
 """
 from __future__ import annotations
 
@@ -20,7 +18,11 @@ from backend.engine.quantization.calibration import CORPUS_INSTALL, corpus_path,
 from backend.engine.quantization.perplexity import checkpoint_perplexity
 
 EVAL_WINDOWS = 4  # x 512 tokens: ~5 s per model on 2 cores
-CALIB_SAMPLES = 8  # x 512 tokens; GPTQ's Hessian of down_proj (K = 1536) needs more rows than 4 windows
+# Calibration windows of 512 tokens (the library's default is 32). GPTQ, FP8 (GPTQ-rounded) and AWQ get 16:
+# with 8 the Hessian of down_proj (K = 1536) overfits (held-out output error no better than round-to-nearest's)
+# and AWQ's scales carry over less well (measured +18.5% with 8, +15.6% with 16).
+CALIB_SAMPLES = {"int4_gptq": 16, "fp8": 16, "int4_awq": 16}
+DEFAULT_CALIB_SAMPLES = 8
 
 pytestmark = pytest.mark.slow
 
@@ -53,21 +55,29 @@ def ppl(smollm2_dir, eval_windows, tmp_path_factory):
     def get(method):
         if method not in cache:
             path = smollm2_dir if method is None else quantize_checkpoint(
-                smollm2_dir, root / method, method, calib_samples=CALIB_SAMPLES, progress=False)
+                smollm2_dir, root / method, method,
+                calib_samples=CALIB_SAMPLES.get(method, DEFAULT_CALIB_SAMPLES), progress=False)
             cache[method] = checkpoint_perplexity(path, eval_windows)
         return cache[method]
 
-    return get
+    yield get
+    if None in cache:  # the figures of perf/RESULTS.md (shown with pytest -s)
+        print("\nperplexity change vs unquantized (%.2f): " % cache[None] + ", ".join(
+            f"{m} {100 * (p / cache[None] - 1):+.1f}%" for m, p in cache.items() if m is not None))
 
 
 def test_int8_weight_only_within_1_percent(ppl):
     assert ppl("int8_wo") / ppl(None) < 1.01
 
 
-def test_fp8_w8a8(ppl):
-    # Target +1%; measured +3.1% (weights alone +2.0%, activations alone +1.0%): e4m3's 3-bit mantissa on a
-    # 135M model. Asserted: no worse than +4%, and worse than INT8 weight-only (the order the formats imply).
-    assert ppl("int8_wo") < ppl("fp8") < 1.04 * ppl(None)
+@pytest.mark.xfail(strict=True, reason="measured +1.2%: the dynamic per-token e4m3 activations alone cost +1.1%")
+def test_fp8_w8a8_within_1_percent(ppl):
+    assert ppl("fp8") / ppl(None) < 1.01
+
+
+def test_fp8_w8a8_reached(ppl):
+    # What holds (measured +1.2%): within +2%, and worse than INT8 weight-only (the order the formats imply).
+    assert ppl("int8_wo") < ppl("fp8") < 1.02 * ppl(None)
 
 
 def test_int4_rtn_is_worse_than_8_bit(ppl):
@@ -80,6 +90,24 @@ def test_int4_gptq_beats_rtn(ppl):
 
 def test_int4_awq_beats_rtn(ppl):
     assert ppl("int4_awq") < ppl("int4_wo")
+
+
+@pytest.mark.xfail(strict=True, reason="measured GPTQ +13.7% at group 128 (RTN +28.5%): see perf/RESULTS.md")
+def test_int4_gptq_within_6_percent(ppl):
+    assert ppl("int4_gptq") / ppl(None) < 1.06
+
+
+def test_int4_gptq_reached(ppl):
+    assert ppl("int4_gptq") / ppl(None) < 1.16
+
+
+@pytest.mark.xfail(strict=True, reason="measured AWQ +15.6% at group 128 (RTN +28.5%): see perf/RESULTS.md")
+def test_int4_awq_within_6_percent(ppl):
+    assert ppl("int4_awq") / ppl(None) < 1.06
+
+
+def test_int4_awq_reached(ppl):
+    assert ppl("int4_awq") / ppl(None) < 1.19
 
 
 def test_smoothquant_within_3_percent(ppl):
