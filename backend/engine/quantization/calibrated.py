@@ -72,10 +72,10 @@ def _gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dic
 def _fp8_gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
     """FP8 weights rounded by GPTQ's error feedback (the same e4m3 per-channel format and scales as
     round-to-nearest; the activations stay dynamic per token at run time). On SmolLM2-135M the weights' share
-    of the perplexity change went from +1.7% (round-to-nearest) to +0.9%. No smoothing: e4m3 is a
-    floating-point format, so moving magnitude between activations and weights leaves each product's relative
-    rounding error the same (per-token e4m3 errors were ~2.2% of the activation norm in every layer, with
-    under 2% of values subnormal in down_proj's input and under 0.2% elsewhere), unlike INT8 where SmoothQuant pays off."""
+    of the perplexity change went from +1.7% (round-to-nearest) to +0.9%. Not combined (yet) with
+    SmoothQuant-style smoothing: measured with round-to-nearest weights it gave a similar weight-side gain
+    (+1.0%) and barely moved the activations' share (+1.1% -> +1.0%) -- e4m3's error is relative, so only the
+    values pushed into the subnormal range gain from evening out the channels."""
     out = {}
     for name, linear, H in _hessians(runner, i):
         q, scales = gptq.gptq_quantize_fp8(linear.weight.data, H)
