@@ -25,6 +25,7 @@ How:
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -125,8 +126,8 @@ def _local_blocker(rank: int, world_size: int, device: torch.device, control) ->
     ids = torch.zeros(world_size, dtype=torch.int64)
     ids[rank] = device.index if device.index is not None else torch.cuda.current_device()
     dist.all_reduce(ids, group=control)
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+    try:  # import_module: an `import torch.x` statement here would make `torch` local to this whole function
+        importlib.import_module("torch.distributed._symmetric_memory")
     except ImportError as exc:
         return f"no torch.distributed._symmetric_memory ({exc})"
     missing = [name for name in REQUIRED_OPS if not hasattr(torch.ops.symm_mem, name)]
