@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="int8_wo, int4_wo, int4_awq, int4_gptq, fp8 or int8_sq (default: none)")
     quant.add_argument("--quant-group-size", type=int, default=128, help="INT4 group size (default 128)")
     quant.add_argument("--calib-file", default=None,
-                       help="calibration text for int4_awq/int4_gptq/int8_sq (default: the bundled corpus)")
+                       help="calibration text for int4_awq/int4_gptq/int8_sq/fp8 (default: the bundled corpus)")
     quant.add_argument("--quant-device", default="cpu", choices=["cpu", "cuda"], help="where calibration runs")
     engine = parser.add_argument_group("engine settings (backend/engine/config.py)")
     for f in dataclasses.fields(EngineConfig):
