@@ -1,17 +1,18 @@
 """A few threads that stream the responses of every running request.
 
-Why not a thread per request: under the mixed workload on an H200 (256 concurrent streams) a thread per
-request sent every token as its own response, and the server delivered 1,931 output tok/s (~1.9k responses/s)
-against 10,250 offline (perf/RESULTS.md); one response costs the stub ~0.44 ms of IPC (measured on CPU), so
-the response rate, not the engine, set the pace. Here the engine's step thread only marks a session as ready
+Why not a thread per request: 256 threads waking to poll and each sending every token as its own response
+were part of why the mixed workload on an H200 reached 1,931 output tok/s against 10,250 offline (the larger
+part was the engine's step loop sharing the stub's GIL, now in its own process: engine/engine_process.py;
+perf/RESULTS.md has the measurements). Here the engine's output reader only marks a session as ready
 (a queue put); a lane's thread takes its ready sessions in batches, so when sends fall behind a session sends
 one response carrying every token that arrived meanwhile, and one sweep per lane checks its sessions for
 client cancellation.
 
 Why several lanes: the stub's `send` releases the GIL and waits for tritonserver to take the response, and
 tritonserver takes them on a pool of threads (python_backend's `thread_pool_`, 32 by default), so sends from
-different threads overlap. Each session belongs to one lane for its whole life, which keeps its responses in
-order; a new session goes to the lane with the fewest.
+different threads overlap (on the H200, 4 lanes and 1 gave the same throughput and 4 the lower TTFT). Each
+session belongs to one lane for its whole life, which keeps its responses in order; a new session goes to the
+lane with the fewest.
 """
 from __future__ import annotations
 
