@@ -25,17 +25,7 @@ for variant in ${VARIANTS:-process:4}; do
     --responder-threads "$threads" $([ "$mode" = stub ] && echo --no-engine-process) --quiet
   python3 -m tools.serve --model-repository /tmp/bench-repo >"$OUT/server-$mode-$threads.log" 2>&1 &
   server=$!
-  python3 - <<'PY'
-import os, time, urllib.request
-for _ in range(int(os.environ.get('READY_S', 240))):
-    try:
-        if urllib.request.urlopen("http://localhost:8000/v2/health/ready", timeout=2).status == 200:
-            break
-    except OSError:
-        time.sleep(1)
-else:
-    raise SystemExit("server not ready in time")
-PY
+  python3 -m perf.wait_ready --url http://localhost:8000 --timeout "${READY_S:-240}" || { kill -TERM $server; exit 1; }
   python3 -m perf.load_mixed --requests 32 --new-tokens 16 --seed 6 --timeout 120 | grep -E "all_finished|errors" -A1  # warm
   python3 -m perf.load_mixed --out "$OUT/server_mixed-$mode-$threads.json" --timeout "${LOAD_TIMEOUT:-300}" >/dev/null
   kill -TERM "$server"; wait "$server"

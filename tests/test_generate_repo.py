@@ -178,3 +178,13 @@ def test_responder_threads_setting(value, expected):
             responder_threads({"responder_threads": value})
     else:
         assert responder_threads({"responder_threads": value} if value else {}) == expected
+
+
+@pytest.mark.parametrize("groups, expected", [
+    (None, 1), ([{"count": 1, "kind": "KIND_MODEL"}], 1), ([{"count": 2, "kind": "KIND_CPU"}], 2),
+    ([{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}], 2), ([{"count": 2, "kind": "KIND_GPU", "gpus": [0, 2, 3]}], 6),
+])
+def test_declared_instances(groups, expected):
+    from backend.serving.engine_settings import declared_instances
+
+    assert declared_instances({} if groups is None else {"instance_group": groups}) == expected

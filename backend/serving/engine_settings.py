@@ -49,6 +49,13 @@ def engine_in_child(serving: dict[str, str]) -> bool:
     return text == "true"
 
 
+def declared_instances(model_config: dict) -> int:
+    """Instances the model config declares: count per group, times its GPUs when it lists them (a KIND_GPU
+    group without a list runs count on every visible GPU: counted once, as this stays Triton- and CUDA-free)."""
+    return sum(int(group.get("count", 1)) * max(1, len(group.get("gpus") or []))
+               for group in model_config.get("instance_group") or [{}])
+
+
 def from_parameters(parameters: dict[str, str], model_dir: str | None = None) -> EngineConfig:
     """Parses Triton's {key: {"string_value": v}} or plain {key: v}; a relative `model` is under model_dir.
     SERVING_KEYS are skipped (see serving_settings); any other unknown key is an error naming it."""
