@@ -38,7 +38,10 @@ def child_pids() -> list[int]:
 
 
 def make_engine(checkpoint, tp: int, **overrides) -> LLMEngine:
-    settings = dict(model=str(checkpoint), kv_cache_memory_mb=4, tensor_parallel_size=tp, max_num_seqs=8)
+    # device cpu: these are the gloo checks, on any machine (on a 1-GPU machine "auto" picked cuda and TP2 failed
+    # for want of a second GPU); the GPU runs are perf/bench_multi_gpu.py's and tests/test_custom_all_reduce.py's
+    settings = dict(model=str(checkpoint), kv_cache_memory_mb=4, tensor_parallel_size=tp, max_num_seqs=8,
+                    device="cpu")
     return LLMEngine(EngineConfig(**{**settings, **overrides}))
 
 
@@ -134,7 +137,8 @@ def test_killed_worker_fails_the_engine_in_bounded_time(tmp_path):
 
 def test_killed_worker_fails_in_flight_requests_with_an_error(tmp_path):
     checkpoint = make_tiny_checkpoint("llama", tmp_path / "llama")
-    engine = AsyncEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_mb=4, tensor_parallel_size=2))
+    engine = AsyncEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_mb=4, tensor_parallel_size=2,
+                                      device="cpu"))
     try:
         streams = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=100_000, ignore_eos=True))
                    for i, p in enumerate(PROMPTS)]
