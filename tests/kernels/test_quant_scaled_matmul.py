@@ -39,6 +39,8 @@ def test_scaled_matmul(M, N, K, kind, out_dtype, device):
     got = sm.scaled_matmul_triton(xq, xs, wq, ws, out_dtype)
     want = sm.scaled_matmul_ref(xq, xs, wq, ws, torch.float32)
     tol = 1e-2 if out_dtype == torch.bfloat16 else 2e-3
+    if kind == "fp8" and got.is_cuda:  # Hopper's FP8 MMA accumulator keeps ~14 bits (see _scaled_mm_kernel):
+        tol = max(tol, 2e-2)  # measured up to 1.2% at K 4096 on an H100; a wrong scale or tile is off by far more
     torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
 
 
