@@ -122,10 +122,11 @@ def mixed_workload(engine: LLMEngine, vocab: int) -> float:
     return 256 * NEW_TOKENS / run_all(engine, mixed, greedy(NEW_TOKENS))
 
 
-def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool = False) -> None:
+def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool = False,
+               batched_tokens: int = 8192) -> None:
     def make(**kw):
         settings = dict(model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
-                        max_num_batched_tokens=8192, max_model_len=4096, gpu_memory_utilization=0.85)
+                        max_num_batched_tokens=batched_tokens, max_model_len=4096, gpu_memory_utilization=0.85)
         settings.update(kw)
         return LLMEngine(EngineConfig(**settings))
 
@@ -197,13 +198,21 @@ def main() -> None:
     parser.add_argument("--out", default="bench_engine.json")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--mixed-only", action="store_true", help="only our mixed workload (no baselines)")
+    parser.add_argument("--batched-tokens", default="8192",
+                        help="max_num_batched_tokens; with --mixed-only a comma-separated list runs the mixed "
+                             "workload once per value (mixed_256_output_tok_s_<value> beyond the first)")
     args = parser.parse_args()
+    token_budgets = [int(v) for v in args.batched_tokens.split(",")]
     results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "shapes": {}}
     for i, shape in enumerate(args.shapes.split(",")):
         out = results["shapes"].setdefault(shape, {})
         with tempfile.TemporaryDirectory() as folder:
             write_config(shape, folder)
-            bench_ours(shape, folder, results["ceilings"], out, args.mixed_only)
+            bench_ours(shape, folder, results["ceilings"], out, args.mixed_only, token_budgets[0])
+            for budget in token_budgets[1:] if args.mixed_only else []:
+                extra: dict = {}
+                bench_ours(shape, folder, results["ceilings"], extra, True, budget)
+                out[f"mixed_256_output_tok_s_{budget}"] = extra["mixed_256_output_tok_s"]
             if not (args.skip_transformers or args.mixed_only):
                 bench_transformers(folder, out, full=(i == 0))
         with open(args.out, "w") as f:
