@@ -140,6 +140,10 @@ def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool 
     run_all(engine, random_prompts(4, 64, 64, vocab), greedy(8))  # warm the allocator and cuBLAS
     if mixed_only:
         out["mixed_256_output_tok_s"] = mixed_workload(engine, vocab)
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()  # the next engine (another --batched-tokens) sizes its KV cache from free memory
         return
     for batch in (1, 16, 64, 256):
         out[f"decode_b{batch}_tok_s"] = decode_rate(engine, batch, vocab)
