@@ -72,9 +72,11 @@ def test_refusals_arrive_as_final_outputs_with_their_codes(tiny_checkpoint):
         streams = [engine.add_request(f"q{i}", [5, 6, 7], long) for i in range(4)]
         outcomes = [collect(stream)[1] for stream in streams]
         refused = [o for o in outcomes if o.error_code]
-        # one runs, one waits; the others find the waiting queue full
-        assert refused and all(o.error_code == "UNAVAILABLE" and "max_waiting_requests" in o.error for o in refused)
-        assert sum(o.finish_reason == "length" for o in outcomes) == len(outcomes) - len(refused) >= 2
+        # at most one running and one waiting when each arrives (adds that arrive together enter the same step,
+        # so the first may still be waiting when the second comes): the rest find the waiting queue full
+        assert len(refused) >= 2
+        assert all(o.error_code == "UNAVAILABLE" and "max_waiting_requests" in o.error for o in refused)
+        assert [o.finish_reason for o in outcomes if not o.error_code] in (["length"], ["length", "length"])
     finally:
         engine.shutdown()
 

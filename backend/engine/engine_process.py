@@ -225,6 +225,7 @@ class EngineLoop:
         self.engine = engine
         self.inbox: queue.SimpleQueue[dict | None] = queue.SimpleQueue()  # None: the parent is gone
         self._last_stats = 0.0
+        self._sent_stats: dict | None = None
         threading.Thread(target=self._receive, name="tritium-engine-receiver", daemon=True).start()
 
     def _receive(self) -> None:
@@ -278,13 +279,16 @@ class EngineLoop:
             return self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
 
     def _send(self, outputs: list[RequestOutput], idle: bool, force_stats: bool = False) -> None:
+        """Outputs, and the stats when due: at most every STATS_PERIOD_S while stepping; when idle, once changed."""
         message: dict = {}
         if outputs:
             message["outputs"] = [output_to_list(o) for o in outputs]
         now = time.monotonic()
-        if force_stats or (outputs or idle) and (idle or now - self._last_stats >= STATS_PERIOD_S):
-            message["stats"] = self.engine.stats()
-            self._last_stats = now
+        if force_stats or idle or now - self._last_stats >= STATS_PERIOD_S:
+            stats = self.engine.stats()
+            if force_stats or not idle or stats != self._sent_stats:
+                message["stats"] = self._sent_stats = stats
+                self._last_stats = now
         if message:
             self.conn.send_bytes(encode(message))
 
