@@ -282,7 +282,9 @@ def test_grpc_cancel_mid_stream_frees_every_block(server):
         stream = client.stream("Tell me a very long story.", 150, min_tokens=150)
         for _ in range(3):
             next(stream)
-        assert engine_metrics(server)["kv_blocks_used"] > 0
+        # metrics are periodic (the engine process sends stats every 0.1 s, the backend pushes them every 0.2 s)
+        busy = wait_for_metrics(server, lambda m: m["kv_blocks_used"] > 0, timeout=5)
+        assert busy["kv_blocks_used"] > 0
         client.cancel()
         idle = wait_for_metrics(server, lambda m: m["num_running"] == 0 and m["kv_blocks_used"] == 0, timeout=5)
     assert idle["num_running"] == 0 and idle["num_waiting"] == 0 and idle["kv_blocks_used"] == 0
