@@ -69,13 +69,13 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig):
         from .checkpoint import resolve_checkpoint
-        from .parallel.workers import REPO_ROOT, python_executable
+        from .parallel.workers import REPO_ROOT, child_environment, python_executable
 
         # Resolved here, once (converting a GGUF if need be), so the child and the tokenizer read the same folder
         checkpoint = resolve_checkpoint(config.model or None)
         config = dataclasses.replace(config, model=str(checkpoint))
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        env = child_environment()
         argv = [python_executable(), "-m", "backend.engine.engine_process", "--fd", str(theirs.fileno()),
                 "--parent-pid", str(os.getpid())]
         self.process = subprocess.Popen(argv, env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,

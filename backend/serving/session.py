@@ -1,8 +1,9 @@
 """One request's life after `execute`: engine outputs in, responses out. Triton-free (tested with fakes).
 
 The sink is whatever can send a response: `send(outputs: dict, final: bool)`, `send_error(message, code_name)`
-(always final; code_name as in engine/errors.error_code_name) and `is_cancelled()`. The final flag rides on the last data response, so a non-streamed
-request gets exactly one response, which the HTTP generate endpoint and Triton's OpenAI frontend need.
+(always final; code_name as in engine/errors.error_code_name) and `is_cancelled()`. The final flag rides on the
+last data response, so a non-streamed request gets exactly one response, which the HTTP generate endpoint and
+Triton's OpenAI frontend need.
 An optional observer hears of token arrivals and of the request's end (latency metrics); it runs on the
 thread that streams the responses (one of the server's responder threads), so it must be cheap.
 """

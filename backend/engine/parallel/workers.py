@@ -38,6 +38,12 @@ class WorkerDiedError(EngineError):
     """A tensor-parallel worker exited: the engine cannot run another step and must be reloaded."""
 
 
+def child_environment() -> dict[str, str]:
+    """os.environ with this repository first on PYTHONPATH: a child started with `python -m backend...` from the
+    Triton stub (whose cwd is elsewhere) must import the same code."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def python_executable() -> str:
     """The interpreter for workers. Inside Triton's Python stub sys.executable may be the stub binary; the
     stub finds its packages through the python3 first on PATH (ENVIRONMENT.md), so that is the fallback."""
@@ -61,7 +67,7 @@ class WorkerPool:
         self._monitor.start()
 
     def _start(self, rank: int, world_size: int, port: int, config: dict, checkpoint_dir: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        env = child_environment()
         argv = [python_executable(), "-m", "backend.engine.parallel.worker", "--rank", str(rank),
                 "--world-size", str(world_size), "--store-port", str(port), "--checkpoint", checkpoint_dir,
                 "--parent-pid", str(os.getpid()), "--config", json.dumps(config)]
