@@ -23,15 +23,7 @@ fi
 BENCH="$PY perf/bench_multi_gpu.py"
 echo "python: $PY ($($PY -c 'import torch; print(torch.__version__, torch.cuda.device_count(), "GPUs")'))"
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run one part; a failure or timeout is recorded, the run goes on
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  echo "== $name (limit ${limit}s)"
-  timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "   rc=$rc in $((SECONDS - start)) s; last line: $(grep -v Warning "$OUT/$name.log" | tail -n 1 | cut -c1-300)"
-  echo "$rc" >"$OUT/$name.rc"
-}
+source perf/device_steps.sh  # step NAME LIMIT_S COMMAND...
 
 step equality 240 $BENCH equality --tp "$TPS" $SMOKE --out "$OUT/equality.json"
 step decode_tp1 90 $BENCH decode --tp 1 $SMOKE --out "$OUT/decode_tp1.json"

@@ -9,13 +9,8 @@
 # and Triton's own statistics for `llm`.
 #   bash perf/gpu_replicas.sh    # writes $OUT/<server>-<requests>.json, <server>-metrics.txt, <server>-stats.json
 set -uo pipefail
-source .device/unpack.sh
-source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/tritium-out}
-mkdir -p "$OUT"
+source perf/gpu_server_env.sh   # the server, the stub's numpy, $OUT, ENGINE_FLAGS
 ADMIN_KEY=replicas-bench  # statistics is an admin API (tools/serve.py); this run reads it
-ENGINE_FLAGS="--dtype bfloat16 --max-batch-size 256 --max-seq-len 4096 --max-num-batched-tokens 8192 --gpu-memory-utilization 0.85 --device cuda"
 python3 perf/make_bench_checkpoint.py --shape llama3-8b --out /tmp/bench-ckpt >/dev/null
 
 serve_and_load() {  # serve_and_load NAME "GENERATE FLAGS" REQUEST_COUNTS...

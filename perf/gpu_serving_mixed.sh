@@ -6,13 +6,8 @@
 #     process|stub: the engine's step loop in its own process (default) or in the Python stub (--no-engine-process);
 #     the number: responder threads (--responder-threads)
 set -uo pipefail
-source .device/unpack.sh
-source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/tritium-out}
-mkdir -p "$OUT"
+source perf/gpu_server_env.sh   # the server, the stub's numpy, $OUT, ENGINE_FLAGS
 SHAPE=${SHAPE:-llama3-8b}
-ENGINE_FLAGS="--dtype bfloat16 --max-batch-size 256 --max-seq-len 4096 --max-num-batched-tokens 8192 --gpu-memory-utilization 0.85 --device cuda"
 
 # SKIP_OFFLINE=1 reuses $OUT/offline_mixed.json from an earlier run (say so when reporting the ratio)
 [ -n "${SKIP_OFFLINE:-}" ] || python3 perf/bench_engine.py --shapes "$SHAPE" --mixed-only --out "$OUT/offline_mixed.json" 2>&1 | grep -v Warning | tail -4

@@ -17,16 +17,11 @@ if [ "${1:-}" = "--prepare" ]; then
   ls -la "$NUMPY_WHEEL_DIR"; du -sh .device
   exit 0
 fi
-source .device/unpack.sh
-source perf/device_stub_env.sh   # numpy 1.26 for the Python backend stub (it ignores PYTHONPATH)
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/tritium-out}
-mkdir -p "$OUT"
+source perf/gpu_server_env.sh   # the server, the stub's numpy 1.26 (it ignores PYTHONPATH), $OUT, ENGINE_FLAGS
 SHAPE=${SHAPE:-llama3-8b}
 CONCURRENCY=${CONCURRENCY:-1,4,16,64,256}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 LABEL=${LABEL:-$(echo "$GPU" | grep -o -i -E 'h100|h200' | tr 'A-Z' 'a-z' | head -1)-$SHAPE}
-ENGINE_FLAGS="--dtype bfloat16 --max-batch-size 256 --max-seq-len 4096 --max-num-batched-tokens 8192 --gpu-memory-utilization 0.85 --device cuda"
 
 python3 perf/make_bench_checkpoint.py --shape "$SHAPE" --out /tmp/bench-ckpt >/dev/null
 python3 -m tools.generate_repo --output-dir /tmp/bench-repo --model /tmp/bench-ckpt --load-format dummy $ENGINE_FLAGS --quiet

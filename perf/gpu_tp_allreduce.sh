@@ -30,20 +30,7 @@ echo "python: $PY ($($PY -c 'import torch; print(torch.__version__, torch.cuda.d
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 nvidia-smi topo -m >"$OUT/topo.txt" 2>&1 && head -n 4 "$OUT/topo.txt"
 
-step() {  # step NAME LIMIT_S COMMAND...: one part; its failure or timeout is recorded and the run goes on
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET_S - SECONDS))
-  if ((left < 20)); then
-    echo "== $name: skipped (time budget spent)"; echo "skipped" >"$OUT/$name.rc"; return
-  fi
-  ((limit > left)) && limit=$left
-  local start=$SECONDS
-  echo "== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "   rc=$rc in $((SECONDS - start)) s; last line: $(grep -v Warning "$OUT/$name.log" | tail -n 1 | cut -c1-300)"
-  echo "$rc" >"$OUT/$name.rc"
-}
+source perf/device_steps.sh  # step NAME LIMIT_S COMMAND..., within BUDGET_S
 
 TRITIUM_AR_TEST_JSON="$OUT/gpu_test_ranks.json" step gpu_test 120 \
   "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_custom_all_reduce.py
