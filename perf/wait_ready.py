@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.serve import is_ready  # noqa: E402
 
 
 def wait_ready(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2).status == 200:
-                return True
-        except OSError:
-            pass
+        if is_ready(url):
+            return True
         time.sleep(1)
     return False
 

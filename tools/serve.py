@@ -137,6 +137,15 @@ def numpy_warning() -> str | None:
     return None
 
 
+def is_ready(http_url: str) -> bool:
+    """GET /v2/health/ready answers 200 (any error, refused connection or other status: not yet)."""
+    try:
+        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class TritonServer:
     """A tritonserver child process; a context manager that waits for readiness and stops it on exit."""
 
@@ -177,18 +186,13 @@ class TritonServer:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://localhost:{self.http_port}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready"
                                    + (f"; see {self.log_path}" if self.log_path else ""))
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        self._watch_stubs()
-                        return
-            except OSError:
-                pass
+            if is_ready(f"http://localhost:{self.http_port}"):
+                self._watch_stubs()
+                return
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s")
 
