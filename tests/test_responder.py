@@ -102,29 +102,27 @@ class MeetingSink(RecordingSink):
         super().send(outputs, final)
 
 
-def test_lanes_send_at_the_same_time():
-    """The stub's send waits for tritonserver with the GIL released; two lanes must overlap their sends."""
-    responder, engine = Responder(threads=2, poll_s=0.01), AbortingEngine()
+def two_meeting_sessions(threads: int) -> list[MeetingSink]:
+    """Two non-streamed requests whose sends must meet, on a responder with `threads` lanes; their sinks."""
+    responder, engine = Responder(threads=threads, poll_s=0.01), AbortingEngine()
     barrier = threading.Barrier(2)
     sessions = [start(responder, engine, f"m{i}", sink=MeetingSink(barrier), stream=False) for i in range(2)]
     for stream, _ in sessions:
         feed(stream, [1, 2, 0])
     wait_until(lambda: responder.active() == 0)
-    for _, sink in sessions:  # a broken barrier (sends one after another) would have raised inside send
-        assert not sink.errors and text(sink.sent[-1][0]) == "Hello world"
     responder.stop(timeout=1)
+    return [sink for _, sink in sessions]
+
+
+def test_lanes_send_at_the_same_time():
+    """The stub's send waits for tritonserver with the GIL released; two lanes must overlap their sends."""
+    for sink in two_meeting_sessions(threads=2):  # a broken barrier (sends one after another) raised inside send
+        assert not sink.errors and text(sink.sent[-1][0]) == "Hello world"
 
 
 def test_one_lane_sends_one_at_a_time():
     """The barrier above can fail: with one lane the two sends cannot meet, and both requests fail loudly."""
-    responder, engine = Responder(threads=1, poll_s=0.01), AbortingEngine()
-    barrier = threading.Barrier(2)
-    sessions = [start(responder, engine, f"o{i}", sink=MeetingSink(barrier), stream=False) for i in range(2)]
-    for stream, _ in sessions:
-        feed(stream, [1, 2, 0])
-    wait_until(lambda: responder.active() == 0)
-    assert all(sink.errors and "BrokenBarrierError" in sink.errors[0] for _, sink in sessions)
-    responder.stop(timeout=1)
+    assert all(sink.errors and "BrokenBarrierError" in sink.errors[0] for sink in two_meeting_sessions(threads=1))
 
 
 def test_sessions_spread_over_lanes():
