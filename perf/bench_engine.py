@@ -11,6 +11,7 @@ without prefix caching, and the same workloads on transformers (eager generate; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -91,10 +92,9 @@ def decode_rate(engine: LLMEngine, batch: int, vocab: int) -> float:
     """tok/s of decode steps alone: prefill everything first, then time the remaining steps."""
     for i, prompt in enumerate(random_prompts(batch, 128, 128, vocab, seed=batch)):
         engine.add_request(f"d{batch}-{i}", prompt, greedy(NEW_TOKENS))
-    scheduler = engine.scheduler
-    while scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+    while prefill_pending(engine):
         engine.step()
-    already = sum(r.num_output_tokens for r in scheduler.running)
+    already = sum(r.num_output_tokens for r in engine.scheduler.running)
     return (batch * NEW_TOKENS - already) / timed(lambda: drain(engine))
 
 
@@ -122,8 +122,53 @@ def mixed_workload(engine: LLMEngine, vocab: int) -> float:
     return 256 * NEW_TOKENS / run_all(engine, mixed, greedy(NEW_TOKENS))
 
 
+def prefill_pending(engine: LLMEngine) -> bool:
+    scheduler = engine.scheduler
+    return bool(scheduler.num_waiting) or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+
+
+def mixed_phases(engine: LLMEngine, vocab: int, profile: bool = False) -> dict:
+    """The mixed workload split in two: steps while some prompt is still being prefilled (chunks of new
+    tokens beside the decodes of the requests already started), then the pure-decode steps to the end.
+    Step times are host wall times of the asynchronous loop; over many steps they track the GPU. Prompts of
+    another seed than the timed run's, so the prefix cache does not serve them. With `profile`, each phase
+    also runs under torch.profiler and reports GPU time per kernel name (slower: time a run without it)."""
+    mixed = random_prompts(256, 64, 512, vocab, seed=25 if profile else 15)
+    for i, prompt in enumerate(mixed):
+        engine.add_request(f"ph{i}-{profile}", prompt, greedy(NEW_TOKENS))
+    out: dict = {}
+
+    def phase(name: str, running) -> None:
+        steps = 0
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile \
+                else contextlib.nullcontext() as prof:
+            while running():
+                engine.step()
+                steps += 1
+            torch.cuda.synchronize()
+        out[f"{name}_phase_s"], out[f"{name}_phase_steps"] = time.perf_counter() - start, steps
+        if profile:
+            out[f"{name}_kernels"] = kernel_table(prof, steps)
+
+    phase("prefill", lambda: prefill_pending(engine))
+    out["output_tokens_in_prefill_phase"] = sum(r.num_output_tokens for r in engine.scheduler.running)
+    phase("decode", engine.has_unfinished)
+    out["decode_ms_per_step"] = 1e3 * out["decode_phase_s"] / max(1, out["decode_phase_steps"])
+    return out
+
+
+def kernel_table(prof, steps: int, top: int = 25) -> dict:
+    """GPU microseconds per step for each kernel name, largest first, with the total."""
+    kernels = {e.key[:100]: {"us_per_step": e.device_time_total / steps, "calls_per_step": e.count / steps}
+               for e in prof.key_averages() if e.device_time_total > 0}
+    ordered = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])[:top])
+    return {"gpu_us_per_step": sum(k["us_per_step"] for k in kernels.values()), "kernels": ordered}
+
+
 def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool = False,
-               batched_tokens: int = 8192) -> None:
+               batched_tokens: int = 8192, profile: bool = False) -> None:
     def make(**kw):
         settings = dict(model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
                         max_num_batched_tokens=batched_tokens, max_model_len=4096, gpu_memory_utilization=0.85)
@@ -140,6 +185,9 @@ def bench_ours(shape: str, folder: str, ceil: dict, out: dict, mixed_only: bool 
     run_all(engine, random_prompts(4, 64, 64, vocab), greedy(8))  # warm the allocator and cuBLAS
     if mixed_only:
         out["mixed_256_output_tok_s"] = mixed_workload(engine, vocab)
+        if profile:
+            out["mixed_phases"] = mixed_phases(engine, vocab)
+            out["mixed_phases_profiled"] = mixed_phases(engine, vocab, profile=True)
         engine.shutdown()
         del engine
         gc.collect()
@@ -205,6 +253,9 @@ def main() -> None:
     parser.add_argument("--batched-tokens", default="8192",
                         help="max_num_batched_tokens; with --mixed-only a comma-separated list runs the mixed "
                              "workload once per value (mixed_256_output_tok_s_<value> beyond the first)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --mixed-only: also time the mixed run's prefill and decode phases apart, then "
+                             "once more under torch.profiler for GPU time per kernel and step in each phase")
     args = parser.parse_args()
     token_budgets = [int(v) for v in args.batched_tokens.split(",")]
     results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "shapes": {}}
@@ -212,7 +263,7 @@ def main() -> None:
         out = results["shapes"].setdefault(shape, {})
         with tempfile.TemporaryDirectory() as folder:
             write_config(shape, folder)
-            bench_ours(shape, folder, results["ceilings"], out, args.mixed_only, token_budgets[0])
+            bench_ours(shape, folder, results["ceilings"], out, args.mixed_only, token_budgets[0], args.profile)
             for budget in token_budgets[1:] if args.mixed_only else []:
                 extra: dict = {}
                 bench_ours(shape, folder, results["ceilings"], extra, True, budget)
@@ -230,6 +281,14 @@ def print_table(results: dict) -> None:
     for shape, out in results["shapes"].items():
         print(f"\n{shape}")
         for key, value in out.items():
+            if key == "mixed_phases_profiled":
+                for phase in ("prefill", "decode"):
+                    table = value[f"{phase}_kernels"]
+                    print(f"  {phase} phase under the profiler: {value[f'{phase}_phase_steps']} steps, GPU "
+                          f"{table['gpu_us_per_step']:.0f} us per step")
+                    for name, k in list(table["kernels"].items())[:12]:
+                        print(f"    {k['us_per_step']:9.1f} us  x{k['calls_per_step']:5.1f}  {name[:80]}")
+                continue
             print(f"  {key:36s} {value:12.3f}" if isinstance(value, float) else f"  {key:36s} {value}")
 
 

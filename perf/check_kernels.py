@@ -179,7 +179,7 @@ def main() -> None:
         check_silu(tokens)
     for tokens in (64, 4096):
         check_rotary(tokens)
-    for batch, seq_len in ((1, 4096), (1, 32768), (16, 2048), (64, 4096), (256, 1024)):
+    for batch, seq_len in ((1, 4096), (1, 32768), (16, 2048), (64, 4096), (256, 1024), (256, 352)):
         check_attention("decode", [(seq_len, 1)] * batch, f"B={batch} L={seq_len}", copy_bw=copy_bw)
     check_attention("decode", [(2048, 1)] * 32, "B=32 L=2048", 9, 3, 64, copy_bw=copy_bw)  # SmolLM2-135M
     check_attention("prefill", [(4096, 4096)], "1 x 4096 new")

@@ -202,6 +202,19 @@ def test_greedy_tie_takes_lowest_id_and_input_is_untouched():
     assert torch.equal(logits, before)
 
 
+def test_plain_greedy_argmax_in_bf16_matches_the_float64_reference():
+    # all-greedy batches without penalties take the argmax of the bf16 logits (no float32 copy)
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    logits[::2, 5] = logits[::2, 6] = 10.0  # exact ties on even rows: the lower id wins
+    favourites = logits.float().argmax(-1).tolist()
+    requests = [make_request(output=[1] * i, min_tokens=4, end_ids=[favourites[i]]) for i in range(16)]
+    before = logits.clone()
+    got = SAMPLER(logits, requests).token_ids
+    assert got == np.argmax(processed(logits.float(), requests), axis=-1).tolist()
+    assert [got[i] != favourites[i] for i in range(16)] == [i < 4 for i in range(16)]  # EOS banned until 4 out
+    assert torch.equal(logits, before)
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e-6])
 def test_tiny_temperature_is_greedy_without_nan(temperature):
     logits = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))

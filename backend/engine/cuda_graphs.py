@@ -53,7 +53,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv_caches)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, float32=False)
 
     @torch.inference_mode()
     def capture(self) -> None:

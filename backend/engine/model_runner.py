@@ -155,13 +155,9 @@ class ModelRunner:
         from backend.kernels.triton_ops import warmup
 
         mc = self.shard_config
-        if self.config.kv_cache_dtype != "auto":
-            from backend.kernels.kv_quant import warmup_quantized_kv
-
-            return warmup_quantized_kv(self.ops, mc, self.kv_caches[0], self.dtype)
         warmup(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_q_heads=mc.num_heads,
                num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, kv_cache=self.kv_caches[0], dtype=self.dtype,
-               eps=mc.rms_norm_eps)
+               eps=mc.rms_norm_eps, ops=self.ops)
 
     def _warm_up_forward(self, max_model_len: int) -> None:
         """Eager forwards over the batch shapes traffic brings (a long prefill; a prefill chunk mixed with
@@ -258,7 +254,7 @@ class ModelRunner:
                                         batch.meta.seq_lens, batch.meta.block_tables)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            logits = self.model.compute_logits(hidden[batch.sample_rows], float32=False)
         return logits
 
     def _graph_fits(self, batch: BatchInputs) -> bool:

@@ -88,6 +88,11 @@ class Sampler:
         """Token ids [N] (int64) and, if any request asks, their logprobs [N], left on the device."""
         if output_positions is None:
             output_positions = [r.num_output_tokens for r in requests]
+        if _plain_greedy(requests):
+            # argmax needs no float32: bf16 -> float32 is exact, so the same row wins. This skips a float32
+            # copy of every logit (at batch 256 x 128k vocab, ~100 us of a ~12 ms step).
+            bans = _ban_pairs(requests, output_positions, logits.shape[1])
+            return (_set_banned(logits.clone(), bans) if bans else logits).argmax(dim=-1), None
         processed = self.process_logits(logits, requests, output_positions)
         tokens = self._choose(processed, requests, output_positions)
         if not any(r.sampling_params.logprobs for r in requests):
@@ -117,6 +122,12 @@ class Sampler:
         index = _device_tensor(rows, torch.int64, x.device)
         sampled = _sample(x.index_select(0, index), [requests[i] for i in rows], [output_positions[i] for i in rows])
         return tokens.index_copy(0, index, sampled)
+
+
+def _plain_greedy(requests: list[Request]) -> bool:
+    """Every row greedy, without penalties or logprobs: the argmax of the (banned) logits is the whole job."""
+    return all(p.greedy and not p.logprobs and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+               and p.frequency_penalty == 0.0 for p in (r.sampling_params for r in requests))
 
 
 def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> SampledTokens:
@@ -228,17 +239,23 @@ def banned_tokens(request: Request, output_position: int | None = None) -> list[
     return banned
 
 
+def _ban_pairs(requests: list[Request], output_positions: list[int], vocab: int) -> list[tuple[int, int]]:
+    """(row, token) for every banned token of every row."""
+    return [(i, t) for i, (r, position) in enumerate(zip(requests, output_positions))
+            for t in banned_tokens(r, position) if 0 <= t < vocab]
+
+
 def _apply_bans(x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:
-    vocab = x.shape[1]
-    pairs = [(i, t) for i, (r, position) in enumerate(zip(requests, output_positions))
-             for t in banned_tokens(r, position) if 0 <= t < vocab]
-    if not pairs:
-        return x
+    pairs = _ban_pairs(requests, output_positions, x.shape[1])
+    return _set_banned(x, pairs) if pairs else x
+
+
+def _set_banned(x: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
     rows, tokens = zip(*pairs)
     index = (_device_tensor(list(rows), torch.int64, x.device), _device_tensor(list(tokens), torch.int64, x.device))
     # torch.full on the device is a fill kernel; torch.tensor(..., device=cuda) would copy from pageable memory,
     # which synchronizes the stream and so would wait for the step still in flight under async scheduling.
-    return x.index_put_(index, torch.full((), float("-inf"), device=x.device))
+    return x.index_put_(index, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
 
 
 def _sample(x: torch.Tensor, requests: list[Request], output_positions: list[int]) -> torch.Tensor:

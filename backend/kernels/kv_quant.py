@@ -159,26 +159,31 @@ def _rotary_and_cache_quant_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_p
 
 
 @lazy_jit(do_not_specialize=["num_splits"])
-def _decode_split_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr,
+def _decode_split_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr, out_ptr,
                                q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
-                               num_splits, qk_scale,
+                               o_st, o_sh, num_splits, qk_scale,
                                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                               KV_INT8: tl.constexpr):
+                               ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr):
+    # Same grid, split rule and ONE_SPLIT epilogue as paged_attention._decode_split_kernel.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     start = s * split_len
-    if start >= seq_len:
-        return
-    end = tl.minimum(start + split_len, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
+    gm = g < GROUP
     qh = kvh * GROUP + g
     q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    if start >= seq_len:
+        if ONE_SPLIT:
+            tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
+                     tl.zeros([GROUP_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        return
+    end = tl.minimum(start + split_len, seq_len)
     q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
                 mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -207,10 +212,13 @@ def _decode_split_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, 
             p = p * v_scale.to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
-    gm = g < GROUP
-    po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
-    tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
-    tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
+    if ONE_SPLIT:
+        tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
+        tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
+        tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
 
 
 @lazy_jit(do_not_specialize=["max_q_len"])
@@ -319,19 +327,8 @@ def paged_attention_quant_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: 
             out.stride(0), out.stride(1), qk_scale, meta.max_query_len, GROUP=group, BLOCK_M=block_m,
             BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2, **common)
         return out
-    splits = pa.decode_num_splits(num_seqs, hkv, q.device)
-    po = pa._alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
-    pl = pa._alloc_workspace((num_seqs, hq, splits), q.device)
-    block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
-    _decode_split_quant_kernel[(num_seqs, hkv, splits)](
-        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl, *strides,
-        po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1), splits, qk_scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, num_warps=4,
-        num_stages=3, **common)
-    pa._decode_reduce_kernel[(num_seqs, hq)](
-        po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
-        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS_PAD=pa.MAX_SPLITS, num_warps=4)
+    pa.launch_decode(_decode_split_quant_kernel, q, kv_cache, meta, qk_scale, out, block_d,
+                     KV_INT8=kv_cache.dtype == torch.int8)
     return out
 
 
@@ -346,26 +343,3 @@ def quantized_kv_ops(base, kind: str):
                                    paged_attention=paged_attention_quant_triton, name="triton")
     return dataclasses.replace(base, rotary_and_cache=rotary_and_cache_quant_ref,
                                paged_attention=paged_attention_quant_ref)
-
-
-def warmup_quantized_kv(ops, model_config, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
-    """Compiles the quantized-cache kernels (cache write; decode and prefill attention) and the other fused
-    kernels of `ops`, on tiny inputs in the model's layout (writes slots 3..42 of kv_cache's first blocks)."""
-    from backend.kernels.triton_ops import _warmup_meta
-
-    mc, device = model_config, kv_cache.device
-    x = torch.randn(4, mc.hidden_size, dtype=dtype, device=device)
-    ops.rms_norm(x, torch.ones(mc.hidden_size, dtype=dtype, device=device), mc.rms_norm_eps)
-    ops.rms_norm(x, torch.ones(mc.hidden_size, dtype=dtype, device=device), mc.rms_norm_eps, torch.randn_like(x))
-    ops.silu_and_mul(torch.randn(4, 2 * mc.intermediate_size, dtype=dtype, device=device))
-    cos_sin = torch.randn(64, mc.head_dim, dtype=torch.float32, device=device)
-    sizes = [mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim]
-    for query_len in (1, 40):
-        meta = _warmup_meta(kv_cache.shape[2], query_len, device)
-        qkv = torch.randn(query_len, sum(sizes), dtype=dtype, device=device)
-        q, k, v = (t.view(query_len, -1, mc.head_dim) for t in qkv.split(sizes, dim=-1))
-        q, _ = ops.rotary_and_cache(q, k, v, torch.arange(3, 3 + query_len, device=device), cos_sin, kv_cache,
-                                    meta.slot_mapping)
-        ops.paged_attention(q, kv_cache, meta, mc.head_dim ** -0.5)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

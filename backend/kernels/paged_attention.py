@@ -5,6 +5,7 @@ sequence are the last `query_len` of its `seq_len` tokens, and each attends to e
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -60,28 +61,35 @@ MAX_SPLITS = 64  # upper bound of decode splits per (sequence, KV head): sizes t
 
 
 @lazy_jit(do_not_specialize=["num_splits"])
-def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr,
+def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr, out_ptr,
                          q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
-                         num_splits, qk_scale,
+                         o_st, o_sh, num_splits, qk_scale,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         ONE_SPLIT: tl.constexpr):
     # grid (num_seqs, Hkv, num_splits). Split s of sequence b covers keys [s * L, (s + 1) * L), where L is
     # cdiv(seq_len, num_splits) rounded up to BLOCK_N: computed here from the device seq_len, so the grid
     # needs no host knowledge of the lengths (CUDA-graph safe); splits past the end exit at once.
+    # ONE_SPLIT (num_splits == 1, large batches): the program owns its heads' whole context, so it writes the
+    # normalized output itself and no reduce runs (at batch 256 the reduce launch cost ~40 us per layer).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     start = s * split_len
-    if start >= seq_len:
-        return
-    end = tl.minimum(start + split_len, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
+    gm = g < GROUP
     qh = kvh * GROUP + g
     q_row = tl.load(qsl_ptr + b).to(tl.int64)
+    if start >= seq_len:
+        if ONE_SPLIT:  # an empty (padding) sequence gets zeros, as the reduce would give it
+            tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
+                     tl.zeros([GROUP_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        return
+    end = tl.minimum(start + split_len, seq_len)
     q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
                 mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -103,10 +111,13 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
         v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    gm = g < GROUP
-    po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
-    tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
-    tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
+    if ONE_SPLIT:
+        tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
+        tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
+        tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
 
 
 @lazy_jit(do_not_specialize=["num_splits"])
@@ -115,7 +126,8 @@ def _decode_reduce_kernel(po_ptr, pl_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                           SPLITS_PAD: tl.constexpr):
     # grid (num_seqs, Hq): merge the valid splits by their log-sum-exp (base 2). All splits are loaded at
-    # once (SPLITS_PAD rows): a loop over them was a chain of dependent loads, slow for short contexts.
+    # once (SPLITS_PAD rows, the split count rounded up to a power of two): a loop over them was a chain of
+    # dependent loads, slow for short contexts.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -193,12 +205,41 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head) for decode: enough programs for ~4 per SM, from shapes alone, so a
-    CUDA graph captured for a batch size stays valid for any context length."""
+@dataclasses.dataclass(frozen=True)
+class DecodeTile:
+    """Launch shape of the decode split kernel (perf/tune_decode_attention.py times the choices)."""
+    block_n: int  # keys per loop iteration
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4  # how many split programs decode_num_splits aims for per SM
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTile:
+    """Launch shape of the prefill kernel's large-query launch (the small-tile launch for decode rows and
+    short chunks is fixed); perf/tune_attention.py times the choices."""
+    block_m: int = 64  # (token, head) rows per program
+    block_n: int = 64  # keys per loop iteration
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_decode_tile(block_d: int) -> DecodeTile:
+    if block_d <= 64:
+        return DecodeTile(block_n=128)
+    if block_d <= 128:
+        # perf/tune_decode_attention.py, H100, 32/8 x 128: 128 keys and 4 stages beat 64 keys and 3 stages by
+        # 5.6% at 256 x 352 tokens and 3-5% at batch 1-128, within 1.3% elsewhere (best of 36 on average)
+        return DecodeTile(block_n=128, num_stages=4)
+    return DecodeTile(block_n=32)
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device, programs_per_sm: int = 4) -> int:
+    """Splits per (sequence, KV head) for decode: enough programs for `programs_per_sm` per SM, from shapes
+    alone, so a CUDA graph captured for a batch size stays valid for any context length."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    return max(1, min(MAX_SPLITS, math.ceil(4 * sms / max(1, num_seqs * num_kv_heads))))
+    return max(1, min(MAX_SPLITS, math.ceil(programs_per_sm * sms / max(1, num_seqs * num_kv_heads))))
 
 
 def _alloc_workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -211,51 +252,85 @@ def _attention_args(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
             kv_cache.stride(3), meta.block_tables.stride(0))
 
 
-def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+def launch_decode(split_kernel, q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | None = None,
+                  **constexprs) -> None:
+    """The decode launch shared by the bf16 and quantized-cache split kernels: split programs over
+    (sequence, KV head, split), then the log-sum-exp merge -- skipped when there is one split, where the
+    split kernel writes the output itself."""
     import triton
 
     num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
     hkv = kv_cache.shape[3]
-    splits = decode_num_splits(num_seqs, hkv, q.device)
-    po = _alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
-    pl = _alloc_workspace((num_seqs, hq, splits), q.device)
-    block_n = 128 if block_d <= 64 else (64 if block_d <= 128 else 32)
-    _decode_split_kernel[(num_seqs, hkv, splits)](
-        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl,
+    tile = tile or default_decode_tile(block_d)
+    splits = decode_num_splits(num_seqs, hkv, q.device, tile.programs_per_sm)
+    one_split = splits == 1
+    if one_split:  # no partials: the workspace arguments are placeholders the kernel never touches
+        po, pl = out, out[:, :, 0]
+    else:
+        po = _alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
+        pl = _alloc_workspace((num_seqs, hq, splits), q.device)
+    split_kernel[(num_seqs, hkv, splits)](
+        q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl, out,
         *_attention_args(q, kv_cache, meta), po.stride(0), po.stride(1), po.stride(2),
-        pl.stride(0), pl.stride(1), splits, qk_scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], num_warps=4, num_stages=3)
-    _decode_reduce_kernel[(num_seqs, hq)](
-        po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
-        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS_PAD=MAX_SPLITS, num_warps=4)
+        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits, qk_scale,
+        GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=tile.block_n, BLOCK_SIZE=kv_cache.shape[2], ONE_SPLIT=one_split, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **constexprs)
+    if not one_split:
+        _decode_reduce_kernel[(num_seqs, hq)](
+            po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
+            pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tile.block_n,
+            SPLITS_PAD=_splits_pad(splits), num_warps=4)
 
 
-def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+def _splits_pad(splits: int) -> int:
+    """Rows the reduce loads at once: 16 or MAX_SPLITS, two kernel variants (each masked row costs a little,
+    so 64 rows for 2 splits was waste; more variants would mean more compiles at warm-up)."""
+    return 16 if splits <= 16 else MAX_SPLITS
+
+
+def decode_variant_batch_sizes(num_kv_heads: int, device: torch.device) -> list[int]:
+    """One batch size per decode kernel variant (each reduce width, and the one-split kernel), for warm-up
+    to compile them all before live traffic."""
+    first_of_variant: dict[tuple[bool, int], int] = {}
+    for num_seqs in range(1, 64 * 1024):
+        splits = decode_num_splits(num_seqs, num_kv_heads, device)
+        first_of_variant.setdefault((splits == 1, _splits_pad(splits)), num_seqs)
+        if splits == 1:
+            break
+    return sorted(first_of_variant.values())
+
+
+def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
+    launch_decode(_decode_split_kernel, q, kv_cache, meta, qk_scale, out, block_d)
+
+
+def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d, tile: PrefillTile | None = None) -> None:
     """Two launches over the batch: sequences whose rows (query_len * GROUP) fit one small tile (decodes and
-    short chunks in a mixed batch) use BLOCK_M = 16 or the padded group, the rest 128-row tiles. One tile
+    short chunks in a mixed batch) use BLOCK_M = 16 or the padded group, the rest the large tile. One tile
     size for all wasted 7/8 of a 128-row tile's dot products on each decode row group."""
     import triton
 
+    # 64-row tiles, 4 warps by default: on an H100 128 rows / 8 warps was slower (1 x 4096 causal, 32/8 x 128:
+    # 577 -> 621 us; 512 new after 3584 cached: 137 -> 179 us).
+    tile = tile or (PrefillTile() if block_d <= 128 else PrefillTile(block_n=32))
     small_m = max(16, triton.next_power_of_2(group))
     small_q = small_m // group
     q_lens = [b - a for a, b in zip(meta.query_start_loc_cpu, meta.query_start_loc_cpu[1:])]
+    small_n = 64 if block_d <= 128 else 32
     launches = []
     if min(q_lens) <= small_q:
-        launches.append((small_m, 1, small_q, 1, 4))
+        launches.append((small_m, small_n, 1, small_q, 1, 4, 2))
     if meta.max_query_len > small_q:
-        # 64-row tiles, 4 warps: on an H100 128 rows / 8 warps was slower (1 x 4096 causal, 32/8 x 128:
-        # 577 -> 621 us; 512 new after 3584 cached: 137 -> 179 us).
-        big_m = 64
-        launches.append((big_m, small_q + 1, meta.max_query_len, triton.cdiv(meta.max_query_len * group, big_m), 4))
-    block_n = 64 if block_d <= 128 else 32
-    for block_m, lo, hi, m_tiles, warps in launches:
+        launches.append((tile.block_m, tile.block_n, small_q + 1, meta.max_query_len,
+                         triton.cdiv(meta.max_query_len * group, tile.block_m), tile.num_warps, tile.num_stages))
+    for block_m, block_n, lo, hi, m_tiles, warps, stages in launches:
         _prefill_kernel[(meta.num_seqs, kv_cache.shape[3], m_tiles)](
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
             *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale, lo, hi,
             GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_SIZE=kv_cache.shape[2], num_warps=warps, num_stages=2)
+            BLOCK_SIZE=kv_cache.shape[2], num_warps=warps, num_stages=stages)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

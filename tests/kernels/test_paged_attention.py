@@ -19,6 +19,8 @@ CPU_CASES = [
     ([(50, 13)], 6, 2, 24, 16),                                # cached prefix + chunk, head_dim not 2^k
     ([(30, 30), (45, 1), (64, 9), (5, 1)], 9, 3, 32, 16),      # mixed prefill / chunk / decode
     ([(40, 2), (70, 6), (33, 33)], 8, 1, 16, 16),              # group 8: 2-token chunk in the small tile
+    # 8 sequences x 2 KV heads fill the CPU's split target (4 "SMs" x 4): one split, no reduce
+    ([(5, 1), (40, 1), (17, 1), (64, 1), (1, 1), (33, 1), (16, 1), (90, 1)], 6, 2, 16, 16),
 ]
 GPU_CASES = [
     ([(1, 1), (2000, 1), (7, 1), (513, 1)], 32, 8, 128, 16),
@@ -27,6 +29,7 @@ GPU_CASES = [
     ([(777, 777), (300, 77), (64, 1), (1025, 1)], 32, 8, 128, 16),
     ([(2049, 333), (90, 90)], 9, 3, 64, 32),
     ([(4100, 4100)], 6, 2, 128, 16),
+    ([(300 + 7 * i, 1) for i in range(70)], 32, 8, 128, 16),  # 560 programs: one split on an H100/H200
 ]
 CASES = CPU_CASES + (GPU_CASES if ON_GPU else [])
 
@@ -81,16 +84,32 @@ def test_paged_attention(seqs, hq, hkv, head_dim, block_size, dtype, atol, rtol,
     torch.testing.assert_close(got.float(), reference(q, kv_cache, meta, scale), atol=atol, rtol=rtol)
 
 
-def test_decode_padding_sequence_gives_zeros(device, poisoned_workspace):
-    # A CUDA graph's batch is padded with empty sequences (seq_len 0): they must not produce NaN.
-    kv_cache, meta = make_batch([(20, 1), (1, 1)], 2, 16, 16, torch.float32, device)
-    meta.seq_lens[1] = 0
-    q = torch.randn(2, 4, 16, device=device)
-    got = paged_attention_triton(q, kv_cache, meta, 0.25)
-    assert torch.equal(got[1], torch.zeros_like(got[1]))
-    meta.seq_lens_cpu[1] = 1  # the reference needs at least one key; compare the real sequence only
-    tol = 5e-3 if ON_GPU else 1e-4  # float32 tl.dot is tf32 on the GPU
-    torch.testing.assert_close(got[0], reference(q, kv_cache, meta, 0.25)[0], atol=tol, rtol=tol)
+@pytest.mark.parametrize("num_seqs", [2, 300 if ON_GPU else 8])
+def test_decode_padding_sequence_gives_zeros(num_seqs, device, poisoned_workspace):
+    # A CUDA graph's batch is padded with empty sequences (seq_len 0): they must not produce NaN. With few
+    # sequences the reduce writes their rows; with many there is one split and the split kernel does.
+    seqs = [(20 + i, 1) for i in range(num_seqs)]
+    kv_cache, meta = make_batch(seqs, 2, 16, 16, torch.float32, device)
+    splits = pa.decode_num_splits(num_seqs, 2, torch.device(device))
+    assert (splits == 1) == (num_seqs > 2)
+    meta.seq_lens[-1] = 0
+    q = torch.randn(num_seqs, 4, 16, device=device)
+    got = paged_attention_triton(q, kv_cache, meta, 0.25, out=torch.full_like(q, float("nan")))
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+    meta.seq_lens_cpu[-1] = 1
+    tol = 5e-3 if ON_GPU else 1e-4
+    torch.testing.assert_close(got[:-1], reference(q, kv_cache, meta, 0.25)[:-1], atol=tol, rtol=tol)
+
+
+def test_decode_variant_batch_sizes_cover_every_variant(device):
+    dev = torch.device(device)
+    chosen = pa.decode_variant_batch_sizes(8, dev)
+
+    def variant(n):
+        splits = pa.decode_num_splits(n, 8, dev)
+        return splits == 1, pa._splits_pad(splits)
+    assert len({variant(n) for n in chosen}) == len(chosen)
+    assert {variant(n) for n in chosen} == {variant(n) for n in range(1, 2049)}
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

@@ -13,9 +13,11 @@ FP8_WRITE = pytest.param("fp8", marks=pytest.mark.skipif(not ON_GPU, reason="int
 CASES = [
     ([(17, 1), (33, 1), (130, 1)], 6, 2, 32, 16),                # decode (split + shared reduce)
     ([(30, 30), (45, 1), (64, 9), (5, 1)], 9, 3, 64, 16),       # prefill, chunk and decode rows in one launch
+    ([(9 + 7 * i, 1) for i in range(8)], 6, 2, 32, 16),          # one split on CPU (8 x 2 programs): no reduce
 ]
 if ON_GPU:
-    CASES += [([(1, 1), (2000, 1), (513, 1)], 32, 8, 128, 16), ([(777, 777), (300, 77), (1025, 1)], 32, 8, 128, 16)]
+    CASES += [([(1, 1), (2000, 1), (513, 1)], 32, 8, 128, 16), ([(777, 777), (300, 77), (1025, 1)], 32, 8, 128, 16),
+              ([(300 + 7 * i, 1) for i in range(70)], 32, 8, 128, 16)]
 
 
 def quant_batch(seqs, hkv, head_dim, block_size, kind, device):

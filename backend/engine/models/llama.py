@@ -168,12 +168,15 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> float32 logits [N, V]."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """[N, H] -> logits [N, V], in float32 or (float32=False, for the sampler, which converts only the
+        rows that need it) in the model's dtype."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp is not None:
-            return self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size).float()
-        return self.logits_linear(hidden, weight).float()
+            logits = self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size)
+        else:
+            logits = self.logits_linear(hidden, weight)
+        return logits.float() if float32 else logits
 
     # ---- weights -------------------------------------------------------------------------------------------
 
