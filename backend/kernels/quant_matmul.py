@@ -183,6 +183,40 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
+# K walked in chunks of WORDS int32 words (4 int8 weights each, so a row's chunk arrives in 16-byte loads),
+# fp32 products summed once at the end; the per-channel scale factors out of a row's dot product, so it is
+# applied once per row. (FasterTransformer's exponent trick for int8 -> float, measured against the plain
+# conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
+@lazy_jit
+def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = tl.arange(0, WORDS)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    num_words = K // 4
+    for k0 in range(0, num_words, WORDS):
+        word = k0 + words
+        word_ok = word < num_words
+        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
+        for i in tl.static_range(4):
+            x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
+    s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * s
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+W8_GEMV_MAX_K = 8192  # longer rows keep the split-K kernel: it spreads a row over programs (down_proj: 25 vs 27 us)
+
+
+def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
+    """512 bytes of each row per chunk; 16 rows per program for wide products, 8 below 6144 outputs (best of 48
+    tiles per Llama-3-8B projection on an H100, perf/tune_quant_gemv.py)."""
+    return dict(BLOCK_N=16 if N >= 6144 else 8, WORDS=128, num_warps=4)
+
+
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
     """Rows per program: the most that still leaves two programs per SM; words per chunk: one group's (at most
     32 words = 256 columns; group_size == K has a single group, so any chunk lies in it)."""
@@ -253,9 +287,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Same contract as w8a16_matmul_ref. Specializations: the plan's tile constexprs (three per shape: M <= 16,
-    <= 64, larger), whether K is split, dtypes. qweight must have unit stride along K."""
+    <= 64, larger), whether K is split, dtypes; one row with K < W8_GEMV_MAX_K takes the GEMV. qweight must have
+    unit stride along K."""
     N, K = qweight.shape
     x2 = _rows(x)
+    if x2.shape[0] == 1 and K % 4 == 0 and K < W8_GEMV_MAX_K and qweight.is_contiguous():
+        return w8a16_gemv_triton(x2, qweight, scales).view(*x.shape[:-1], N)
     plan = plan_launch(x2.shape[0], N, K, x.device)
     out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})
     return out.view(*x.shape[:-1], N)
@@ -276,6 +313,25 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
     out = _launch(_w4a16_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
     return out.view(*x.shape[:-1], N)
+
+
+def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      tile: dict | None = None) -> torch.Tensor:
+    """x [1, K] -> [1, N]; same contract as w8a16_matmul_ref for one row. K must be a multiple of 4 (whole int32
+    words per row); `tile` overrides w8_gemv_tile (for tuning)."""
+    import triton
+
+    N, K = qweight.shape
+    if x.shape != (1, K) or K % 4 or not qweight.is_contiguous():
+        raise ValueError(f"w8a16_gemv_triton needs x [1, {K}], K a multiple of 4 and a contiguous qweight; "
+                         f"got x {tuple(x.shape)}, K {K}")
+    words = qweight.view(torch.int32)
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    tile = tile or w8_gemv_tile(N, K, x.device)
+    _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
+        x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
+        num_warps=tile["num_warps"])
+    return out
 
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -71,6 +71,24 @@ def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w4a16_matmul_triton(x, qweight, scales, zeros, group), got)  # the dispatch
 
 
+# W8A16's batch-1 GEMV: rows off its row tile, K not a multiple of its 512-byte chunk (576 = 1.125 chunks,
+# 1540 = 385 words), and the extremes -128 and 127.
+W8_GEMV_SHAPES = [(37, 576), (8, 1024), (130, 1540), (16, 96)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("N,K", W8_GEMV_SHAPES)
+def test_w8a16_batch_one_gemv(N, K, dtype, atol, rtol, device):
+    qweight, scales = random_int8(N, K, device)
+    qweight[0, :3] = torch.tensor([-128, 127, -1], dtype=torch.int8)
+    x = torch.randn(1, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w8a16_gemv_triton(x, qweight, scales)
+    want = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+    if K < qm.W8_GEMV_MAX_K:
+        torch.testing.assert_close(qm.w8a16_matmul_triton(x, qweight, scales), got)  # the dispatch
+
+
 def test_w4a16_batched_input_and_per_channel_group(device):
     # Leading batch dims are flattened; group_size == K is one group per row (AutoGPTQ's group_size -1).
     qweight, scales, zeros = random_int4(48, 96, 96, device)
