@@ -150,6 +150,8 @@ def decode(args, out: dict) -> None:
             rates = [decode_b1(engine, vocab, seed) for seed in (1, 2, 3)]
             out["decode_b1_tok_s_runs"] = rates
             out["decode_b1_tok_s"] = max(rates)
+            if args.profile:
+                out["profile_rank0"] = profile_decode_b1(engine, vocab)
         finally:
             engine.shutdown()
 
@@ -165,6 +167,25 @@ def decode_b1(engine: LLMEngine, vocab: int, seed: int) -> float:
     drain(engine)
     sync(device)
     return (NEW_TOKENS - done_before) / (time.perf_counter() - start)
+
+
+def profile_decode_b1(engine: LLMEngine, vocab: int, steps: int = 32) -> dict:
+    """Rank 0's GPU time per kernel over `steps` batch-1 decode steps, and the wall time per step (the gap is
+    where the GPU waits: on the host, or on the other ranks inside an all-reduce)."""
+    from perf.bench_engine import kernel_table
+
+    engine.add_request("profiled", random_prompts(1, 128, 128, vocab, seed=9)[0], greedy(steps + 8))
+    for _ in range(4):  # prefill and the first decodes
+        engine.step()
+    sync("cuda")
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync("cuda")
+    wall_us = 1e6 * (time.perf_counter() - start) / steps
+    drain(engine)
+    return dict(kernel_table(prof, steps, top=30), wall_us_per_step=wall_us)
 
 
 # ---- all-reduce latency inside CUDA graphs: NCCL vs symmetric memory -------------------------------------------
@@ -311,6 +332,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--barrier", default=None)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shape on CPU, gloo: checks the plumbing")
+    parser.add_argument("--profile", action="store_true",
+                        help="decode: also profile rank 0 over 32 batch-1 steps (GPU time per kernel)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.device = "cpu" if args.cpu_smoke else "cuda"
