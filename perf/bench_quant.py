@@ -146,6 +146,34 @@ def engine_run(method: str, kv: str | None, batches: tuple[int, ...]) -> dict:
     return out
 
 
+def profile_run(method: str, batch: int, steps: int = 16) -> dict:
+    """GPU time per kernel and step over `steps` decode steps at `batch` (CUDA graphs on), for one mode."""
+    from perf.bench_engine import kernel_table, prefill_pending
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_config(folder, None if method == "bf16" else method)
+        engine = LLMEngine(EngineConfig(model=folder, load_format="dummy", dtype="bfloat16", max_num_seqs=64,
+                                        max_num_batched_tokens=8192, max_model_len=2048, gpu_memory_utilization=0.85))
+        vocab = engine.model_config.vocab_size
+        for i, prompt in enumerate(random_prompts(batch, 128, 128, vocab, seed=batch)):
+            engine.add_request(f"p{i}", prompt, greedy(steps + 16))
+        while prefill_pending(engine):
+            engine.step()
+        for _ in range(4):
+            engine.step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        wall_us = 1e6 * (time.perf_counter() - start) / steps
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(kernel_table(prof, steps, top=20), wall_us_per_step=wall_us)
+
+
 def speedups(engine: dict) -> dict:
     base = engine["bf16"]
     table = {}
@@ -161,7 +189,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench_quant.json")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--profile", default="", help="e.g. bf16:64,fp8:64: GPU time per kernel in decode steps "
+                                                      "of those modes at those batch sizes (instead of the engine runs)")
     args = parser.parse_args()
+    if args.profile:
+        results = {"device": torch.cuda.get_device_name(), "profiles": {}}
+        for item in args.profile.split(","):
+            method, batch = item.split(":")
+            table = results["profiles"][item] = profile_run(method, int(batch))
+            print(f"{item}: GPU {table['gpu_us_per_step']:.0f} us per step, wall {table['wall_us_per_step']:.0f}")
+            for name, k in list(table["kernels"].items())[:14]:
+                print(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {name[:80]}")
+        _dump(results, args.out)
+        return
     results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(), "engine": {}}
     if not args.skip_kernels:
         results["kernels"] = kernels()

@@ -6,7 +6,7 @@ import torch
 from backend.kernels import scaled_matmul as sm
 
 ON_GPU = torch.cuda.is_available()
-SHAPES = [(1, 96, 512), (2, 64, 2048), (16, 80, 256), (40, 72, 576), (130, 136, 192)]
+SHAPES = [(1, 96, 512), (2, 64, 2048), (16, 80, 256), (40, 72, 576), (48, 40, 4096), (130, 136, 192)]  # (48, ...): split-K at M > 16
 if ON_GPU:
     SHAPES += [(1, 4096, 4096), (64, 6144, 4096), (64, 4096, 14336), (512, 4096, 4096)]
 OUT_DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
