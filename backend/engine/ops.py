@@ -10,7 +10,7 @@ from typing import Callable
 
 from backend.kernels.activation import silu_and_mul_ref
 from backend.kernels.paged_attention import paged_attention_ref
-from backend.kernels.rms_norm import rms_norm_ref
+from backend.kernels.rms_norm import rms_norm_quant_ref, rms_norm_ref
 from backend.kernels.rotary import rotary_and_cache_ref
 
 
@@ -21,9 +21,12 @@ class KernelOps:
     rotary_and_cache: Callable  # (q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping) -> (q, k)
     paged_attention: Callable  # (q [T, Hq, D], kv_cache, meta, scale) -> [T, Hq, D]
     name: str = "torch"
+    # rms_norm with its output quantized per token for a W8A8 product (kind "int8" / "fp8"):
+    rms_norm_quant: Callable | None = None  # (x, weight, eps, residual, kind) -> ((codes, scales), x + residual)
 
 
-REFERENCE_OPS = KernelOps(rms_norm_ref, silu_and_mul_ref, rotary_and_cache_ref, paged_attention_ref, "torch")
+REFERENCE_OPS = KernelOps(rms_norm_ref, silu_and_mul_ref, rotary_and_cache_ref, paged_attention_ref, "torch",
+                          rms_norm_quant_ref)
 
 
 def select_ops(backend: str, device_type: str) -> KernelOps:

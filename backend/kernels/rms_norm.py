@@ -17,6 +17,20 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return (normed * weight.float()).to(x.dtype), x
 
 
+def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                       kind: str) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((codes, per-token scales), x + residual): the normalized rows quantized for a W8A8 product (kind "int8"
+    or "fp8", as scaled_matmul.quantize_per_token_ref), from the float32 norm before any rounding to x's dtype."""
+    from backend.kernels.scaled_matmul import quantize_per_token_ref
+
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    rows = normed.reshape(-1, normed.shape[-1])
+    return quantize_per_token_ref(rows, kind), x
+
+
 # ---- Triton kernel ------------------------------------------------------------------------------------------
 try:
     import triton.language as tl
@@ -27,10 +41,13 @@ from backend.kernels._jit import lazy_jit
 
 
 @lazy_jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, x_stride, res_stride, out_stride, sum_stride,
-                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, x_stride, res_stride, out_stride,
+                     sum_stride, hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
     # One row per program, one pass: the row (<= 16K elements) stays in registers between the sum of
     # squares and the scaling, so x and residual are read once and the two outputs written once.
+    # QUANT: the output is the row quantized for the W8A8 product that reads it (codes and a per-token scale,
+    # as scaled_matmul's per-token quantizer computes them), which saves that quantizer's launch and a pass.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -43,7 +60,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, x_stride, res_stri
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (x32 * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = x32 * rstd * w
+    if QUANT:
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / QMAX, 1e-10)
+        tl.store(scale_ptr + row, scale)
+        y = y / scale
+        if IS_INT8:  # round half away from zero, like scaled_matmul's quantizer
+            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -59,19 +84,38 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
     Specializations: BLOCK = next power of two >= hidden, HAS_RESIDUAL, and the dtypes.
     """
+    out = torch.empty_like(x) if out is None else out
+    return out, _launch(x, weight, eps, residual, out.view(-1, x.shape[-1]), None, None)
+
+
+def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                          kind: str) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Same contract as rms_norm_quant_ref (codes [T, H], float32 scales [T]). Specializations: as
+    rms_norm_triton, plus the code dtype."""
+    from backend.kernels.scaled_matmul import FP8_MAX, INT8_MAX
+
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    codes = torch.empty(rows, x.shape[-1], dtype=torch.int8 if kind == "int8" else torch.float8_e4m3fn,
+                        device=x.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=x.device)
+    summed = _launch(x, weight, eps, residual, codes, scales, INT8_MAX if kind == "int8" else FP8_MAX)
+    return (codes, scales), summed
+
+
+def _launch(x, weight, eps, residual, out2, scales, qmax) -> torch.Tensor:
+    """Runs the kernel into out2 (and scales when quantizing); returns x + residual (x without a residual)."""
     import triton
 
     hidden = x.shape[-1]
     x2 = _rows(x)
-    out = torch.empty_like(x) if out is None else out
-    out2 = out.view(-1, hidden)
     res2 = _rows(residual) if residual is not None else x2
     summed = torch.empty_like(x) if residual is not None else x
     sum2 = summed.view(-1, hidden)
     block = triton.next_power_of_2(hidden)
     num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     if x2.shape[0] > 0:
-        _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out2, sum2, x2.stride(0), res2.stride(0),
-                                         out2.stride(0), sum2.stride(0), hidden, eps,
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
-    return out, summed
+        _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out2, sum2, out2 if scales is None else scales,
+                                         x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=scales is not None,
+                                         QMAX=qmax or 1.0, IS_INT8=out2.dtype == torch.int8, num_warps=num_warps)
+    return summed

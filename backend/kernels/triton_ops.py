@@ -20,12 +20,12 @@ from backend.engine.attention_metadata import AttentionMetadata
 from backend.engine.ops import KernelOps
 from backend.kernels.activation import silu_and_mul_triton
 from backend.kernels.paged_attention import paged_attention_triton
-from backend.kernels.rms_norm import rms_norm_triton
+from backend.kernels.rms_norm import rms_norm_quant_triton, rms_norm_triton
 from backend.kernels.rotary import rotary_and_cache_triton
 
 TRITON_OPS = KernelOps(rms_norm=rms_norm_triton, silu_and_mul=silu_and_mul_triton,
                        rotary_and_cache=rotary_and_cache_triton, paged_attention=paged_attention_triton,
-                       name="triton")
+                       name="triton", rms_norm_quant=rms_norm_quant_triton)
 
 
 def _warmup_meta(block_size: int, query_len: int, device: torch.device, num_seqs: int = 1) -> AttentionMetadata:

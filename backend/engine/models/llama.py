@@ -65,8 +65,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # x: hidden rows, or (codes, scales) from a quantizing norm
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -96,9 +97,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.ops, self.eps = ops, eps
         self.weight = nn.Parameter(torch.ones(size))
+        self.output_kind: str | None = None  # set by quantization.layers.fuse_activation_quantization
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the residual add of the previous sublayer is fused in."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
+        """(norm(x + residual), x + residual): the residual add of the previous sublayer is fused in. With an
+        output_kind, the first item is the norm quantized per token for the W8A8 projection that reads it."""
+        if self.output_kind:
+            return self.ops.rms_norm_quant(x, self.weight, self.eps, residual, self.output_kind)
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
