@@ -339,11 +339,13 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
                            *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as paged_attention_ref. q [T, Hq, D] (unit stride along D).
 
-    meta.max_query_len == 1 takes the decode path: grid (num_seqs, Hkv, decode_num_splits(...)) plus a
-    reduce over (num_seqs, Hq); nothing is read on the host, so it can be captured in a CUDA graph.
+    meta.max_query_len == 1 takes the decode path: grid (num_seqs, Hkv, decode_num_splits(...)) plus, with
+    more than one split, a reduce over (num_seqs, Hq); nothing is read on the host, so it can be captured in a
+    CUDA graph.
     Otherwise the prefill path (also mixed prefill + decode batches): grid from meta.max_query_len.
     Specializations: GROUP = Hq / Hkv, D, kv block size, dtypes (tile sizes follow from D and GROUP);
-    prefill has two (small and large query tiles), decode one split and one reduce kernel.
+    prefill has two (small and large query tiles); decode has the split kernel with its own epilogue (one
+    split) or with partials, and a reduce per width (see decode_variant_batch_sizes).
     """
     import triton
 
