@@ -207,7 +207,7 @@ def _sm_count(device_index: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTile:
-    """Launch shape of the decode split kernel (perf/tune_decode_attention.py times the choices)."""
+    """Launch shape of the decode split kernel (perf/tune_attention.py times the choices)."""
     block_n: int  # keys per loop iteration
     num_warps: int = 4
     num_stages: int = 3
@@ -228,7 +228,7 @@ def default_decode_tile(block_d: int) -> DecodeTile:
     if block_d <= 64:
         return DecodeTile(block_n=128)
     if block_d <= 128:
-        # perf/tune_decode_attention.py, H100, 32/8 x 128: 128 keys and 4 stages beat 64 keys and 3 stages by
+        # perf/tune_attention.py, H100, 32/8 x 128: 128 keys and 4 stages beat 64 keys and 3 stages by
         # 5.6% at 256 x 352 tokens and 3-5% at batch 1-128, within 1.3% elsewhere (best of 36 on average)
         return DecodeTile(block_n=128, num_stages=4)
     return DecodeTile(block_n=32)
