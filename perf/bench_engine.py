@@ -123,6 +123,7 @@ def mixed_workload(engine: LLMEngine, vocab: int) -> float:
 
 
 def prefill_pending(engine: LLMEngine) -> bool:
+    """True while a request waits or has prompt tokens not yet computed."""
     scheduler = engine.scheduler
     return bool(scheduler.num_waiting) or any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
 
