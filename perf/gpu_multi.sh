@@ -93,10 +93,7 @@ rows.append(("mixed 2 replicas output tok/s", f"{two:.0f}" if two else "ERROR",
 rows.append(("2 replicas / 1 (target >= 1.9)", f"{scale:.2f}x" if scale else "-",
              "" if not scale else ("meets target" if scale >= 1.9 else "BELOW target")))
 
-with open(os.path.join(out, "multi_gpu_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-print(f"\nmulti-GPU summary ({summary['device']}, shape {summary['shape']}); JSON in {out}")
-width = max(len(r[0]) for r in rows)
-for name, value, note in rows:
-    print(f"  {name:{width}s}  {value:>12s}  {note}")
+from perf.summary_table import write_and_print
+write_and_print(os.path.join(out, "multi_gpu_summary.json"), summary,
+                f"multi-GPU summary ({summary['device']}, shape {summary['shape']}); JSON in {out}", rows)
 PY

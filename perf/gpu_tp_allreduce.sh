@@ -108,10 +108,7 @@ for key in sorted(k for k in eq if k.startswith("tp")):
 if "error" in eq:
     rows.append(("greedy equality", "ERROR", eq["error"][:90]))
 
-with open(os.path.join(out, "tp_allreduce_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-print(f"\nTP all-reduce summary ({d1.get('device') or ar.get('device')}); JSON and logs in {out}")
-width = max(len(r[0]) for r in rows)
-for name, value, extra in rows:
-    print(f"  {name:{width}s}  {value:>18s}  {extra}")
+from perf.summary_table import write_and_print
+write_and_print(os.path.join(out, "tp_allreduce_summary.json"), summary,
+                f"TP all-reduce summary ({d1.get('device') or ar.get('device')}); JSON and logs in {out}", rows, 18)
 PY
