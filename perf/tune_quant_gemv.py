@@ -25,11 +25,9 @@ from backend.engine.quantization import rtn  # noqa: E402
 from backend.kernels import quant_matmul as qm  # noqa: E402
 from perf.bench_quant import LINEARS, bench_ms, engine_run  # noqa: E402
 
-# MAGIC_CVT: integer -> float by the 2^23 mantissa trick (True) or the conversion instruction (False).
-W4_TILES = [dict(BLOCK_N=b, WORDS=16, num_warps=w, MAGIC_CVT=m) for b in (8, 16, 32, 64) for w in (2, 4, 8)
-            for m in (True, False)]
-W8_TILES = [dict(BLOCK_N=b, WORDS=words, num_warps=w, MAGIC_CVT=m) for b in (4, 8, 16, 32)
-            for words in (64, 128, 256) for w in (4, 8) for m in (True, False)]
+W4_TILES = [dict(BLOCK_N=b, WORDS=16, num_warps=w) for b in (8, 16, 32, 64) for w in (2, 4, 8)]
+W8_TILES = [dict(BLOCK_N=b, WORDS=words, num_warps=w) for b in (4, 8, 16, 32) for words in (32, 64, 128, 256)
+            for w in (4, 8)]
 
 
 def quantized(bits: int, w: torch.Tensor) -> tuple:

@@ -154,19 +154,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_
 # and (q - z) * s is applied per word column as s * (sum_i q_i x_i - z * sum_i x_i) instead of per element.
 # Measured before this layout (H100, perf/RESULTS.md): the tiled kernel above streamed ~0.47 TB/s at M = 1,
 # and a byte-wise GEMV with a scale gather per element was slower still (gate_up 135 us vs bf16 82 us).
-#
-# Integer -> float without the conversion instruction (MAGIC_CVT): Hopper converts int to float at a quarter of
-# the FMA rate (16 per SM per clock), which capped the plain version at ~1.3 TB/s of packed weights. OR-ing
-# bits into the mantissa of 2^23 (0x4B000000) gives the float 2^23 + v exactly for any v < 2^23, and one
-# subtraction leaves v (the bias trick of FasterTransformer's and Marlin's dequantizers, here in fp32). Nibble i
-# of a word's low (or high) half is masked in place at bits 4i, so the float is q * 16^i; the x column it meets
-# is pre-scaled by 16^-i (exact: a power of two), so no shift per nibble is needed.
-
-
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
-                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       MAGIC_CVT: tl.constexpr):
+                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, WORDS)
     row_ok = rows < N
@@ -183,22 +173,11 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
         z = tl.load(z_ptr + rows64 * ss_n + group, mask=row_ok, other=0).to(tl.float32)
         dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([WORDS], dtype=tl.float32)
-        if MAGIC_CVT:
-            high = packed >> 16  # nibbles 4..7 at bits 0..15 (the sign-filled top bits are masked off below)
-            for i in tl.static_range(4):
-                x_lo = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + 8 * word + 4 + i, mask=word_ok, other=0.0).to(tl.float32)
-                q_lo = ((packed & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                q_hi = ((high & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                unshift = 1.0 / (16 ** i)
-                dot += q_lo * (x_lo * unshift)[None, :] + q_hi * (x_hi * unshift)[None, :]
-                x_sum += x_lo + x_hi
-        else:
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-                dot += q_i * x_i[None, :]
-                x_sum += x_i
+        for i in tl.static_range(8):
+            x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+            dot += q_i * x_i[None, :]
+            x_sum += x_i
         acc += s[:, None] * (dot - z[:, None] * x_sum[None, :])
     y = tl.sum(acc, axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -210,8 +189,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
 # applied once per row. (FasterTransformer's exponent trick for int8 -> float, measured against the plain
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
-def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                        MAGIC_CVT: tl.constexpr):
+def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, WORDS)
     row_ok = rows < N
@@ -222,24 +200,9 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
         word = k0 + words
         word_ok = word < num_words
         packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
-        if MAGIC_CVT:
-            # Bytes as offset binary (q + 128, XOR with 0x80 per byte), then the 2^23 mantissa trick above:
-            # byte i of a half-word is masked in place, the float is 2^23 + (q + 128) * 256^i, and one
-            # subtraction of 2^23 + 128 * 256^i leaves q * 256^i (FasterTransformer's int8 trick, fp32 here).
-            biased = packed ^ -0x7F7F7F80  # 0x80808080 as an int32
-            high = biased >> 16
-            for i in tl.static_range(2):
-                x_lo = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + 4 * word + 2 + i, mask=word_ok, other=0.0).to(tl.float32)
-                offset = 8388608.0 + 128.0 * (256 ** i)
-                q_lo = ((biased & (0xFF << (8 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - offset
-                q_hi = ((high & (0xFF << (8 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - offset
-                unshift = 1.0 / (256 ** i)
-                acc += q_lo * (x_lo * unshift)[None, :] + q_hi * (x_hi * unshift)[None, :]
-        else:
-            for i in tl.static_range(4):
-                x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
+        for i in tl.static_range(4):
+            x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
     s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -251,7 +214,7 @@ W8_GEMV_MAX_K = 8192  # longer rows keep the split-K kernel: it spreads a row ov
 def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
     """512 bytes of each row per chunk; 16 rows per program for wide products, 8 below 6144 outputs (best of 48
     tiles per Llama-3-8B projection on an H100, perf/tune_quant_gemv.py)."""
-    return dict(BLOCK_N=16 if N >= 6144 else 8, WORDS=128, num_warps=4, MAGIC_CVT=True)
+    return dict(BLOCK_N=16 if N >= 6144 else 8, WORDS=128, num_warps=4)
 
 
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
@@ -260,7 +223,7 @@ def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
     sms = _num_sms(device)
     block_n = next((b for b in (64, 32, 16) if -(-N // b) >= 2 * sms), 8)
     chunk = 256 if group_size == K else min(group_size, 256)
-    return dict(BLOCK_N=block_n, WORDS=chunk // 8, num_warps=4, MAGIC_CVT=True)
+    return dict(BLOCK_N=block_n, WORDS=chunk // 8, num_warps=4)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
@@ -367,7 +330,7 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w8_gemv_tile(N, K, x.device)
     _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        MAGIC_CVT=tile.get("MAGIC_CVT", True), num_warps=tile["num_warps"])
+        num_warps=tile["num_warps"])
     return out
 
 
@@ -388,8 +351,7 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], MAGIC_CVT=tile.get("MAGIC_CVT", True),
-        num_warps=tile["num_warps"])
+        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], num_warps=tile["num_warps"])
     return out
 
 
