@@ -149,37 +149,45 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_
 
 # Batch 1 (decode of one sequence) takes a GEMV, shaped like backend/kernels/gemv.py's: BLOCK_N weight rows
 # per program, K walked one chunk at a time. The packed bytes are read as int32 words (word j of a row holds
-# input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk never
-# straddles two groups, so its scale and zero point are one load per row (hoisted out of the element work),
-# and (q - z) * s is applied per word column as s * (sum_i q_i x_i - z * sum_i x_i) instead of per element.
+# input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk is SLICES
+# slices of WORDS words, and a slice never straddles two groups, so its scale and zero point are one load per
+# row and slice (hoisted out of the element work), and (q - z) * s is applied per word column as
+# s * (sum_i q_i x_i - z * sum_i x_i) instead of per element.
+# Why slices: this GEMV waits on loads, not arithmetic (on an H100 the 2^23 mantissa trick for int -> float
+# made every tile slower, perf/results/h100-tune_quant_gemv-magic.json). With one group's 16 words per row in
+# flight a program had 4 KB or less outstanding (the bf16 GEMV has 8 KB), and it streamed ~1.0-1.3 TB/s.
 # Measured before this layout (H100, perf/RESULTS.md): the tiled kernel above streamed ~0.47 TB/s at M = 1,
 # and a byte-wise GEMV with a scale gather per element was slower still (gate_up 135 us vs bf16 82 us).
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
-                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                       SLICES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    words = tl.arange(0, WORDS)
+    slices = tl.arange(0, SLICES)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    w_rows = w_ptr + rows64[:, None] * sw_n
-    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    w_rows = w_ptr + rows64[:, None, None] * sw_n
+    sz_rows = rows64[:, None] * ss_n
+    acc = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
     num_words = K // 8
-    for k0 in range(0, K, 8 * WORDS):
-        word = k0 // 8 + words
+    for k0 in range(0, K, 8 * WORDS * SLICES):
+        slice_start = k0 + slices * (8 * WORDS)  # [SLICES] first input column of each slice
+        word = (slice_start // 8)[:, None] + tl.arange(0, WORDS)[None, :]  # [SLICES, WORDS]
         word_ok = word < num_words
-        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
-        group = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + rows64 * ss_n + group, mask=row_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows64 * ss_n + group, mask=row_ok, other=0).to(tl.float32)
-        dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([WORDS], dtype=tl.float32)
+        packed = tl.load(w_rows + word[None, :, :], mask=row_ok[:, None, None] & word_ok[None, :, :], other=0)
+        sz_ok = row_ok[:, None] & (slice_start < K)[None, :]
+        group = (slice_start // GROUP_SIZE)[None, :]
+        s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)  # [BLOCK_N, SLICES]
+        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)
+        dot = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([SLICES, WORDS], dtype=tl.float32)
         for i in tl.static_range(8):
             x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
             q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-            dot += q_i * x_i[None, :]
+            dot += q_i * x_i[None, :, :]
             x_sum += x_i
-        acc += s[:, None] * (dot - z[:, None] * x_sum[None, :])
-    y = tl.sum(acc, axis=1)
+        acc += s[:, :, None] * (dot - z[:, :, None] * x_sum[None, :, :])
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -218,12 +226,12 @@ def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
 
 
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """Rows per program: the most that still leaves two programs per SM; words per chunk: one group's (at most
-    32 words = 256 columns; group_size == K has a single group, so any chunk lies in it)."""
+    """Rows per program: the most that still leaves two programs per SM; words per slice: one group's (at most
+    32 words = 256 columns; group_size == K has a single group, so any slice lies in it); one slice per chunk."""
     sms = _num_sms(device)
     block_n = next((b for b in (64, 32, 16) if -(-N // b) >= 2 * sms), 8)
     chunk = 256 if group_size == K else min(group_size, 256)
-    return dict(BLOCK_N=block_n, WORDS=chunk // 8, num_warps=4)
+    return dict(BLOCK_N=block_n, WORDS=chunk // 8, SLICES=1, num_warps=4)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
@@ -351,7 +359,8 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], num_warps=tile["num_warps"])
+        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], SLICES=tile.get("SLICES", 1),
+        num_warps=tile["num_warps"])
     return out
 
 

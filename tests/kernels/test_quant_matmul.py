@@ -71,6 +71,19 @@ def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w4a16_matmul_triton(x, qweight, scales, zeros, group), got)  # the dispatch
 
 
+@pytest.mark.parametrize("slices", [2, 4])
+@pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
+def test_w4a16_gemv_several_groups_per_chunk(N, K, group, slices, device):
+    # Chunks of several slices: slices past K (576 = 4.5 slices of 128), a chunk spanning groups whose scales
+    # and zero points differ per slice, and group == K (every slice reads group 0).
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
+    tile = dict(qm.w4_gemv_tile(N, K, group, x.device), SLICES=slices)
+    got = qm.w4a16_gemv_triton(x, qweight, scales, zeros, group, tile=tile)
+    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
 # W8A16's batch-1 GEMV: rows off its row tile, K not a multiple of its 512-byte chunk (576 = 1.125 chunks,
 # 1540 = 385 words), and the extremes -128 and 127.
 W8_GEMV_SHAPES = [(37, 576), (8, 1024), (130, 1540), (16, 96)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else [])
