@@ -8,7 +8,8 @@ each quantization against bf16 measured in the same run, on a random-weight Llam
    F.linear (cuBLAS) and, for FP8, torch._scaled_mm with row-wise scales; quantized-KV attention (int8, fp8)
    checked and timed against the bf16-cache kernel.
 2. engine: batch-1 (and batch-64) decode tok/s of bf16, int8_wo, int4_wo, fp8, int8_sq (dummy weights
-   quantized in place by round-to-nearest; CUDA graphs on), and batch-64 decode with an int8 KV cache.
+   quantized in place by round-to-nearest; CUDA graphs on), the same with the LM head quantized too
+   ("+head": `--quant-lm-head`), and batch-64 decode with an int8 KV cache.
 Prints a table last; writes everything to --out as JSON.
 """
 from __future__ import annotations
@@ -38,8 +39,9 @@ from perf.bench_engine import (SHAPES, ceilings, decode_rate, greedy, random_pro
 # (name, N, K) of the Llama-3-8B projections
 LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 ROWS = (1, 16, 256)
-ENGINE_RUNS = [("bf16", None, (1, 64)), ("int8_wo", None, (1, 64)), ("int4_wo", None, (1, 64)),
-               ("fp8", None, (1, 64)), ("int8_sq", None, (64,)), ("bf16", "int8", (64,))]
+ENGINE_RUNS = [("bf16", None, (1, 64)), ("int8_wo", None, (1, 64)), ("int8_wo+head", None, (1,)),
+               ("int4_wo", None, (1, 64)), ("int4_wo+head", None, (1,)), ("fp8", None, (1, 64)),
+               ("fp8+head", None, (1, 64)), ("int8_sq", None, (64,)), ("bf16", "int8", (64,))]
 
 
 def bench_ms(fn) -> float:
@@ -115,11 +117,13 @@ def kernels() -> dict:
     return results
 
 
-def write_config(folder: str, method: str | None) -> str:
+def write_config(folder: str, mode: str | None) -> str:
+    """config.json of the 8B shape; mode: a quantization method, "+head" for its LM head quantized too."""
     config = dict(SHAPES["llama3-8b"], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
                   max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
-    if method:
-        config["quantization_config"] = QuantConfig.for_method(method).to_json()
+    if mode:
+        method, _, head = mode.partition("+")
+        config["quantization_config"] = QuantConfig.for_method(method, lm_head=head == "head").to_json()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     return folder
@@ -189,6 +193,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_quant.json")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--engine-modes", default="", help="only these engine runs, e.g. bf16,int8_wo,int8_wo+head "
+                                                           "(names as in the table; default: all)")
     parser.add_argument("--profile", default="", help="e.g. bf16:64,fp8:64: GPU time per kernel in decode steps "
                                                       "of those modes at those batch sizes (instead of the engine runs)")
     args = parser.parse_args()
@@ -209,6 +215,8 @@ def main() -> None:
     if not args.skip_engine:
         for method, kv, batches in ENGINE_RUNS:
             key = method + (f"+kv_{kv}" if kv else "")
+            if args.engine_modes and key not in args.engine_modes.split(","):
+                continue
             try:
                 results["engine"][key] = engine_run(method, kv, batches)
             except Exception as exc:  # record and go on: one failing mode must not lose the others

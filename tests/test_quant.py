@@ -104,6 +104,40 @@ def test_in_place_rtn_equals_checkpoint_path(tiny, tmp_path):
     torch.testing.assert_close(window_logits(model, ids), window_logits(loaded, ids))
 
 
+def fake_quant_head(model, weight: torch.Tensor) -> None:
+    """The reference's LM head: a float nn.Linear holding the dequantized INT8 weight-only head (untied)."""
+    q, s = rtn.quantize_int8(weight)
+    model.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    model.lm_head.weight.data = q.float() * s[:, None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "smol"])  # an untied head, and a head tied to the embedding
+def test_quantized_lm_head(arch, tmp_path):
+    # --quant-lm-head under INT4: the projections in 4 bits, the head in INT8 weight-only (its head_format),
+    # quantized from lm_head.weight or, when tied, from the embedding, which stays the float input table.
+    src = make_tiny_checkpoint(arch, tmp_path / "src")
+    out = quantize_checkpoint(src, tmp_path / "q", "int4_wo", group_size=32, quantize_lm_head=True, progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    names = dict(iter_safetensors(out))
+    assert names["lm_head.qweight"].dtype == torch.int8 and "lm_head.weight" not in names
+    assert names["model.embed_tokens.weight"].is_floating_point()
+    model, _ = load_model(out, REFERENCE_OPS, torch.float32, "cpu")
+    assert isinstance(model.lm_head, layers.Int8WeightOnlyLinear)
+    reference = fake_quant_reference(src, "int4_wo", 32)
+    float_head = reference.model.embed_tokens.weight if reference.lm_head is None else reference.lm_head.weight
+    fake_quant_head(reference, float_head.data.clone())
+    ids = tokens(vocab=int(float_head.shape[0]))
+    got, want = window_logits(model, ids), window_logits(reference, ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    # The quantized head does change the logits (the comparison above could fail): the float head differs.
+    unquantized_head = fake_quant_reference(src, "int4_wo", 32)
+    assert (window_logits(unquantized_head, ids) - want).abs().max() > 1e-3
+    # Round-to-nearest in place (dummy weights in benchmarks) builds the same model.
+    in_place, _ = load_model(src, REFERENCE_OPS, torch.float32, "cpu")
+    quantize_model_(in_place, "int4_wo", REFERENCE_OPS, group_size=32, lm_head=True)
+    torch.testing.assert_close(window_logits(in_place, ids), got)
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(InvalidParameterError, match="quant"):
         QuantConfig.for_method("int3")
@@ -111,6 +145,8 @@ def test_config_errors_name_the_field(tmp_path):
         QuantConfig.for_method("int4_wo", group_size=100)
     with pytest.raises(InvalidParameterError, match="quantization_config"):
         QuantConfig.from_dict({"quant_method": "bitsandbytes"})
+    with pytest.raises(InvalidParameterError, match="quantization_config.lm_head"):
+        QuantConfig.from_dict({"quant_method": "tritium", "method": "int8_wo", "lm_head": "yes"})
 
 
 def test_refuses_to_overwrite(tiny, tmp_path):

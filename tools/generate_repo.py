@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib-file", default=None,
                        help="calibration text for int4_awq/int4_gptq/int8_sq/fp8 (default: the bundled corpus)")
     quant.add_argument("--quant-device", default="cpu", choices=["cpu", "cuda"], help="where calibration runs")
+    quant.add_argument("--quant-lm-head", action="store_true",
+                       help="quantize the LM head too (8-bit: the method's format, INT8 weight-only under INT4 "
+                            "methods); default: it stays in the model dtype")
     engine = parser.add_argument_group("engine settings (backend/engine/config.py)")
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
@@ -284,6 +287,8 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"argument --output-dir: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         parser.error(f"argument --output-dir: {out} is not empty (use --force to overwrite)")
+    if args.quant_lm_head and not args.quant:
+        parser.error("argument --quant-lm-head: needs --quant (the method whose format the head takes)")
     if args.quant and args.load_format == "dummy":
         parser.error("argument --quant: needs real weights; with --load-format dummy put a quantization_config "
                      "in the checkpoint's config.json instead (the engine quantizes its random weights)")
@@ -352,7 +357,8 @@ def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs
     with tempfile.TemporaryDirectory(dir=out, prefix=".quantizing-") as scratch:
         quantized = quantize_checkpoint(checkpoint, Path(scratch) / "checkpoint", args.quant,
                                         group_size=args.quant_group_size, calib_texts=texts,
-                                        device=args.quant_device, progress=not args.quiet)
+                                        device=args.quant_device, quantize_lm_head=args.quant_lm_head,
+                                        progress=not args.quiet)
         return write_repo(args, config, configs, quantized, link_weights=not args.copy)
 
 

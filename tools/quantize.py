@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8_sq migration strength")
     p.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
+    p.add_argument("--quant-lm-head", action="store_true",
+                   help="quantize the LM head too (8-bit: the method's format, INT8 weight-only under INT4 methods)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     p.add_argument("--eval", action="store_true", help="print perplexity of source and result on held-out text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     out = quantize_checkpoint(src, args.output, args.quant, group_size=args.group_size, dtype=args.dtype,
                               calib_texts=texts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                               smoothquant_alpha=args.smoothquant_alpha, device=args.device,
-                              progress=not args.quiet, overwrite=args.overwrite)
+                              quantize_lm_head=args.quant_lm_head, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {args.quant} checkpoint {out} in {time.perf_counter() - start:.1f} s (from {src})")
     if args.eval:
         report_perplexity(src, out, args.device)

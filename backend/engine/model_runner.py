@@ -131,7 +131,7 @@ class ModelRunner:
 
         quant = QuantConfig.from_dir(checkpoint_dir)
         if quant is not None:
-            quantize_model_(model, quant.method, self.ops, max(quant.group_size, 32))
+            quantize_model_(model, quant.method, self.ops, max(quant.group_size, 32), lm_head=quant.lm_head)
 
     def warm_up(self, max_model_len: int) -> None:
         """Compiles every kernel specialization and captures decode graphs, so live traffic never JITs."""

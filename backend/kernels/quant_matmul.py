@@ -216,12 +216,13 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-W8_GEMV_MAX_K = 8192  # longer rows keep the split-K kernel: it spreads a row over programs (down_proj: 25 vs 27 us)
-
-
 def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
-    """512 bytes of each row per chunk; 16 rows per program for wide products, 8 below 6144 outputs (best of 48
-    tiles per Llama-3-8B projection on an H100, perf/tune_quant_gemv.py)."""
+    """512 bytes of each row per chunk; 16 rows per program for wide products, 8 below 6144 outputs; long rows
+    (K >= 8192, down_proj) 4 rows and 1 KB chunks, which beat the split-K kernel there (24.3 us against 25.1 plus
+    its zero fill). Best of 48 tiles per Llama-3-8B projection on an H100, perf/tune_quant_gemv.py
+    (perf/results/h100-tune_quant_gemv-magic.json, the rows without the mantissa trick)."""
+    if K >= 8192:
+        return dict(BLOCK_N=4, WORDS=256, num_warps=4)
     return dict(BLOCK_N=16 if N >= 6144 else 8, WORDS=128, num_warps=4)
 
 
@@ -295,11 +296,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Same contract as w8a16_matmul_ref. Specializations: the plan's tile constexprs (three per shape: M <= 16,
-    <= 64, larger), whether K is split, dtypes; one row with K < W8_GEMV_MAX_K takes the GEMV. qweight must have
+    <= 64, larger), whether K is split, dtypes; one row takes the GEMV. qweight must have
     unit stride along K."""
     N, K = qweight.shape
     x2 = _rows(x)
-    if x2.shape[0] == 1 and K % 4 == 0 and K < W8_GEMV_MAX_K and qweight.is_contiguous():
+    if x2.shape[0] == 1 and K % 4 == 0 and qweight.is_contiguous():
         return w8a16_gemv_triton(x2, qweight, scales).view(*x.shape[:-1], N)
     plan = plan_launch(x2.shape[0], N, K, x.device)
     out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})

@@ -176,6 +176,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """[N, H] -> logits [N, V], in float32 or (float32=False, for the sampler, which converts only the
         rows that need it) in the model's dtype."""
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):  # quantization/layers.py's
+            logits = self.lm_head(hidden)
+            return logits.float() if float32 else logits
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp is not None:
             logits = self.tp.gather_vocab(F.linear(hidden, weight), self.config.vocab_size)

@@ -9,6 +9,10 @@ Our own config, written by quantize_checkpoint:
     w4a16  uint8-packed int4 weights, group-wise scales and zero points        (int4_wo, int4_awq, int4_gptq)
     fp8    e4m3 weights per output channel, e4m3 activations per token         (fp8)
     w8a8   int8 weights per output channel, int8 activations per token         (int8_sq)
+`lm_head` (default false): the LM head is quantized too, in `head_format` -- the model's own 8-bit format, or
+INT8 weight-only under a 4-bit method (the head is the most sensitive projection; llama.cpp's 4-bit mixes
+keep their output matrix at 6 bits for the same reason). It stays in the model dtype by default, as in
+AutoAWQ, AutoGPTQ and TensorRT-LLM, whose quantizers quantize it only when asked.
 """
 from __future__ import annotations
 
@@ -42,16 +46,23 @@ class QuantConfig:
     zero_point: bool = True
     source: str = "tritium"  # "tritium" | "awq" | "gptq": the tensor layout in the files
     desc_act: bool = False  # AutoGPTQ act-order: a g_idx per input column
+    lm_head: bool = False  # the LM head quantized too (in head_format)
     extra: dict = field(default_factory=dict)  # method parameters kept for the record (alpha, calibration)
 
     @classmethod
-    def for_method(cls, method: str, group_size: int = 128, **extra) -> "QuantConfig":
+    def for_method(cls, method: str, group_size: int = 128, lm_head: bool = False, **extra) -> "QuantConfig":
         if method not in METHODS:
             raise InvalidParameterError("quant", f"unknown method {method!r}; known: {', '.join(METHODS)}")
         fmt, bits = METHODS[method]
         if fmt == "w4a16" and (group_size < 32 or group_size & (group_size - 1)):
             raise InvalidParameterError("group_size", f"must be a power of two >= 32, got {group_size}")
-        return cls(method, fmt, bits, group_size if fmt == "w4a16" else -1, fmt == "w4a16", extra=dict(extra))
+        return cls(method, fmt, bits, group_size if fmt == "w4a16" else -1, fmt == "w4a16", lm_head=lm_head,
+                   extra=dict(extra))
+
+    @property
+    def head_format(self) -> str:
+        """The LM head's format when lm_head is set: 8-bit formats as the projections, w8a16 under w4a16."""
+        return "w8a16" if self.format == "w4a16" else self.format
 
     def to_json(self) -> dict:
         out = {"quant_method": "tritium", **{k: v for k, v in asdict(self).items() if k not in ("source", "extra")}}
@@ -86,9 +97,12 @@ def _ours(raw: dict) -> "QuantConfig":
     if method not in METHODS:
         raise InvalidParameterError("quantization_config.method", f"unknown {method!r}; known: {', '.join(METHODS)}")
     fmt, bits = METHODS[method]
-    known = {"quant_method", "method", "format", "bits", "group_size", "zero_point", "desc_act"}
+    known = {"quant_method", "method", "format", "bits", "group_size", "zero_point", "desc_act", "lm_head"}
+    lm_head = raw.get("lm_head", False)
+    if not isinstance(lm_head, bool):
+        raise InvalidParameterError("quantization_config.lm_head", f"must be true or false, got {lm_head!r}")
     return QuantConfig(method, fmt, bits, int(raw.get("group_size", -1)), bool(raw.get("zero_point", False)),
-                       extra={k: v for k, v in raw.items() if k not in known})
+                       lm_head=lm_head, extra={k: v for k, v in raw.items() if k not in known})
 
 
 def _autoawq(raw: dict) -> "QuantConfig":

@@ -16,7 +16,8 @@ from backend.kernels import scaled_matmul as sm
 from . import rtn
 from .config import QuantConfig
 
-# The projections a quantization replaces (names in our model); embeddings, norms and the LM head stay.
+# The projections a quantization replaces (names in our model); embeddings and norms stay, and the LM head
+# too unless the config's lm_head says otherwise.
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -116,14 +117,15 @@ class W8A8Linear(QuantLinear):
 
 
 def make_linear(qcfg: QuantConfig, in_features: int, out_features: int, bias: bool, use_triton: bool,
-                dtype: torch.dtype, device) -> QuantLinear:
-    """An empty quantized layer of the config's format."""
+                dtype: torch.dtype, device, fmt: str | None = None) -> QuantLinear:
+    """An empty quantized layer of `fmt` (default: the config's format)."""
+    fmt = fmt or qcfg.format
     args = (in_features, out_features, bias, use_triton, dtype, device)
-    if qcfg.format == "w8a16":
+    if fmt == "w8a16":
         return Int8WeightOnlyLinear(*args)
-    if qcfg.format == "w4a16":
+    if fmt == "w4a16":
         return Int4WeightOnlyLinear(*args, group_size=qcfg.group_size)
-    return W8A8Linear(*args, kind="fp8" if qcfg.format == "fp8" else "int8")
+    return W8A8Linear(*args, kind="fp8" if fmt == "fp8" else "int8")
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
@@ -146,7 +148,22 @@ def replace_linears(model: nn.Module, qcfg: QuantConfig, use_triton: bool, quant
             if bias:
                 new.bias.data.copy_(old.bias.data)
         setattr(parent, attr, new)
+    if qcfg.lm_head:
+        replace_lm_head(model, qcfg, use_triton, quantize)
     fuse_activation_quantization(model)
+
+
+def replace_lm_head(model: nn.Module, qcfg: QuantConfig, use_triton: bool, quantize: bool = False) -> None:
+    """model.lm_head becomes a quantized layer in qcfg.head_format (also for tied embeddings: the embedding
+    stays the float input table, the head gets its own quantized copy); compute_logits then calls it."""
+    embedding = model.model.embed_tokens.weight
+    float_head = embedding if model.lm_head is None else model.lm_head.weight
+    vocab, hidden = float_head.shape
+    head = make_linear(qcfg, hidden, vocab, False, use_triton, embedding.dtype, embedding.device,
+                       fmt=qcfg.head_format)
+    if quantize:
+        head.set_float_weight(float_head.data)
+    model.lm_head = head
 
 
 def fuse_activation_quantization(model: nn.Module) -> int:

@@ -5,6 +5,8 @@ A quantized projection `P.weight` becomes (by format):
     w8a16, w8a8: P.qweight int8 [N, K], P.scales float16 [N]
     w4a16:       P.qweight uint8 [N, K/2], P.scales float16 [N, K/G], P.qzeros uint8 [N, K/G]
     fp8:         P.weight float8_e4m3fn [N, K], P.weight_scale float32 [N]
+With quantization_config.lm_head the head is written as `lm_head` in QuantConfig.head_format (from the
+embedding when the two are tied: the embedding itself stays a float lookup table).
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ def is_quantized_weight(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in HF_LINEARS
 
 
-def quantize_weight(qcfg: QuantConfig, prefix: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Round-to-nearest tensors of one projection, named for the checkpoint."""
-    if qcfg.format == "fp8":
+def quantize_weight(qcfg: QuantConfig, prefix: str, weight: torch.Tensor,
+                    fmt: str | None = None) -> dict[str, torch.Tensor]:
+    """Round-to-nearest tensors of one projection, named for the checkpoint, in `fmt` (default qcfg.format)."""
+    fmt = fmt or qcfg.format
+    if fmt == "fp8":
         q, s = rtn.quantize_fp8(weight)
         return {f"{prefix}.weight": q, f"{prefix}.weight_scale": s}
-    if qcfg.format == "w4a16":
+    if fmt == "w4a16":
         q, s, z = rtn.quantize_int4(weight, qcfg.group_size)
         return int4_tensors(prefix, q, s, z)
     q, s = rtn.quantize_int8(weight)
@@ -58,6 +62,20 @@ def rtn_tensors(qcfg: QuantConfig, weights: Iterable[tuple[str, torch.Tensor]],
             yield from quantize_weight(qcfg, name[: -len(".weight")], tensor).items()
         else:
             yield name, cast(tensor, dtype)
+
+
+def with_quantized_head(tensors: Iterable[tuple[str, torch.Tensor]], qcfg: QuantConfig,
+                        tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with the LM head quantized (round-to-nearest, per output channel): from
+    lm_head.weight, or for tied embeddings from the embedding, which is kept as it is for the input lookup."""
+    for name, tensor in tensors:
+        if name == "lm_head.weight":
+            if not tied:  # a tied checkpoint may store a copy of the embedding here: the head comes from that
+                yield from quantize_weight(qcfg, "lm_head", tensor, qcfg.head_format).items()
+            continue
+        yield name, tensor
+        if tied and name == "model.embed_tokens.weight":
+            yield from quantize_weight(qcfg, "lm_head", tensor, qcfg.head_format).items()
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
