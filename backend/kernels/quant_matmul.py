@@ -147,6 +147,81 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_
         tl.store(dst, out, mask=mm[:, None] & nm[None, :])
 
 
+# The same product with the packed tile unpacked in registers into one full [BLOCK_N, BLOCK_K] tile: tl.interleave
+# puts each byte's low nibble at column 2j and its high nibble at 2j + 1, which is the layout of x itself, so x is
+# one contiguous [BLOCK_M, BLOCK_K] load (vectorized, unlike the two stride-2 halves above) and each K tile is one
+# tl.dot of full depth instead of two of half depth. FOLD_ZEROS: (q - z) * s summed over a tile that lies in one
+# group is s * (x . q - z * sum(x)), so the codes 0..15 go to the dot as they are (exact in bf16) and the zero
+# point costs one [BLOCK_M] row sum and one outer product per tile instead of a subtraction per weight.
+@lazy_jit(do_not_specialize=["M"])
+def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
+                       GROUP_SIZE: tl.constexpr, FOLD_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rj = tl.arange(0, BLOCK_K // 2)
+    mm, nm = rm < M, rn < N
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * sw_n
+    sz_rows = rn.to(tl.int64) * ss_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < k_end)[None, :], other=0.0)
+        j = k0 // 2 + rj
+        packed = tl.load(w_rows + j[None, :], mask=nm[:, None] & (2 * j < k_end)[None, :], other=0).to(tl.int32)
+        q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K], input column order
+        group = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
+        if FOLD_ZEROS:
+            part = tl.dot(x, tl.trans(q.to(x.dtype)))
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            part -= x_sum[:, None] * z.to(tl.float32)[None, :]
+        else:
+            part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
+        acc += part * s[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
+    else:
+        tl.store(dst, out, mask=mm[:, None] & nm[None, :])
+
+
+# INT4 -> dense [N, K] weight in the activation dtype, for the large-M path (dequantize, then cuBLAS). One program
+# per [BLOCK_N, BLOCK_K] tile; BLOCK_K never straddles two groups (as in the kernels above), so a tile needs one
+# scale and one zero point per row. Stores are contiguous along K: the interleaved tile is in column order.
+@lazy_jit
+def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n,
+                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    k = k0 + tl.arange(0, BLOCK_K)
+    nm = rn < N
+    rows = rn.to(tl.int64)
+    packed = tl.load(w_ptr + rows[:, None] * sw_n + j[None, :], mask=nm[:, None] & (2 * j < K)[None, :],
+                     other=0).to(tl.int32)
+    group = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + rows * ss_n + group, mask=nm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows * ss_n + group, mask=nm, other=0).to(tl.int32)
+    q = tl.interleave(packed & 0xF, packed >> 4)
+    w = (q - z[:, None]).to(tl.float32) * s[:, None]
+    tl.store(out_ptr + rows[:, None] * so_n + k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=nm[:, None] & (k < K)[None, :])
+
+
 # Batch 1 (decode of one sequence) takes a GEMV, shaped like backend/kernels/gemv.py's: BLOCK_N weight rows
 # per program, K walked one chunk at a time. The packed bytes are read as int32 words (word j of a row holds
 # input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk is SLICES
@@ -305,20 +380,179 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return out.view(*x.shape[:-1], N)
 
 
-def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
-    """Same contract as w4a16_matmul_ref. group_size: a power of two >= 32, or K itself."""
+# ---- W4A16 for M > 1 ------------------------------------------------------------------------------------------
+# Three paths: the batch-1 GEMV above; for 1 < M < DEQUANT_MIN_M a tiled kernel that dequantizes tiles in
+# registers (the join kernel by default; the older two-half "pair" kernel kept for comparison); from DEQUANT_MIN_M
+# rows on, the whole weight is dequantized into a reused scratch buffer and multiplied by cuBLAS. That last one is
+# vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py, AWQLinearMethod.apply:
+# awq_dequantize then torch.matmul from 256 tokens on).
+#
+# Why 128: the dequantize pass costs a fixed ~4.5 bytes of traffic per weight (read 0.5, write 2, cuBLAS reads 2
+# back), ~170 us for gate_up (28672 x 4096) on an H100 whatever M is, while a tiled kernel dequantizes every weight
+# tile once per row tile and its main loop is slower than cuBLAS's; at M = 256 the pair kernel took 1.72 ms
+# against 107 us for bf16 cuBLAS, so the fixed cost is cheap there. 128 is a starting point below vLLM's 256
+# because our tiled kernel is further behind cuBLAS than vLLM's AWQ GEMM: perf/tune_w4_matmul.py measures both
+# sides of it (decode buckets 128..256 of backend/engine/cuda_graphs.py fall on this side, see _DequantScratch).
+DEQUANT_MIN_M = 128
+W4_TILED_KERNEL = "join"  # the default below DEQUANT_MIN_M: "join" or "pair" (the kernel before the join one)
+
+# Join-kernel tiles per row bucket (largest M of the bucket -> tile); split-K is derived per shape in w4_join_plan.
+# perf/tune_w4_matmul.py prints the best measured plan per (shape, M) in this form.
+W4_JOIN_TILES = {
+    SMALL_M: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    DEQUANT_MIN_M - 1: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+}
+
+
+def w4_block_k_limit(K: int, group_size: int) -> int:
+    """A K tile must lie in one group (one scale and zero point per row): at most 128, at most the group."""
+    return 128 if group_size >= 128 or group_size == K else group_size
+
+
+def split_k(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """Programs per output tile along K: enough for about two programs per SM, but at least 8 K tiles each (fewer
+    leaves the load pipeline mostly prologue). Large M never splits: its output tiles already fill the GPU."""
+    if M > MEDIUM_M:
+        return 1
+    tiles = -(-M // block_m) * -(-N // block_n)
+    return max(1, min(-(-2 * _num_sms(device) // tiles), -(-K // block_k) // 8))
+
+
+def w4_join_plan(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
+    """The join kernel's launch for an [M, K] x [K, N] product: W4_JOIN_TILES' tile for M's bucket (the last one
+    beyond it), the K tile capped by the group, split-K per split_k. Depends on shapes only (CUDA-graph safe)."""
+    bucket = next((top for top in sorted(W4_JOIN_TILES) if M <= top), max(W4_JOIN_TILES))
+    tile = dict(W4_JOIN_TILES[bucket])
+    tile["BLOCK_K"] = min(tile["BLOCK_K"], w4_block_k_limit(K, group_size))
+    split = split_k(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], device)
+    return dict(tile, split=split, GROUP_M=8, fold_zeros=True)
+
+
+def w4_pair_plan(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
+    """The pair kernel's launch, as before the join kernel existed."""
+    return plan_launch(M, N, K, device, max_block_k=w4_block_k_limit(K, group_size))
+
+
+class _DequantScratch:
+    """One dense weight buffer per (device, dtype), grown to the largest weight seen and shared by every layer.
+
+    Sharing is safe because the layers run one after another on one stream: a layer's cuBLAS product has read the
+    buffer before the next layer's dequantize kernel overwrites it (work queued on one stream runs in order).
+
+    CUDA graphs (backend/engine/cuda_graphs.py captures decode batches up to 256, so buckets >= DEQUANT_MIN_M take
+    this path inside a graph): a captured graph bakes in the buffer's address, so
+      - nothing is allocated during a capture (it would come from the graph's private pool, and its address would
+        be handed out again once the graph's tensors are freed): take() returns None and the caller runs the tiled
+        kernel instead, which is correct, only slower. The engine never hits this: quantization.layers.warmup runs
+        every layer at 256 rows, and DecodeGraphs runs each bucket eagerly, before any capture.
+      - a buffer that was used in a capture is never freed when a larger one replaces it (the graph still writes
+        to it on replay), so it is kept in `_kept_for_graphs` for the life of the process.
+    Not safe across streams that run concurrently (two threads' forwards would race on the buffer)."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._captured: set[tuple] = set()
+        self._kept_for_graphs: list[torch.Tensor] = []
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        key = (device, dtype)
+        buffer = self._buffers.get(key)
+        capturing = _capturing(device)
+        if buffer is None or buffer.numel() < numel:
+            if capturing:
+                return None
+            if buffer is not None and key in self._captured:
+                self._kept_for_graphs.append(buffer)
+            self._captured.discard(key)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        if capturing:
+            self._captured.add(key)
+        return buffer[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in [*self._buffers.values(), *self._kept_for_graphs])
+
+
+_DEQUANT_SCRATCH = _DequantScratch()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense [N, K] weight in `dtype` ((q - z) * s computed in fp32, rounded once), into `out` when given (any [N, K]
+    tensor with unit stride along K). Same values as dequantize_int4(...).to(dtype)."""
+    import triton
+
     N, K = qweight.shape[0], qweight.shape[1] * 2
     check_group_size(K, group_size)
-    x2 = _rows(x)
-    if x2.shape[0] == 1 and K % 8 == 0 and qweight.is_contiguous():
-        return w4a16_gemv_triton(x2, qweight, scales, zeros, group_size).view(*x.shape[:-1], N)
-    block_k = 128 if group_size >= 128 or group_size == K else group_size
-    plan = plan_launch(x2.shape[0], N, K, x.device, max_block_k=block_k)
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    if scales.stride() != zeros.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    block_n, block_k = 32, w4_block_k_limit(K, group_size)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _dequantize_int4_kernel[grid](qweight, scales, zeros, out, N, K, qweight.stride(0), scales.stride(0),
+                                  out.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+                                  num_warps=4)
+    return out
+
+
+def _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size: int) -> torch.Tensor | None:
+    """Dequantize into the shared scratch, then cuBLAS; None when no scratch can be had (inside a CUDA-graph
+    capture that needs a larger buffer than exists)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    scratch = _DEQUANT_SCRATCH.take(N * K, x2.dtype, x2.device)
+    if scratch is None:
+        return None
+    weight = dequantize_int4_triton(qweight, scales, zeros, group_size, x2.dtype, out=scratch.view(N, K))
+    return torch.nn.functional.linear(x2, weight)
+
+
+def _w4a16_tiled(x2, qweight, scales, zeros, group_size: int, kernel: str, plan: dict | None) -> torch.Tensor:
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    choose_plan = w4_join_plan if kernel == "join" else w4_pair_plan
+    plan = plan or choose_plan(x2.shape[0], N, K, group_size, x2.device)
+    if plan["BLOCK_K"] > w4_block_k_limit(K, group_size):
+        raise ValueError(f"BLOCK_K {plan['BLOCK_K']} straddles groups of {group_size} (K {K}): at most "
+                         f"{w4_block_k_limit(K, group_size)}")
     if scales.stride() != zeros.stride():
         scales, zeros = scales.contiguous(), zeros.contiguous()
     args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
-    out = _launch(_w4a16_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
+    if kernel == "join":
+        extra = dict(GROUP_SIZE=group_size, FOLD_ZEROS=plan.get("fold_zeros", True))
+        return _launch(_w4a16_join_kernel, x2, N, K, plan, args, extra)
+    return _launch(_w4a16_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
+
+
+W4_PATHS = ("auto", "join", "pair", "dequant")
+
+
+def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int, path: str = "auto", plan: dict | None = None) -> torch.Tensor:
+    """Same contract as w4a16_matmul_ref. group_size: a power of two >= 32, or K itself.
+
+    path "auto": one row (K a multiple of 8, contiguous qweight) takes the GEMV, M >= DEQUANT_MIN_M dequantize +
+    cuBLAS, the rest the W4_TILED_KERNEL. "join", "pair", "dequant" force one path (for tuning and tests); `plan`
+    overrides the tiled kernels' launch (w4_join_plan's / plan_launch's keys), and a plan's BLOCK_K must not
+    exceed w4_block_k_limit."""
+    if path not in W4_PATHS:
+        raise ValueError(f"path must be one of {W4_PATHS}, got {path!r}")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    check_group_size(K, group_size)
+    x2 = _rows(x)
+    M = x2.shape[0]
+    if path == "auto" and M == 1 and K % 8 == 0 and qweight.is_contiguous():
+        return w4a16_gemv_triton(x2, qweight, scales, zeros, group_size).view(*x.shape[:-1], N)
+    out = None
+    if path == "dequant" or (path == "auto" and M >= DEQUANT_MIN_M):
+        out = _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size)
+    if out is None:
+        kernel = W4_TILED_KERNEL if path in ("auto", "dequant") else path
+        out = _w4a16_tiled(x2, qweight, scales, zeros, group_size, kernel, plan)
     return out.view(*x.shape[:-1], N)
 
 

@@ -123,3 +123,154 @@ def test_split_k_plan_is_used_for_decode(monkeypatch):
 def test_bad_group_size():
     with pytest.raises(ValueError, match="group_size"):
         qm.check_group_size(256, 48)
+
+
+# ---- W4A16 for M > 1: the dequantize kernel, the join kernel, the dequantize + cuBLAS path -------------------
+# (N, K, group): N off every row tile; K = 576 ends in a half group; 96 = K is one group that is not a power of
+# two; group 32 is smaller than the default K tile; 200 = K with a K tile (128) that overhangs the row.
+DEQUANT_SHAPES = [(37, 576, 128), (130, 96, 96), (64, 1024, 32), (5, 200, 200), (72, 320, 64)]
+# bf16 on the GPU only: the interpreter converts fp32 -> bf16 by truncation (1.0229 -> 1.0156), not rounding
+DEQUANT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", DEQUANT_DTYPES)
+@pytest.mark.parametrize("N,K,group", DEQUANT_SHAPES)
+def test_dequantize_int4_triton_is_exact(N, K, group, dtype, device):
+    # Both sides compute (q - z) * s in float32 and round once, so they must agree bit for bit.
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    got = qm.dequantize_int4_triton(qweight, scales, zeros, group, dtype)
+    assert got.dtype == dtype and got.shape == (N, K)
+    assert torch.equal(got, qm.dequantize_int4(qweight, scales, zeros, group).to(dtype))
+
+
+def test_dequantize_int4_triton_into_a_strided_view(device):
+    # The scratch path writes into a view: rows of a wider buffer stay untouched past K.
+    qweight, scales, zeros = random_int4(24, 256, 64, device)
+    buffer = torch.full((24, 300), 7.0, device=device)
+    qm.dequantize_int4_triton(qweight, scales, zeros, 64, torch.float32, out=buffer[:, :256])
+    assert torch.equal(buffer[:, :256], qm.dequantize_int4(qweight, scales, zeros, 64))
+    assert bool((buffer[:, 256:] == 7.0).all())
+
+
+def float64_product(x, qweight, scales, zeros, group):
+    return x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+
+
+# (M, N, K, group): one row tile with split-K, rows off the tile, a last short group, group == K, a row count past
+# one 64-row tile, and (on the GPU) a Llama-sized product.
+PATH_SHAPES = [(2, 64, 1024, 128), (3, 200, 576, 128), (16, 40, 96, 96), (70, 136, 256, 32), (9, 72, 200, 200)]
+if ON_GPU:
+    PATH_SHAPES += [(48, 6144, 4096, 128), (200, 4096, 14336, 128)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("M,N,K,group", PATH_SHAPES)
+@pytest.mark.parametrize("path", ["join", "pair", "dequant"])
+def test_w4a16_forced_path(path, M, N, K, group, dtype, atol, rtol, device):
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group, path=path)
+    want = float64_product(x, qweight, scales, zeros, group)
+    assert got.dtype == dtype and got.shape == (M, N)
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+# Join-kernel plans off the default: wide column tiles, a 64-deep K tile, a split that leaves the last program a
+# partial K range, the zero point subtracted per weight instead of folded.
+JOIN_PLANS = [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, split=3, GROUP_M=8, num_warps=4, num_stages=3),
+              dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, split=1, GROUP_M=8, num_warps=4, num_stages=4,
+                   fold_zeros=False),
+              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split=5, GROUP_M=1, num_warps=4, num_stages=4)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("plan", JOIN_PLANS)
+def test_w4a16_join_plans(plan, dtype, atol, rtol, device):
+    M, N, K, group = 21, 150, 736, 128  # K = 5.75 groups; split 3 of 64-wide tiles: 256 + 256 + 224 columns
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group, path="join", plan=plan)
+    want = float64_product(x, qweight, scales, zeros, group)
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def test_plan_whose_k_tile_straddles_groups_is_refused(device):
+    qweight, scales, zeros = random_int4(16, 256, 32, device)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        qm.w4a16_matmul_triton(torch.randn(4, 256, device=device), qweight, scales, zeros, 32, path="join",
+                               plan=JOIN_PLANS[0])
+
+
+def test_auto_path_by_row_count(monkeypatch, device):
+    taken = []
+    monkeypatch.setattr(qm, "_w4a16_dequant_matmul", lambda *a: taken.append("dequant"))  # returns None: falls back
+    real_tiled = qm._w4a16_tiled
+    monkeypatch.setattr(qm, "_w4a16_tiled", lambda *a: taken.append(a[5]) or real_tiled(*a))
+    qweight, scales, zeros = random_int4(32, 128, 128, device)
+    for rows in (2, qm.DEQUANT_MIN_M - 1, qm.DEQUANT_MIN_M):
+        qm.w4a16_matmul_triton(torch.randn(rows, 128, device=device), qweight, scales, zeros, 128)
+    assert taken == [qm.W4_TILED_KERNEL, qm.W4_TILED_KERNEL, "dequant", qm.W4_TILED_KERNEL]
+
+
+def test_w4_join_plan_buckets(monkeypatch):
+    monkeypatch.setattr(qm, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert qm.w4_join_plan(2, 4096, 4096, 128, cpu)["split"] > 1  # decode: 64 column tiles alone idle half the SMs
+    assert qm.w4_join_plan(2, 4096, 4096, 128, cpu)["BLOCK_M"] == 16
+    assert qm.w4_join_plan(64, 4096, 4096, 128, cpu)["BLOCK_M"] == 64
+    assert qm.w4_join_plan(100, 4096, 4096, 128, cpu)["split"] == 1
+    assert qm.w4_join_plan(500, 4096, 4096, 128, cpu) == qm.w4_join_plan(100, 4096, 4096, 128, cpu)
+    assert qm.w4_join_plan(2, 4096, 4096, 32, cpu)["BLOCK_K"] == 32  # a K tile never straddles two groups
+
+
+@pytest.fixture
+def scratch(monkeypatch):
+    """A fresh scratch cache, and a switch that makes the code believe a CUDA graph is being captured."""
+    fresh = qm._DequantScratch()
+    monkeypatch.setattr(qm, "_DEQUANT_SCRATCH", fresh)
+    capture = {"on": False}
+    monkeypatch.setattr(qm, "_capturing", lambda device: capture["on"])
+    return fresh, capture
+
+
+def test_dequant_scratch_is_reused_and_grown(scratch, device):
+    cache, _ = scratch
+    first = cache.take(1000, torch.float16, device)
+    assert cache.take(600, torch.float16, device).data_ptr() == first.data_ptr()  # smaller: same memory
+    assert cache.take(1000, torch.float32, device).data_ptr() != first.data_ptr()  # one buffer per dtype
+    grown = cache.take(5000, torch.float16, device)
+    assert grown.numel() == 5000 and cache.nbytes() == 5000 * 2 + 1000 * 4  # the old fp16 buffer is gone
+
+
+def test_dequant_scratch_never_allocates_during_capture(scratch, device):
+    cache, capture = scratch
+    capture["on"] = True
+    assert cache.take(100, torch.float16, device) is None and cache.nbytes() == 0
+    capture["on"] = False
+    used_in_graph = cache.take(100, torch.float16, device)
+    capture["on"] = True
+    assert cache.take(100, torch.float16, device).data_ptr() == used_in_graph.data_ptr()
+    assert cache.take(200, torch.float16, device) is None  # too small, and no allocation inside a capture
+    capture["on"] = False
+    cache.take(200, torch.float16, device)  # grows: the graph's buffer must outlive the swap
+    assert any(kept.data_ptr() == used_in_graph.data_ptr() for kept in cache._kept_for_graphs)
+    assert cache.nbytes() == (100 + 200) * 2
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_large_m_inside_capture_falls_back_to_the_tiled_kernel(scratch, dtype, atol, rtol, device):
+    cache, capture = scratch
+    M, N, K, group = qm.DEQUANT_MIN_M + 3, 48, 192, 64
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    want = float64_product(x, qweight, scales, zeros, group)
+    capture["on"] = True
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    assert cache.nbytes() == 0  # nothing allocated: the tiled kernel ran
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+    capture["on"] = False
+    qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)  # eager (warm-up): the scratch appears
+    capture["on"] = True
+    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    assert cache.nbytes() == N * K * x.element_size()
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)

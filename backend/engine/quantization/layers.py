@@ -183,8 +183,11 @@ def fuse_activation_quantization(model: nn.Module) -> int:
 
 
 def warmup(model: nn.Module, max_rows: int = 256) -> None:
-    """Runs each distinct quantized layer shape once per launch plan (M <= 16, <= 64, larger), so no Triton
-    kernel compiles on live traffic."""
+    """Runs each distinct quantized layer shape once per launch plan (one row, M <= 16, <= 64, below
+    qm.DEQUANT_MIN_M, larger), so no Triton kernel compiles on live traffic. The max_rows run also allocates
+    W4A16's dequantize scratch (qm._DequantScratch) at its full size before any CUDA graph is captured: inside a
+    capture it cannot be allocated, and decode buckets of DEQUANT_MIN_M rows or more would fall back to the
+    slower tiled kernel."""
     seen = set()
     for module in model.modules():
         if not isinstance(module, QuantLinear) or not module.use_triton:
@@ -194,5 +197,5 @@ def warmup(model: nn.Module, max_rows: int = 256) -> None:
             continue
         seen.add(key)
         device = next(module.parameters()).device
-        for rows in (1, qm.MEDIUM_M, max_rows):
+        for rows in (1, qm.SMALL_M, qm.MEDIUM_M, qm.DEQUANT_MIN_M - 1, max(max_rows, qm.DEQUANT_MIN_M)):
             module(torch.zeros(rows, module.in_features, dtype=module.act_dtype, device=device))
