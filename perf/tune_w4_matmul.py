@@ -4,8 +4,7 @@
     TRITON_INTERPRET=1 python3 perf/tune_w4_matmul.py --smoke --out /tmp/tune_w4_matmul.json   # CPU check
 
 For each Llama-3-8B projection (group 128) and M in 2, 16, 64, 128, 256, 2048: cuBLAS bf16 (F.linear on the
-dequantized weight, the ceiling), the pair kernel (the tiled kernel before the join one), the join kernel with its
-default plan (zero point folded and subtracted per weight), a few join plans (column tile 64/128/256 x K tile
+dequantized weight, the ceiling), the join kernel with its default plan, a few join plans (column tile 64/128/256 x K tile
 64/128 per row tile, then 3 and 4 pipeline stages for the two fastest; split-K as quant_matmul.split_k gives it),
 and dequantize + cuBLAS (also the dequantize kernel alone). Every product is timed inside a CUDA graph and checked
 against the float64 product of the dequantized weight. Prints a table last, then the join tiles and the
@@ -59,7 +58,7 @@ def row_tiles(M: int) -> list[int]:
 
 def join_plan(M: int, N: int, K: int, device, block_m: int, block_n: int, block_k: int, stages: int) -> dict:
     block_k = min(block_k, qm.w4_block_k_limit(K, GROUP))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, fold_zeros=True,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                 num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
                 split=qm.split_k(M, N, K, block_m, block_n, block_k, device))
 
@@ -118,13 +117,11 @@ def tune(case: Case, smoke: bool) -> dict:
     default = qm.w4_join_plan(M, N, K, GROUP, case.x.device)
     out = {
         "cublas_bf16": case.measure(lambda: torch.nn.functional.linear(case.x, w["dense"])),
-        "pair": dict(case.measure(case.product("pair")), plan=qm.w4_pair_plan(M, N, K, GROUP, case.x.device)),
         "join_default": dict(case.measure(case.product("join")), plan=default),
-        "join_default_zero_per_weight": case.measure(case.product("join", dict(default, fold_zeros=False))),
         "dequant_cublas": case.measure(case.product("dequant")),
         "dequant_only": case.measure(lambda: qm.dequantize_int4_triton(w["packed"], w["scales"], w["zeros"], GROUP,
                                                                        case.x.dtype), want=w["float64"]),
-        "auto_path": "dequant_cublas" if M >= qm.DEQUANT_MIN_M else f"join_default ({qm.W4_TILED_KERNEL})",
+        "auto_path": "dequant_cublas" if M >= qm.DEQUANT_MIN_M else "join_default",
         "join_plans": join_sweep(case, smoke),
     }
     timed = [r for r in out["join_plans"] if "us" in r]
@@ -171,15 +168,15 @@ def suggest_threshold(results: dict, rows: tuple) -> int | None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'shape':8s} {'M':>5s} {'cuBLAS':>8s} {'pair':>8s} {'join':>8s} {'join*':>8s} {'deq+mm':>8s} "
+    print(f"\n{'shape':8s} {'M':>5s} {'cuBLAS':>8s} {'join':>8s} {'join*':>8s} {'deq+mm':>8s} "
           f"{'deq':>7s} {'auto/bf16':>9s}  best join plan (M,N,K,warps,stages,split)  max rel err")
     for r in results.values():
         auto = r["dequant_cublas"] if r["M"] >= qm.DEQUANT_MIN_M else r["join_default"]
         best = r["join_best"] or {}
         plan = ",".join(str(best.get(k, "-")) for k in (*TILE_KEYS, "split"))
-        errors = [e["rel_err"] for e in (r["cublas_bf16"], r["pair"], r["join_default"], r["dequant_cublas"], best)
+        errors = [e["rel_err"] for e in (r["cublas_bf16"], r["join_default"], r["dequant_cublas"], best)
                   if "rel_err" in e]
-        print(f"{r['name']:8s} {r['M']:5d} {us(r['cublas_bf16']):8.1f} {us(r['pair']):8.1f} "
+        print(f"{r['name']:8s} {r['M']:5d} {us(r['cublas_bf16']):8.1f} "
               f"{us(r['join_default']):8.1f} {us(best):8.1f} {us(r['dequant_cublas']):8.1f} "
               f"{us(r['dequant_only']):7.1f} {us(auto) / us(r['cublas_bf16']):9.2f}  {plan:36s} "
               f"{max(errors) if errors else float('nan'):.1e}")
@@ -204,7 +201,7 @@ def main() -> None:
     start = time.perf_counter()
     results = {}
     summary = {"device": torch.cuda.get_device_name() if on_gpu else "cpu (Triton interpreter)", "dtype": str(dtype),
-               "group_size": GROUP, "DEQUANT_MIN_M": qm.DEQUANT_MIN_M, "W4_TILED_KERNEL": qm.W4_TILED_KERNEL,
+               "group_size": GROUP, "DEQUANT_MIN_M": qm.DEQUANT_MIN_M,
                "results": results}
     for name, N, K in linears:
         weight = quantized_weight(N, K, device, dtype)
@@ -212,7 +209,7 @@ def main() -> None:
             r = results[f"{name} M={M}"] = dict(name=name, N=N, K=K, M=M, **tune(Case(N, K, M, weight, dtype,
                                                                                       args.rep_ms), args.smoke))
             print(f"[{time.perf_counter() - start:5.0f} s] {name:8s} M={M:5d}  cuBLAS {us(r['cublas_bf16']):8.1f}  "
-                  f"pair {us(r['pair']):8.1f}  join {us(r['join_default']):8.1f} / best {us(r['join_best']):8.1f}  "
+                  f"join {us(r['join_default']):8.1f} / best {us(r['join_best']):8.1f}  "
                   f"dequant+cuBLAS {us(r['dequant_cublas']):8.1f} us", flush=True)
         del weight
     summary["suggested_join_tiles"] = suggest_tiles(results, rows)

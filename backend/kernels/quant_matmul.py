@@ -49,7 +49,7 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 # ---- Triton kernels -----------------------------------------------------------------------------------------
-# One kernel per format, launched in two shapes (see `_plan`):
+# The W8A16 tiled kernel, launched in two shapes (see plan_launch; INT4 has its own paths further down):
 #   small M (decode, 1-16 rows): BLOCK_M 16 and split-K. A batch-1 product is a GEMV that only reads
 #     weights; N / BLOCK_N programs alone leave SMs idle for N = 4096 (64 programs on 132 SMs), so K is split
 #     across programs whose partial products are summed with atomic adds into a zeroed output.
@@ -100,62 +100,15 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
         tl.store(dst, out, mask=mm[:, None] & nm[None, :])
 
 
-# Packed column j of an INT4 weight holds input columns 2j (low nibble) and 2j + 1 (high nibble): a tile
-# is unpacked into two [BLOCK_K / 2, BLOCK_N] halves, each multiplied with the matching x columns.
-@lazy_jit(do_not_specialize=["M"])
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
-                  GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rh = tl.arange(0, BLOCK_K // 2)
-    mm, nm = rm < M, rn < N
-    k_start = tl.program_id(1) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
-    w_cols = w_ptr + rn.to(tl.int64)[None, :] * sw_n
-    sz_rows = rn.to(tl.int64) * ss_n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_even = k0 + 2 * rh
-        km = k_even < k_end
-        xm = mm[:, None] & km[None, :]
-        x_even = tl.load(x_rows + k_even[None, :], mask=xm, other=0.0)
-        x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=xm, other=0.0)
-        packed = tl.load(w_cols + (k0 // 2 + rh)[:, None], mask=km[:, None] & nm[None, :], other=0)
-        group = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
-        packed = packed.to(tl.int32)
-        low = ((packed & 0xF) - z[None, :]).to(x_even.dtype)
-        high = ((packed >> 4) - z[None, :]).to(x_even.dtype)
-        part = tl.dot(x_even, low)
-        part = tl.dot(x_odd, high, part)
-        acc += part * s[None, :]
-    out = acc.to(out_ptr.dtype.element_ty)
-    dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
-    if ATOMIC:
-        tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
-    else:
-        tl.store(dst, out, mask=mm[:, None] & nm[None, :])
-
-
-# The same product with the packed tile unpacked in registers into one full [BLOCK_N, BLOCK_K] tile: tl.interleave
-# puts each byte's low nibble at column 2j and its high nibble at 2j + 1, which is the layout of x itself, so x is
-# one contiguous [BLOCK_M, BLOCK_K] load (vectorized, unlike the two stride-2 halves above) and each K tile is one
-# tl.dot of full depth instead of two of half depth. FOLD_ZEROS: (q - z) * s summed over a tile that lies in one
-# group is s * (x . q - z * sum(x)), so the codes 0..15 go to the dot as they are (exact in bf16) and the zero
-# point costs one [BLOCK_M] row sum and one outer product per tile instead of a subtraction per weight.
+# INT4 for 1 < M < DEQUANT_MIN_M: the packed tile is unpacked in registers into one full [BLOCK_N, BLOCK_K] tile:
+# tl.interleave puts each byte's low nibble at column 2j and its high nibble at 2j + 1, which is the layout of x
+# itself, so x is one contiguous [BLOCK_M, BLOCK_K] load and each K tile is one tl.dot of full depth. (The kernel
+# before it loaded x as two stride-2 halves for two half-depth dots: 1.5-2.5x slower at M = 16-64 on an H100.)
+# The zero point is subtracted per weight (q - z is exact in bf16); folding it out as s * (x . q - z * sum(x))
+# measured ~20% slower (perf/results/h100-tune_w4_matmul.json).
 @lazy_jit(do_not_specialize=["M"])
 def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
-                       GROUP_SIZE: tl.constexpr, FOLD_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
     pid = tl.program_id(0)
@@ -184,12 +137,7 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
-        if FOLD_ZEROS:
-            part = tl.dot(x, tl.trans(q.to(x.dtype)))
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            part -= x_sum[:, None] * z.to(tl.float32)[None, :]
-        else:
-            part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
+        part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
         acc += part * s[None, :]
     out = acc.to(out_ptr.dtype.element_ty)
     dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
@@ -381,27 +329,27 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 # ---- W4A16 for M > 1 ------------------------------------------------------------------------------------------
-# Three paths: the batch-1 GEMV above; for 1 < M < DEQUANT_MIN_M a tiled kernel that dequantizes tiles in
-# registers (the join kernel by default; the older two-half "pair" kernel kept for comparison); from DEQUANT_MIN_M
+# Three paths: the batch-1 GEMV above; for 1 < M < DEQUANT_MIN_M the join kernel, which dequantizes tiles in
+# registers; from DEQUANT_MIN_M
 # rows on, the whole weight is dequantized into a reused scratch buffer and multiplied by cuBLAS. That last one is
 # vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py, AWQLinearMethod.apply:
 # awq_dequantize then torch.matmul from 256 tokens on).
 #
 # Why 128: the dequantize pass costs a fixed ~4.5 bytes of traffic per weight (read 0.5, write 2, cuBLAS reads 2
 # back), ~170 us for gate_up (28672 x 4096) on an H100 whatever M is, while a tiled kernel dequantizes every weight
-# tile once per row tile and its main loop is slower than cuBLAS's; at M = 256 the pair kernel took 1.72 ms
-# against 107 us for bf16 cuBLAS, so the fixed cost is cheap there. 128 is a starting point below vLLM's 256
-# because our tiled kernel is further behind cuBLAS than vLLM's AWQ GEMM: perf/tune_w4_matmul.py measures both
-# sides of it (decode buckets 128..256 of backend/engine/cuda_graphs.py fall on this side, see _DequantScratch).
+# tile once per row tile and its main loop is slower than cuBLAS's. Measured on an H100 (perf/tune_w4_matmul.py,
+# perf/results/h100-tune_w4_matmul.json): at M = 128 dequantize + cuBLAS beats the best join plan on qkv, o and
+# down (50.8 vs 77.4 us for qkv) and ties on gate_up; at M = 256 it is 1.8-2.1x faster (decode buckets 128..256 of
+# backend/engine/cuda_graphs.py fall on this side, see _DequantScratch).
 DEQUANT_MIN_M = 128
-W4_TILED_KERNEL = "join"  # the default below DEQUANT_MIN_M: "join" or "pair" (the kernel before the join one)
 
 # Join-kernel tiles per row bucket (largest M of the bucket -> tile); split-K is derived per shape in w4_join_plan.
-# perf/tune_w4_matmul.py prints the best measured plan per (shape, M) in this form.
+# perf/tune_w4_matmul.py prints the plan with the lowest mean cost over the 8B projections per M in this form
+# (within 1-12% of each shape's best, perf/results/h100-tune_w4_matmul.json).
 W4_JOIN_TILES = {
-    SMALL_M: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-    DEQUANT_MIN_M - 1: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    SMALL_M: dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+    DEQUANT_MIN_M - 1: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
 }
 
 
@@ -426,12 +374,7 @@ def w4_join_plan(M: int, N: int, K: int, group_size: int, device: torch.device) 
     tile = dict(W4_JOIN_TILES[bucket])
     tile["BLOCK_K"] = min(tile["BLOCK_K"], w4_block_k_limit(K, group_size))
     split = split_k(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], device)
-    return dict(tile, split=split, GROUP_M=8, fold_zeros=True)
-
-
-def w4_pair_plan(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """The pair kernel's launch, as before the join kernel existed."""
-    return plan_launch(M, N, K, device, max_block_k=w4_block_k_limit(K, group_size))
+    return dict(tile, split=split, GROUP_M=8)
 
 
 class _DequantScratch:
@@ -512,23 +455,19 @@ def _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size: int) -> torch.
     return torch.nn.functional.linear(x2, weight)
 
 
-def _w4a16_tiled(x2, qweight, scales, zeros, group_size: int, kernel: str, plan: dict | None) -> torch.Tensor:
+def _w4a16_tiled(x2, qweight, scales, zeros, group_size: int, plan: dict | None) -> torch.Tensor:
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    choose_plan = w4_join_plan if kernel == "join" else w4_pair_plan
-    plan = plan or choose_plan(x2.shape[0], N, K, group_size, x2.device)
+    plan = plan or w4_join_plan(x2.shape[0], N, K, group_size, x2.device)
     if plan["BLOCK_K"] > w4_block_k_limit(K, group_size):
         raise ValueError(f"BLOCK_K {plan['BLOCK_K']} straddles groups of {group_size} (K {K}): at most "
                          f"{w4_block_k_limit(K, group_size)}")
     if scales.stride() != zeros.stride():
         scales, zeros = scales.contiguous(), zeros.contiguous()
     args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
-    if kernel == "join":
-        extra = dict(GROUP_SIZE=group_size, FOLD_ZEROS=plan.get("fold_zeros", True))
-        return _launch(_w4a16_join_kernel, x2, N, K, plan, args, extra)
-    return _launch(_w4a16_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
+    return _launch(_w4a16_join_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
 
 
-W4_PATHS = ("auto", "join", "pair", "dequant")
+W4_PATHS = ("auto", "join", "dequant")
 
 
 def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -536,9 +475,9 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     """Same contract as w4a16_matmul_ref. group_size: a power of two >= 32, or K itself.
 
     path "auto": one row (K a multiple of 8, contiguous qweight) takes the GEMV, M >= DEQUANT_MIN_M dequantize +
-    cuBLAS, the rest the W4_TILED_KERNEL. "join", "pair", "dequant" force one path (for tuning and tests); `plan`
-    overrides the tiled kernels' launch (w4_join_plan's / plan_launch's keys), and a plan's BLOCK_K must not
-    exceed w4_block_k_limit."""
+    cuBLAS, the rest the join kernel. "join" and "dequant" force one path (for tuning and tests); `plan`
+    overrides the join kernel's launch (w4_join_plan's keys), and a plan's BLOCK_K must not exceed
+    w4_block_k_limit."""
     if path not in W4_PATHS:
         raise ValueError(f"path must be one of {W4_PATHS}, got {path!r}")
     N, K = qweight.shape[0], qweight.shape[1] * 2
@@ -551,8 +490,7 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if path == "dequant" or (path == "auto" and M >= DEQUANT_MIN_M):
         out = _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size)
     if out is None:
-        kernel = W4_TILED_KERNEL if path in ("auto", "dequant") else path
-        out = _w4a16_tiled(x2, qweight, scales, zeros, group_size, kernel, plan)
+        out = _w4a16_tiled(x2, qweight, scales, zeros, group_size, plan)
     return out.view(*x.shape[:-1], N)
 
 

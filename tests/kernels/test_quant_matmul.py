@@ -165,7 +165,7 @@ if ON_GPU:
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("M,N,K,group", PATH_SHAPES)
-@pytest.mark.parametrize("path", ["join", "pair", "dequant"])
+@pytest.mark.parametrize("path", ["join", "dequant"])
 def test_w4a16_forced_path(path, M, N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
@@ -176,10 +176,9 @@ def test_w4a16_forced_path(path, M, N, K, group, dtype, atol, rtol, device):
 
 
 # Join-kernel plans off the default: wide column tiles, a 64-deep K tile, a split that leaves the last program a
-# partial K range, the zero point subtracted per weight instead of folded.
+# partial K range.
 JOIN_PLANS = [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, split=3, GROUP_M=8, num_warps=4, num_stages=3),
-              dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, split=1, GROUP_M=8, num_warps=4, num_stages=4,
-                   fold_zeros=False),
+              dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, split=1, GROUP_M=8, num_warps=4, num_stages=4),
               dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split=5, GROUP_M=1, num_warps=4, num_stages=4)]
 
 
@@ -205,11 +204,11 @@ def test_auto_path_by_row_count(monkeypatch, device):
     taken = []
     monkeypatch.setattr(qm, "_w4a16_dequant_matmul", lambda *a: taken.append("dequant"))  # returns None: falls back
     real_tiled = qm._w4a16_tiled
-    monkeypatch.setattr(qm, "_w4a16_tiled", lambda *a: taken.append(a[5]) or real_tiled(*a))
+    monkeypatch.setattr(qm, "_w4a16_tiled", lambda *a: taken.append("join") or real_tiled(*a))
     qweight, scales, zeros = random_int4(32, 128, 128, device)
     for rows in (2, qm.DEQUANT_MIN_M - 1, qm.DEQUANT_MIN_M):
         qm.w4a16_matmul_triton(torch.randn(rows, 128, device=device), qweight, scales, zeros, 128)
-    assert taken == [qm.W4_TILED_KERNEL, qm.W4_TILED_KERNEL, "dequant", qm.W4_TILED_KERNEL]
+    assert taken == ["join", "join", "dequant", "join"]
 
 
 def test_w4_join_plan_buckets(monkeypatch):
