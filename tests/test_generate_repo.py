@@ -92,6 +92,7 @@ def run_cli(argv, capsys):
     (["--responder-threads", "0"], "--responder-threads: expected a whole number of at least 1, got '0'"),
     (["--instance-kind", "cpu", "--gpus", "0,1"], "--gpus: only with --instance-kind gpu"),
     (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
+    (["--quant-lm-head"], "--quant-lm-head: needs --quant"),
 ])
 def test_bad_options_exit_2_naming_them(tmp_path, capsys, argv, named):
     code, err = run_cli(["--output-dir", str(tmp_path / "repo")] + argv, capsys)
@@ -144,7 +145,8 @@ def test_generated_engine_parameters_load_back(tmp_path):
     assert Path(config.model) == out / "llm" / "1" / "checkpoint"
 
 
-def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("head_args", [[], ["--quant-lm-head"]])
+def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_checkpoint, head_args):
     import json
 
     from backend.engine.engine import LLMEngine
@@ -153,9 +155,10 @@ def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_ch
     source = tiny_checkpoint("llama")
     out = tmp_path / "repo"
     assert gen.main(["--output-dir", str(out), "--model", str(source), "--quiet", "--quant", "int8_wo",
-                     "--kv-cache-mb", "16"]) == 0
+                     "--kv-cache-mb", "16", *head_args]) == 0
     checkpoint = out / "llm" / "1" / "checkpoint"
-    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["method"] == "int8_wo"
+    config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert config["method"] == "int8_wo" and config["lm_head"] == bool(head_args)
     size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
     assert size(checkpoint) < size(Path(source))
     assert not list(out.glob(".quantizing-*"))  # the scratch folder is gone; only the four models remain
