@@ -184,7 +184,7 @@ def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       SLICES: tl.constexpr, MAGIC_CVT: tl.constexpr):
+                       SLICES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.arange(0, SLICES)
     row_ok = rows < N
@@ -204,22 +204,11 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)
         dot = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([SLICES, WORDS], dtype=tl.float32)
-        if MAGIC_CVT:
-            high = packed >> 16  # nibbles 4..7 at bits 0..15 (the sign-filled top bits are masked off below)
-            for i in tl.static_range(4):
-                x_lo = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + 8 * word + 4 + i, mask=word_ok, other=0.0).to(tl.float32)
-                q_lo = ((packed & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                q_hi = ((high & (0xF << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                unshift = 1.0 / (16 ** i)
-                dot += q_lo * (x_lo * unshift)[None, :, :] + q_hi * (x_hi * unshift)[None, :, :]
-                x_sum += x_lo + x_hi
-        else:
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-                dot += q_i * x_i[None, :, :]
-                x_sum += x_i
+        for i in tl.static_range(8):
+            x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+            dot += q_i * x_i[None, :, :]
+            x_sum += x_i
         acc += s[:, :, None] * (dot - z[:, :, None] * x_sum[None, :, :])
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -542,7 +531,6 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], SLICES=tile.get("SLICES", 1),
-        MAGIC_CVT=tile.get("MAGIC_CVT", False),
         num_warps=tile["num_warps"])
     return out
 
