@@ -4,8 +4,8 @@ each quantization against bf16 measured in the same run, on a random-weight Llam
     python3 perf/bench_quant.py --out bench_quant.json            # ~3-4 minutes on an H100
 
 1. kernels: W8A16, W4A16 (group 128), FP8 and INT8 W8A8 products on the 8B projection shapes at M = 1, 16, 256,
-   each checked against its dequantize-then-matmul reference (bf16 inputs) and timed against bf16
-   F.linear (cuBLAS) and, for FP8, torch._scaled_mm with row-wise scales; quantized-KV attention (int8, fp8)
+   512, 2048 (W8A16 from 256 rows also by each of its two paths, tiled and dequantize + cuBLAS), each checked
+   against its dequantize-then-matmul reference (bf16 inputs) and timed against bf16 F.linear (cuBLAS) and, for FP8, torch._scaled_mm with row-wise scales; quantized-KV attention (int8, fp8)
    checked and timed against the bf16-cache kernel.
 2. engine: batch-1 (and batch-64) decode tok/s of bf16, int8_wo, int4_wo, fp8, int8_sq (dummy weights
    quantized in place by round-to-nearest; CUDA graphs on), the same with the LM head quantized too
@@ -38,7 +38,7 @@ from perf.bench_engine import (SHAPES, ceilings, decode_rate, greedy, random_pro
 
 # (name, N, K) of the Llama-3-8B projections
 LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-ROWS = (1, 16, 256)
+ROWS = (1, 16, 256, 512, 2048)
 ENGINE_RUNS = [("bf16", None, (1, 64)), ("int8_wo", None, (1, 64)), ("int8_wo+head", None, (1,)),
                ("int4_wo", None, (1, 64)), ("int4_wo+head", None, (1,)), ("fp8", None, (1, 64)),
                ("fp8+head", None, (1, 64)), ("int8_sq", None, (64,)), ("bf16", "int8", (64,))]
@@ -72,6 +72,10 @@ def kernel_rows(N: int, K: int, M: int) -> dict:
         "int8_w8a8": (lambda: sm.w8a8_linear_triton(x, q8, s8, "int8"),
                       lambda: sm.w8a8_linear_ref(x.float(), q8, s8, "int8")),
     }
+    if M >= 256:  # both W8A16 paths around qm.W8_DEQUANT_MIN_M (the default above picks one of them)
+        w8_ref = cases["w8a16"][1]
+        cases["w8a16_tiled"] = (lambda: qm.w8a16_matmul_triton(x, q8, s8, path="tiled"), w8_ref)
+        cases["w8a16_dequant"] = (lambda: qm.w8a16_matmul_triton(x, q8, s8, path="dequant"), w8_ref)
     for name, (kernel, ref) in cases.items():
         out[f"{name}_rel_err"] = rel_err(kernel(), ref())
         out[f"{name}_us"] = 1e3 * bench_ms(kernel)

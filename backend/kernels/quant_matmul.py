@@ -170,6 +170,18 @@ def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n
              mask=nm[:, None] & (k < K)[None, :])
 
 
+# INT8 -> dense [N, K] weight (q * s in fp32, rounded once), for W8A16's large-M path (dequantize, then cuBLAS).
+@lazy_jit
+def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (k < K)[None, :]
+    q = tl.load(w_ptr + rows[:, None] * sw_n + k[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * so_n + k[None, :], (q.to(tl.float32) * s[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
 # Batch 1 (decode of one sequence) takes a GEMV, shaped like backend/kernels/gemv.py's: BLOCK_N weight rows
 # per program, K walked one chunk at a time. The packed bytes are read as int32 words (word j of a row holds
 # input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk is SLICES
@@ -315,15 +327,45 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Same contract as w8a16_matmul_ref. Specializations: the plan's tile constexprs (three per shape: M <= 16,
-    <= 64, larger), whether K is split, dtypes; one row takes the GEMV. qweight must have
-    unit stride along K."""
+# From W8_DEQUANT_MIN_M rows (prefill chunks) W8A16 dequantizes the weight to the activation dtype and calls
+# cuBLAS, as W4A16 does from DEQUANT_MIN_M: the tiled kernel converts int8 tiles in its main loop and ran at
+# ~250 TFLOP/s where cuBLAS bf16 runs at ~550-700 (qkv at M = 256: 51.5 us vs 23.5, H100,
+# perf/results/h100-bench_quant-5.json), while the dequantize pass costs a fixed ~5 bytes of traffic per weight
+# (read 1, write 2, cuBLAS reads 2). Decode batches (at most 256 rows, inside CUDA graphs) stay below the
+# threshold, so the dense weight is an ordinary temporary from the caching allocator, never a graph's buffer.
+W8_DEQUANT_MIN_M = 1024
+W8_PATHS = ("auto", "tiled", "dequant")
+
+
+def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [N, K] weight in `dtype`; same values as dequantize_int8(...).to(dtype). qweight: unit stride along K."""
+    import triton
+
+    N, K = qweight.shape
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(N, 32), triton.cdiv(K, 128))
+    _dequantize_int8_kernel[grid](qweight, scales, out, N, K, qweight.stride(0), out.stride(0),
+                                  BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    return out
+
+
+def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        path: str = "auto") -> torch.Tensor:
+    """Same contract as w8a16_matmul_ref. path "auto": one row takes the GEMV, W8_DEQUANT_MIN_M rows or more
+    dequantize + cuBLAS, the rest the tiled kernel ("tiled" and "dequant" force one, for tuning and tests).
+    Specializations of the tiled kernel: the plan's tile constexprs (three per shape: M <= 16, <= 64, larger),
+    whether K is split, dtypes. qweight must have unit stride along K."""
+    if path not in W8_PATHS:
+        raise ValueError(f"path must be one of {W8_PATHS}, got {path!r}")
     N, K = qweight.shape
     x2 = _rows(x)
-    if x2.shape[0] == 1 and K % 4 == 0 and qweight.is_contiguous():
+    M = x2.shape[0]
+    if path == "auto" and M == 1 and K % 4 == 0 and qweight.is_contiguous():
         return w8a16_gemv_triton(x2, qweight, scales).view(*x.shape[:-1], N)
-    plan = plan_launch(x2.shape[0], N, K, x.device)
+    if path == "dequant" or (path == "auto" and M >= W8_DEQUANT_MIN_M and not _capturing(x.device)):
+        weight = dequantize_int8_triton(qweight, scales, x2.dtype)
+        return torch.nn.functional.linear(x2, weight).view(*x.shape[:-1], N)
+    plan = plan_launch(M, N, K, x.device)
     out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})
     return out.view(*x.shape[:-1], N)
 

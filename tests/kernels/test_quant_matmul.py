@@ -101,6 +101,36 @@ def test_w8a16_batch_one_gemv(N, K, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w8a16_matmul_triton(x, qweight, scales), got)  # the dispatch
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("path", ["tiled", "dequant"])
+@pytest.mark.parametrize("M,N,K", [(3, 37, 576), (70, 130, 200)])
+def test_w8a16_forced_paths(path, M, N, K, dtype, atol, rtol, device):
+    # Both W8A16 paths for M > 1 (the large-M one dequantizes, then F.linear), with the extremes -128 and 127.
+    qweight, scales = random_int8(N, K, device)
+    qweight[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w8a16_matmul_triton(x, qweight, scales, path=path)
+    want = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def test_w8a16_dequantize_kernel_matches_reference(device):
+    qweight, scales = random_int8(37, 200, device)
+    got = qm.dequantize_int8_triton(qweight, scales, torch.float32)
+    torch.testing.assert_close(got, qm.dequantize_int8(qweight, scales), atol=0, rtol=0)
+
+
+def test_w8a16_auto_path_by_row_count(monkeypatch, device):
+    taken = []
+    real = qm.dequantize_int8_triton
+    monkeypatch.setattr(qm, "dequantize_int8_triton", lambda *a: taken.append("dequant") or real(*a))
+    monkeypatch.setattr(qm, "W8_DEQUANT_MIN_M", 8)
+    qweight, scales = random_int8(24, 64, device)
+    for rows in (2, 7, 8, 9):
+        qm.w8a16_matmul_triton(torch.randn(rows, 64, device=device), qweight, scales)
+    assert taken == ["dequant", "dequant"]
+
+
 def test_w4a16_batched_input_and_per_channel_group(device):
     # Leading batch dims are flattened; group_size == K is one group per row (AutoGPTQ's group_size -1).
     qweight, scales, zeros = random_int4(48, 96, 96, device)
