@@ -328,12 +328,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # From W8_DEQUANT_MIN_M rows (prefill chunks) W8A16 dequantizes the weight to the activation dtype and calls
-# cuBLAS, as W4A16 does from DEQUANT_MIN_M: the tiled kernel converts int8 tiles in its main loop and ran at
-# ~250 TFLOP/s where cuBLAS bf16 runs at ~550-700 (qkv at M = 256: 51.5 us vs 23.5, H100,
-# perf/results/h100-bench_quant-5.json), while the dequantize pass costs a fixed ~5 bytes of traffic per weight
-# (read 1, write 2, cuBLAS reads 2). Decode batches (at most 256 rows, inside CUDA graphs) stay below the
+# cuBLAS, as W4A16 does from DEQUANT_MIN_M: the tiled kernel converts int8 tiles in its main loop and runs at
+# ~250-300 TFLOP/s where cuBLAS bf16 runs at ~550-700, while the dequantize pass costs a fixed ~5 bytes of traffic
+# per weight (read 1, write 2, cuBLAS reads 2). Summed over the four Llama-3-8B projections on an H100
+# (perf/results/h100-bench_quant-5-kernels.json): M = 256 tiled 433 us / dequantize 453; M = 512 609 / 548;
+# M = 2048 2,070 / 1,530 (bf16 1,290). Decode batches (at most 256 rows, inside CUDA graphs) stay below the
 # threshold, so the dense weight is an ordinary temporary from the caching allocator, never a graph's buffer.
-W8_DEQUANT_MIN_M = 1024
+W8_DEQUANT_MIN_M = 512
 W8_PATHS = ("auto", "tiled", "dequant")
 
 
