@@ -159,12 +159,11 @@ def test_refuses_to_overwrite(tiny, tmp_path):
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.01), ("fp8", 0.1)])  # e4m3: 3 mantissa bits, no scale
 def test_model_logits_with_quantized_kv_cache(tiny, kind, tol):
-    from backend.kernels.kv_quant import KV_DTYPES, cache_head_size, quantized_kv_ops
+    from backend.kernels.kv_quant import allocate_kv_cache, quantized_kv_ops
 
     model, cfg = load_model(tiny, quantized_kv_ops(REFERENCE_OPS, kind), torch.float32, "cpu")
     ids = tokens(n=40)
-    caches = [torch.zeros(2, 6, 16, cfg.num_kv_heads, cache_head_size(kind, cfg.head_dim), dtype=KV_DTYPES[kind])
-              for _ in range(cfg.num_layers)]
+    caches = [allocate_kv_cache(kind, 6, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     got = window_logits(model, ids, caches)
     want = window_logits(load_model(tiny, REFERENCE_OPS, torch.float32, "cpu")[0], ids)
     assert float((got - want).norm() / want.norm()) < tol
