@@ -186,6 +186,9 @@ def test_engine_with_quantized_kv_cache(tiny, kind):
     base = LLMEngine(EngineConfig(**settings))
     assert engine.runner.num_blocks == pytest.approx(base.runner.num_blocks * (4 if kind == "fp8" else 64 / 18), rel=0.01)
     assert engine.runner.kv_caches[0].dtype != torch.float32
+    # what the runner allocates is what kv_block_bytes counted (num_blocks + the scratch block, all layers)
+    allocated = sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches)
+    assert allocated == (engine.runner.num_blocks + 1) * kv_block_bytes(cfg, 16, torch.float32, kind)
     prompt = tokens(n=20)[0].tolist()
     params = SamplingParams(max_tokens=6, min_tokens=6)
     out, want = engine.generate([prompt], params)[0], base.generate([prompt], params)[0]
