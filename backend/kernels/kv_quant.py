@@ -418,7 +418,8 @@ def paged_attention_quant_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: 
 
 def int8_decode_tile(block_d: int) -> pa.DecodeTile:
     """The INT8 cache keeps the smaller tiles: with the bf16 cache's 128 keys x 4 stages its decode took 5,681 us
-    instead of 745 (H100, batch 64 x 2k, perf/bench_quant.py); the per-key scale loads add to each stage."""
+    instead of 745 (H100, batch 64 x 2k, perf/bench_quant.py); the per-key scale loads add to each stage.
+    Both timings predate the aligned layout (scales apart from 16-byte-aligned code rows): re-tune on a GPU."""
     return pa.DecodeTile(block_n=128 if block_d <= 64 else (64 if block_d <= 128 else 32))
 
 
