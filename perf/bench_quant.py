@@ -104,7 +104,7 @@ def kv_attention_rows() -> dict:
     q = torch.randn(64, 32, 128, device="cuda", dtype=torch.bfloat16)
     out["bf16_cache_us"] = 1e3 * bench_ms(lambda: paged_attention_triton(q, cache, meta, 128 ** -0.5))
     for kind in kq.KV_DTYPES:
-        qcache = kq.quantize_kv_ref(cache, kq.KV_DTYPES[kind])
+        qcache = kq.quantize_cache_ref(cache, kind)
         got = kq.paged_attention_quant_triton(q, qcache, meta, 128 ** -0.5)
         want = kq.paged_attention_quant_ref(q.float(), qcache, meta, 128 ** -0.5)
         out[f"{kind}_rel_err"] = rel_err(got, want)

@@ -159,12 +159,11 @@ def test_refuses_to_overwrite(tiny, tmp_path):
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.01), ("fp8", 0.1)])  # e4m3: 3 mantissa bits, no scale
 def test_model_logits_with_quantized_kv_cache(tiny, kind, tol):
-    from backend.kernels.kv_quant import KV_DTYPES, cache_head_size, quantized_kv_ops
+    from backend.kernels.kv_quant import allocate_kv_cache, quantized_kv_ops
 
     model, cfg = load_model(tiny, quantized_kv_ops(REFERENCE_OPS, kind), torch.float32, "cpu")
     ids = tokens(n=40)
-    caches = [torch.zeros(2, 6, 16, cfg.num_kv_heads, cache_head_size(kind, cfg.head_dim), dtype=KV_DTYPES[kind])
-              for _ in range(cfg.num_layers)]
+    caches = [allocate_kv_cache(kind, 6, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     got = window_logits(model, ids, caches)
     want = window_logits(load_model(tiny, REFERENCE_OPS, torch.float32, "cpu")[0], ids)
     assert float((got - want).norm() / want.norm()) < tol
@@ -187,6 +186,9 @@ def test_engine_with_quantized_kv_cache(tiny, kind):
     base = LLMEngine(EngineConfig(**settings))
     assert engine.runner.num_blocks == pytest.approx(base.runner.num_blocks * (4 if kind == "fp8" else 64 / 18), rel=0.01)
     assert engine.runner.kv_caches[0].dtype != torch.float32
+    # what the runner allocates is what kv_block_bytes counted (num_blocks + the scratch block, all layers)
+    allocated = sum(c.untyped_storage().nbytes() for c in engine.runner.kv_caches)
+    assert allocated == (engine.runner.num_blocks + 1) * kv_block_bytes(cfg, 16, torch.float32, kind)
     prompt = tokens(n=20)[0].tolist()
     params = SamplingParams(max_tokens=6, min_tokens=6)
     out, want = engine.generate([prompt], params)[0], base.generate([prompt], params)[0]

@@ -214,14 +214,15 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         mc = self.shard_config
-        shape = (2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
-        dtype = self.dtype
+        dims = (self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim)
         if self.config.kv_cache_dtype != "auto":
-            from backend.kernels.kv_quant import KV_DTYPES, cache_head_size
+            # 8-bit caches: [2, *dims] of codes; int8 keeps its scales beside each block's codes (the layout is
+            # kv_quant's: kv_block_bytes' D + 2 bytes per head vector)
+            from backend.kernels.kv_quant import allocate_kv_cache
 
-            shape = shape[:-1] + (cache_head_size(self.config.kv_cache_dtype, mc.head_dim),)
-            dtype = KV_DTYPES[self.config.kv_cache_dtype]
-        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(mc.num_layers)]
+            return [allocate_kv_cache(self.config.kv_cache_dtype, *dims, device=self.device)
+                    for _ in range(mc.num_layers)]
+        return [torch.zeros((2, *dims), dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> SampledTokens:
