@@ -20,7 +20,8 @@ from backend.engine.quantization.perplexity import checkpoint_perplexity
 EVAL_WINDOWS = 4  # x 512 tokens: ~5 s per model on 2 cores
 # Calibration windows of 512 tokens (the library's default is 32). GPTQ, FP8 (GPTQ-rounded) and AWQ get 16:
 # with 8 the Hessian of down_proj (K = 1536) overfits (held-out output error no better than round-to-nearest's)
-# and AWQ's scales carry over less well (measured +18.5% with 8, +15.6% with 16).
+# and AWQ's scales carry over less well (measured +18.5% with 8, +15.6% with 16, before AWQ's weights were rounded
+# by GPTQ). 32 windows did not help GPTQ (+14.5% vs +14.0% on 20 held-out windows, at 2.5% damping).
 CALIB_SAMPLES = {"int4_gptq": 16, "fp8": 16, "int4_awq": 16}
 DEFAULT_CALIB_SAMPLES = 8
 
@@ -108,13 +109,16 @@ def test_int4_gptq_reached(ppl):
     assert ppl("int4_gptq") / ppl(None) < 1.16
 
 
-@pytest.mark.xfail(strict=True, reason="measured AWQ +15.6% at group 128 (RTN +28.5%): see perf/RESULTS.md")
+@pytest.mark.xfail(strict=True, reason="measured AWQ (scales, then GPTQ rounding) +10.7% at group 128 (RTN +28.5%): "
+                   "see perf/RESULTS.md")
 def test_int4_awq_within_6_percent(ppl):
     assert ppl("int4_awq") / ppl(None) < 1.06
 
 
 def test_int4_awq_reached(ppl):
-    assert ppl("int4_awq") / ppl(None) < 1.19
+    # Measured +10.7% here (+11.1% on 20 held-out windows); AWQ with round-to-nearest and clipping, before
+    # session 5, measured +15.6% and fails this bound.
+    assert ppl("int4_awq") / ppl(None) < 1.14
 
 
 def test_smoothquant_within_3_percent(ppl):
