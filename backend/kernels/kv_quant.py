@@ -410,17 +410,12 @@ def paged_attention_quant_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: 
             out.stride(0), out.stride(1), qk_scale, meta.max_query_len, GROUP=group, BLOCK_M=block_m,
             BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2, **common)
         return out
-    kv_int8 = kv_cache.dtype == torch.int8
+    # The bf16 cache's decode tile serves both 8-bit caches: with the aligned INT8 layout, INT8 at batch 64 x 2k
+    # took 169.5 us with it against 188.1 with the 64-key tile the unaligned rows had needed (H100,
+    # perf/results/h100-kv-int8-tiles.json; bf16 cache 191 us, fp8 142 us).
     pa.launch_decode(_decode_split_quant_kernel, q, kv_cache, meta, qk_scale, out, block_d,
-                     int8_decode_tile(block_d) if kv_int8 else None, KV_INT8=kv_int8)
+                     KV_INT8=kv_cache.dtype == torch.int8)
     return out
-
-
-def int8_decode_tile(block_d: int) -> pa.DecodeTile:
-    """The INT8 cache keeps the smaller tiles: with the bf16 cache's 128 keys x 4 stages its decode took 5,681 us
-    instead of 745 (H100, batch 64 x 2k, perf/bench_quant.py); the per-key scale loads add to each stage.
-    Both timings predate the aligned layout (scales apart from 16-byte-aligned code rows): re-tune on a GPU."""
-    return pa.DecodeTile(block_n=128 if block_d <= 64 else (64 if block_d <= 128 else 32))
 
 
 def quantized_kv_ops(base, kind: str):
