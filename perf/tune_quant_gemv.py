@@ -28,8 +28,8 @@ from backend.kernels import quant_matmul as qm  # noqa: E402
 from perf.bench_quant import LINEARS, bench_ms, engine_run  # noqa: E402
 
 # W4: SLICES groups of 16 words (128 columns) per row in flight per chunk.
-W4_TILES = [dict(BLOCK_N=b, WORDS=16, SLICES=sl, num_warps=w, X_VEC=v) for b in (8, 16, 32, 64)
-            for sl in (2, 4, 8) for w in (2, 4, 8) for v in (False, True) if b * sl <= 128]
+W4_TILES = [dict(BLOCK_N=b, WORDS=16, SLICES=sl, num_warps=w) for b in (8, 16, 32, 64) for sl in (1, 2, 4, 8)
+            for w in (2, 4, 8) if b * sl <= 128]
 W8_TILES = [dict(BLOCK_N=b, WORDS=words, num_warps=w) for b in (4, 8, 16, 32) for words in (32, 64, 128, 256)
             for w in (4, 8)]
 

@@ -196,7 +196,7 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       SLICES: tl.constexpr, X_VEC: tl.constexpr):
+                       SLICES: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.arange(0, SLICES)
     row_ok = rows < N
@@ -216,19 +216,11 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)
         dot = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([SLICES, WORDS], dtype=tl.float32)
-        if X_VEC:
-            nib = tl.arange(0, 8)
-            x8 = tl.load(x_ptr + 8 * word[:, :, None] + nib[None, None, :], mask=word_ok[:, :, None],
-                         other=0.0).to(tl.float32)  # [SLICES, WORDS, 8]: a word's 8 columns in one 16-byte load
-            q8 = ((packed[:, :, :, None] >> (4 * nib)[None, None, None, :]) & 0xF).to(tl.float32)
-            dot = tl.sum(q8 * x8[None, :, :, :], axis=3)
-            x_sum = tl.sum(x8, axis=2)
-        else:
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-                dot += q_i * x_i[None, :, :]
-                x_sum += x_i
+        for i in tl.static_range(8):
+            x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+            dot += q_i * x_i[None, :, :]
+            x_sum += x_i
         acc += s[:, :, None] * (dot - z[:, :, None] * x_sum[None, :, :])
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -582,7 +574,6 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], SLICES=tile.get("SLICES", 1),
-        X_VEC=tile.get("X_VEC", False),
         num_warps=tile["num_warps"])
     return out
 
