@@ -5,8 +5,9 @@ each quantization against bf16 measured in the same run, on a random-weight Llam
 
 1. kernels: W8A16, W4A16 (group 128), FP8 and INT8 W8A8 products on the 8B projection shapes at M = 1, 16, 256,
    512, 2048 (W8A16 from 256 rows also by each of its two paths, tiled and dequantize + cuBLAS), each checked
-   against its dequantize-then-matmul reference (bf16 inputs) and timed against bf16 F.linear (cuBLAS) and, for FP8, torch._scaled_mm with row-wise scales; quantized-KV attention (int8, fp8)
-   checked and timed against the bf16-cache kernel.
+   against its dequantize-then-matmul reference (bf16 inputs) and timed against bf16 F.linear (cuBLAS) and, for
+   FP8, torch._scaled_mm with row-wise scales; quantized-KV attention (int8, fp8) checked and timed against the
+   bf16-cache kernel.
 2. engine: batch-1 (and batch-64) decode tok/s of bf16, int8_wo, int4_wo, fp8, int8_sq (dummy weights
    quantized in place by round-to-nearest; CUDA graphs on), the same with the LM head quantized too
    ("+head": `--quant-lm-head`), and batch-64 decode with an int8 KV cache.

@@ -2,13 +2,13 @@
 
     python3 perf/tune_quant_gemv.py --bits 8,4 --out $OUT/tune_quant_gemv.json
 
-For each Llama-3-8B projection (and for INT8 the LM head): the bf16 GEMV (backend/kernels/gemv.py) and cuBLAS as the ceilings, and the
-INT8 (W8A16) or INT4 (W4A16, group 128) GEMV over its tile grid, each tile with its error against a float64
-dequantized product and its streamed GB/s (packed weights + scales [+ zeros]); INT8 also against its split-K
-kernel (the path M = 2-16 takes). Every timing rotates over copies of the weights 200 MB in all, so they come from
-HBM as in the engine, not from L2. Then bf16 against each quantized mode in batch-1 decode (perf/bench_quant.py's
-engine run; INT8 with its LM head quantized too), with the default tiles and with the best tile per shape patched in, so the tile tables that go
-into w8_gemv_tile / w4_gemv_tile are measured.
+For each Llama-3-8B projection (and for INT8 the LM head): the bf16 GEMV (backend/kernels/gemv.py) and cuBLAS as
+the ceilings, and the INT8 (W8A16) or INT4 (W4A16, group 128) GEMV over its tile grid, each tile with its error
+against a float64 dequantized product and its streamed GB/s (packed weights + scales [+ zeros]); INT8 also against
+its split-K kernel (the path M = 2-16 takes). Every timing rotates over copies of the weights, 200 MB in all, so
+they come from HBM as in the engine, not from L2. Then bf16 against each quantized mode in batch-1 decode
+(perf/bench_quant.py's engine run; INT8 with its LM head quantized too), with the default tiles and with the best
+tile per shape patched in, so the tile tables that go into w8_gemv_tile / w4_gemv_tile are measured.
 (Session 3 ran the INT4 part of this as perf/tune_w4_gemv.py.)
 """
 from __future__ import annotations

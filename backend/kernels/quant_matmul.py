@@ -375,8 +375,8 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 # Three paths: the batch-1 GEMV above; for 1 < M < DEQUANT_MIN_M the join kernel, which dequantizes tiles in
 # registers; from DEQUANT_MIN_M rows on, the whole weight is dequantized into a reused scratch buffer (decode
 # buckets of 128-256 rows run inside CUDA graphs, so unlike W8A16's path it cannot be a temporary) and multiplied
-# by cuBLAS. That last one is vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py, AWQLinearMethod.apply:
-# awq_dequantize then torch.matmul from 256 tokens on).
+# by cuBLAS. That last one is vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py,
+# AWQLinearMethod.apply: awq_dequantize then torch.matmul from 256 tokens on).
 #
 # Why 128: the dequantize pass costs a fixed ~4.5 bytes of traffic per weight (read 0.5, write 2, cuBLAS reads 2
 # back), ~170 us for gate_up (28672 x 4096) on an H100 whatever M is, while a tiled kernel dequantizes every weight

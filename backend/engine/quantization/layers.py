@@ -199,5 +199,5 @@ def warmup(model: nn.Module, max_rows: int = 256) -> None:
         device = next(module.parameters()).device
         for rows in (1, qm.SMALL_M, qm.MEDIUM_M, qm.DEQUANT_MIN_M - 1, max(max_rows, qm.DEQUANT_MIN_M)):
             module(torch.zeros(rows, module.in_features, dtype=module.act_dtype, device=device))
-        if isinstance(module, Int8WeightOnlyLinear):  # its dequantize kernel (prefill chunks of >= 1024 rows)
+        if isinstance(module, Int8WeightOnlyLinear):  # its dequantize kernel (prefill chunks of W8_DEQUANT_MIN_M+)
             qm.dequantize_int8_triton(module.qweight[:16], module.scales[:16], module.act_dtype)
