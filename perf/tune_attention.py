@@ -38,7 +38,7 @@ PREFILL_TILES = [pa.PrefillTile(*t) for t in itertools.product((64, 128), (32, 6
 
 def run(tile, q, kv_cache, meta, out) -> torch.Tensor:
     if isinstance(tile, pa.DecodeTile):
-        pa.launch_decode(pa._decode_split_kernel, q, kv_cache, meta, SCALE * pa._LOG2E, out, D, tile)
+        pa.launch_decode(q, kv_cache, meta, SCALE * pa._LOG2E, out, D, tile)
     else:
         pa._prefill(q, kv_cache, meta, SCALE * pa._LOG2E, out, HQ // HKV, D, tile)
     return out

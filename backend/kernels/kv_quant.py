@@ -159,8 +159,8 @@ def paged_attention_quant_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Att
 
 
 # ---- Triton kernels -----------------------------------------------------------------------------------------
-# Copies of the float-cache kernels (rotary.py, paged_attention.py: see their comments for the tiling) with the
-# cache reads and writes changed; the decode split-reduce kernel is shared as it is (it never reads the cache).
+# A copy of the float-cache write kernel (rotary.py: see its comments) that quantizes as it writes; attention runs
+# paged_attention.py's kernels, whose KV_INT8 reads the scales.
 # Cache arguments are the strides of the codes view (c_kv, c_blk, c_row, c_head: bytes); for int8 the scales of
 # block blk sit at byte blk * c_blk + BLOCK_SIZE * c_row (right after its codes), float16 [Hkv, BLOCK_SIZE].
 # With D % 16 == 0 every code row is 16-byte aligned and the strides divide by 16, which Triton specializes on,
@@ -235,128 +235,6 @@ def _rotary_and_cache_quant_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_p
             tl.store(base + HALF + d[None, :], c2.to(cache_ptr.dtype.element_ty), mask=mc)
 
 
-@lazy_jit(do_not_specialize=["num_splits"])
-def _decode_split_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr, out_ptr,
-                               q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
-                               o_st, o_sh, num_splits, qk_scale,
-                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                               ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr):
-    # Same grid, split rule and ONE_SPLIT epilogue as paged_attention._decode_split_kernel.
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    s = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
-    start = s * split_len
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < HEAD_DIM
-    gm = g < GROUP
-    qh = kvh * GROUP + g
-    q_row = tl.load(qsl_ptr + b).to(tl.int64)
-    if start >= seq_len:
-        if ONE_SPLIT:
-            tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
-                     tl.zeros([GROUP_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
-        return
-    end = tl.minimum(start + split_len, seq_len)
-    q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
-                mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    bt = bt_ptr + b.to(tl.int64) * bt_st
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < end
-        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
-        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
-        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
-        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
-        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
-        if KV_INT8:
-            sp = (cache_ptr + blk * c_blk + BLOCK_SIZE * c_row).to(tl.pointer_type(tl.float16)) \
-                + kvh * BLOCK_SIZE + n % BLOCK_SIZE
-            k_scale = tl.load(sp, mask=nm, other=0.0)
-            v_scale = tl.load(sp + c_kv // 2, mask=nm, other=0.0)  # c_kv bytes on: the values' scales
-            scores = scores * k_scale.to(tl.float32)[None, :]
-        scores = tl.where(nm[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if KV_INT8:
-            p = p * v_scale.to(tl.float32)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    if ONE_SPLIT:
-        tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
-                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
-    else:
-        po = po_ptr + b * po_sb + qh[:, None] * po_sh + s * po_ss + d[None, :]
-        tl.store(po, acc / l_i[:, None], mask=gm[:, None] & dm[None, :])
-        tl.store(pl_ptr + b * pl_sb + qh * pl_sh + s, m_i + tl.log2(l_i), mask=gm)
-
-
-@lazy_jit(do_not_specialize=["max_q_len"])
-def _prefill_quant_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-                          q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale, max_q_len,
-                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          KV_INT8: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    mt = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    if mt * BLOCK_M >= q_len * GROUP:
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
-    ctx = seq_len - q_len
-    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm = r < q_len * GROUP
-    tok = r // GROUP
-    qh = kvh * GROUP + r % GROUP
-    d = tl.arange(0, BLOCK_D)
-    dm = d < HEAD_DIM
-    q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * q_st + qh[:, None] * q_sh + d[None, :],
-                mask=rm[:, None] & dm[None, :], other=0.0)
-    q_pos = ctx + tok
-    end = ctx + tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1) + 1
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bt = bt_ptr + b.to(tl.int64) * bt_st
-    for n0 in range(0, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nm = n < end
-        blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
-        off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
-        k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
-        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
-        v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
-        if KV_INT8:
-            sp = (cache_ptr + blk * c_blk + BLOCK_SIZE * c_row).to(tl.pointer_type(tl.float16)) \
-                + kvh * BLOCK_SIZE + n % BLOCK_SIZE
-            k_scale = tl.load(sp, mask=nm, other=0.0)
-            v_scale = tl.load(sp + c_kv // 2, mask=nm, other=0.0)  # c_kv bytes on: the values' scales
-            scores = scores * k_scale.to(tl.float32)[None, :]
-        scores = tl.where((n[None, :] <= q_pos[:, None]) & nm[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if KV_INT8:
-            p = p * v_scale.to(tl.float32)[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + q_rows[:, None] * o_st + qh[:, None] * o_sh + d[None, :], out,
-             mask=rm[:, None] & dm[None, :])
-
-
 def rotary_and_cache_quant_triton(q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
     """Same contract as rotary_and_cache_quant_ref (and rotary_and_cache_triton: strided q/k/v views, negative
     slots skipped). Specializations: Hq, Hkv, D, block size, dtypes, int8 or fp8 cache."""
@@ -384,38 +262,13 @@ def rotary_and_cache_quant_triton(q, k, v, positions, cos_sin_cache, kv_cache, s
 
 def paged_attention_quant_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                                  *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as paged_attention_quant_ref; launches as paged_attention_triton does (decode: split +
-    the shared reduce kernel, CUDA-graph safe; otherwise one prefill launch with 64-row tiles)."""
-    import triton
-
+    """Same contract as paged_attention_quant_ref: paged_attention_triton's kernels and launches, whose KV_INT8
+    reads the scales (the 8-bit caches use the bf16 tiles: with the aligned INT8 layout INT8 decode at batch
+    64 x 2k took 169.5 us with the 128-key tile against 188.1 with the 64-key one the unaligned rows had needed,
+    H100, perf/results/h100-kv-int8-tiles.json; in the shared kernel INT8 174 us, FP8 135 us, bf16 190 us)."""
     if kv_cache.dtype == torch.int8:
         check_int8_layout(kv_cache)  # the kernels find the scales right after each block's codes
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    out = torch.empty_like(q) if out is None else out
-    if meta.num_seqs == 0 or q.shape[0] == 0:
-        return out
-    num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
-    hkv = kv_cache.shape[3]
-    group = hq // hkv
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    qk_scale = scale * pa._LOG2E
-    strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-               kv_cache.stride(3), meta.block_tables.stride(0))
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=kv_cache.shape[2], KV_INT8=kv_cache.dtype == torch.int8)
-    if meta.max_query_len > 1:
-        block_m = 64
-        _prefill_quant_kernel[(num_seqs, hkv, triton.cdiv(meta.max_query_len * group, block_m))](
-            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, *strides,
-            out.stride(0), out.stride(1), qk_scale, meta.max_query_len, GROUP=group, BLOCK_M=block_m,
-            BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2, **common)
-        return out
-    # The bf16 cache's decode tile serves both 8-bit caches: with the aligned INT8 layout, INT8 at batch 64 x 2k
-    # took 169.5 us with it against 188.1 with the 64-key tile the unaligned rows had needed (H100,
-    # perf/results/h100-kv-int8-tiles.json; bf16 cache 191 us, fp8 142 us).
-    pa.launch_decode(_decode_split_quant_kernel, q, kv_cache, meta, qk_scale, out, block_d,
-                     KV_INT8=kv_cache.dtype == torch.int8)
-    return out
+    return pa.paged_attention_triton(q, kv_cache, meta, scale, out=out)
 
 
 def quantized_kv_ops(base, kind: str):

@@ -66,12 +66,15 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
                          o_st, o_sh, num_splits, qk_scale,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         ONE_SPLIT: tl.constexpr):
+                         ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr):
     # grid (num_seqs, Hkv, num_splits). Split s of sequence b covers keys [s * L, (s + 1) * L), where L is
     # cdiv(seq_len, num_splits) rounded up to BLOCK_N: computed here from the device seq_len, so the grid
     # needs no host knowledge of the lengths (CUDA-graph safe); splits past the end exit at once.
     # ONE_SPLIT (num_splits == 1, large batches): the program owns its heads' whole context, so it writes the
     # normalized output itself and no reduce runs (at batch 256 the reduce launch cost ~40 us per layer).
+    # The 8-bit caches of kv_quant.py run this kernel too: codes convert to q's dtype for the dots (a no-op for
+    # a 16-bit cache), and KV_INT8 applies each key's and value's scale after the dots, read from the block's
+    # scale region (kv_quant's layout: float16 [Hkv, BLOCK_SIZE] right after the block's codes).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -102,14 +105,22 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
         blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
         off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
         k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
-        scores = tl.dot(q, k) * qk_scale
+        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
+        if KV_INT8:
+            sp = (cache_ptr + blk * c_blk + BLOCK_SIZE * c_row).to(tl.pointer_type(tl.float16)) \
+                + kvh * BLOCK_SIZE + n % BLOCK_SIZE
+            k_scale = tl.load(sp, mask=nm, other=0.0)
+            v_scale = tl.load(sp + c_kv // 2, mask=nm, other=0.0)  # c_kv bytes on: the values' scales
+            scores = scores * k_scale.to(tl.float32)[None, :]
         scores = tl.where(nm[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_INT8:
+            p = p * v_scale.to(tl.float32)[None, :]
         v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     if ONE_SPLIT:
         tl.store(out_ptr + q_row * o_st + qh[:, None] * o_sh + d[None, :],
@@ -151,10 +162,11 @@ def _decode_reduce_kernel(po_ptr, pl_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
 def _prefill_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
                     q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, o_st, o_sh, qk_scale, min_q_len, max_q_len,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_INT8: tl.constexpr):
     # grid (num_seqs, Hkv, cdiv(max_query_len * GROUP, BLOCK_M)): one tile of (token, head) rows of one
     # sequence against its paged keys [0, last visible). Query token i sits at position ctx + i, where
     # ctx = seq_len - query_len (cached prefix and earlier chunks), and sees keys up to its own position.
+    # 8-bit caches as in _decode_split_kernel: codes convert to q's dtype, KV_INT8 applies the scales.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     mt = tl.program_id(2)
@@ -186,14 +198,22 @@ def _prefill_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         blk = tl.load(bt + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
         off = blk * c_blk + (n % BLOCK_SIZE) * c_row + kvh * c_head
         k = tl.load(cache_ptr + off[None, :] + d[:, None], mask=nm[None, :] & dm[:, None], other=0.0)
-        scores = tl.dot(q, k) * qk_scale
+        scores = tl.dot(q, k.to(q.dtype)) * qk_scale
+        if KV_INT8:
+            sp = (cache_ptr + blk * c_blk + BLOCK_SIZE * c_row).to(tl.pointer_type(tl.float16)) \
+                + kvh * BLOCK_SIZE + n % BLOCK_SIZE
+            k_scale = tl.load(sp, mask=nm, other=0.0)
+            v_scale = tl.load(sp + c_kv // 2, mask=nm, other=0.0)  # c_kv bytes on: the values' scales
+            scores = scores * k_scale.to(tl.float32)[None, :]
         scores = tl.where((n[None, :] <= q_pos[:, None]) & nm[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_INT8:
+            p = p * v_scale.to(tl.float32)[None, :]
         v = tl.load(cache_ptr + c_kv + off[:, None] + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + q_rows[:, None] * o_st + qh[:, None] * o_sh + d[None, :], out,
@@ -252,11 +272,10 @@ def _attention_args(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
             kv_cache.stride(3), meta.block_tables.stride(0))
 
 
-def launch_decode(split_kernel, q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | None = None,
-                  **constexprs) -> None:
-    """The decode launch shared by the bf16 and quantized-cache split kernels: split programs over
-    (sequence, KV head, split), then the log-sum-exp merge -- skipped when there is one split, where the
-    split kernel writes the output itself."""
+def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | None = None) -> None:
+    """The decode launch for 16-bit and 8-bit caches alike: split programs over (sequence, KV head, split),
+    then the log-sum-exp merge -- skipped when there is one split, where the split kernel writes the output
+    itself."""
     import triton
 
     num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
@@ -269,13 +288,13 @@ def launch_decode(split_kernel, q, kv_cache, meta, qk_scale, out, block_d, tile:
     else:
         po = _alloc_workspace((num_seqs, hq, splits, head_dim), q.device)
         pl = _alloc_workspace((num_seqs, hq, splits), q.device)
-    split_kernel[(num_seqs, hkv, splits)](
+    _decode_split_kernel[(num_seqs, hkv, splits)](
         q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl, out,
         *_attention_args(q, kv_cache, meta), po.stride(0), po.stride(1), po.stride(2),
         pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits, qk_scale,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=tile.block_n, BLOCK_SIZE=kv_cache.shape[2], ONE_SPLIT=one_split, num_warps=tile.num_warps,
-        num_stages=tile.num_stages, **constexprs)
+        num_stages=tile.num_stages, KV_INT8=kv_cache.dtype == torch.int8)
     if not one_split:
         _decode_reduce_kernel[(num_seqs, hq)](
             po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
@@ -305,7 +324,7 @@ def decode_variant_batch_sizes(num_kv_heads: int, device: torch.device) -> list[
 
 
 def _decode(q, kv_cache, meta, qk_scale, out, group, block_d) -> None:
-    launch_decode(_decode_split_kernel, q, kv_cache, meta, qk_scale, out, block_d)
+    launch_decode(q, kv_cache, meta, qk_scale, out, block_d)
 
 
 def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d, tile: PrefillTile | None = None) -> None:
@@ -332,7 +351,7 @@ def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d, tile: PrefillTile
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
             *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale, lo, hi,
             GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_SIZE=kv_cache.shape[2], num_warps=warps, num_stages=stages)
+            BLOCK_SIZE=kv_cache.shape[2], KV_INT8=kv_cache.dtype == torch.int8, num_warps=warps, num_stages=stages)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
