@@ -283,23 +283,15 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def plan_launch(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> dict:
-    """Tile sizes and split-K for an [M, K] x [K, N] product, from shapes alone (CUDA-graph safe).
-
-    M <= 64 is decode-like: one row tile; K is split until about two programs per SM are busy, keeping at
-    least 8 K tiles per program (fewer leaves the load pipeline mostly prologue). M > 64 uses 128-row tiles
-    and never splits, so every prefill length runs the same compiled variant.
-    """
+def plan_launch(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile sizes and split-K of the W8A16 tiled kernel (and, for M > 64, scaled_matmul's) for an [M, K] x
+    [K, N] product, from shapes alone (CUDA-graph safe). M <= 64 is decode-like: one row tile, K split per split_k. M > 64 uses 128-row tiles and
+    never splits, so every prefill length runs the same compiled variant."""
     if M > MEDIUM_M:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, max_block_k), split=1, GROUP_M=8,
-                    num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, split=1, GROUP_M=8, num_warps=8, num_stages=3)
     block_m = SMALL_M if M <= SMALL_M else MEDIUM_M
-    block_k = max_block_k
-    n_tiles = -(-N // 64)
-    k_tiles = -(-K // block_k)
-    split = max(1, min(-(-2 * _num_sms(device) // n_tiles), k_tiles // 8))
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, split=split, GROUP_M=1,
-                num_warps=4, num_stages=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, split=split_k(M, N, K, block_m, 64, 128, device),
+                GROUP_M=1, num_warps=4, num_stages=4)
 
 
 def _launch(kernel, x2: torch.Tensor, N: int, K: int, plan: dict, args: tuple, extra: dict) -> torch.Tensor:

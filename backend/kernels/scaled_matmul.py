@@ -138,7 +138,7 @@ def scaled_mm_plan(M: int, N: int, K: int, device: torch.device) -> dict:
     to zero and sum the split outputs). Chosen from 72 plans per Llama-3-8B projection at M = 16 and 64 on an
     H100 (perf/tune_scaled_mm.py): 2-5% from the best of each shape, where the weight-only plan was 2-21% off."""
     if M > 64:
-        return dict(plan_launch(M, N, K, device, max_block_k=128), BLOCK_K=128, num_stages=3)
+        return dict(plan_launch(M, N, K, device), BLOCK_K=128, num_stages=3)
     block_n, block_k = 64, 256
     n_tiles, k_tiles, sms = -(-N // block_n), -(-K // block_k), _num_sms(device)
     split = min(-(-2 * sms // n_tiles), k_tiles // 4) if M <= SMALL_M else min(sms // n_tiles, k_tiles // 8)
