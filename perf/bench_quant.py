@@ -31,6 +31,7 @@ from backend.engine.config import EngineConfig  # noqa: E402
 from backend.engine.engine import LLMEngine  # noqa: E402
 from backend.engine.quantization import QuantConfig  # noqa: E402
 from backend.engine.quantization import rtn  # noqa: E402
+from backend.kernels import _pdl  # noqa: E402
 from backend.kernels import kv_quant as kq  # noqa: E402
 from backend.kernels import quant_matmul as qm  # noqa: E402
 from backend.kernels import scaled_matmul as sm  # noqa: E402
@@ -40,6 +41,7 @@ from perf.bench_engine import (SHAPES, ceilings, decode_rate, greedy, random_pro
 # (name, N, K) of the Llama-3-8B projections
 LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 ROWS = (1, 16, 256, 512, 2048)
+NO_PDL = " (no PDL)"  # suffix of the engine runs made without programmatic dependent launch
 ENGINE_RUNS = [("bf16", None, (1, 64)), ("int8_wo", None, (1, 64)), ("int8_wo+head", None, (1,)),
                ("int4_wo", None, (1, 64)), ("int4_wo+head", None, (1,)), ("fp8", None, (1, 64)),
                ("fp8+head", None, (1, 64)), ("int8_sq", None, (64,)), ("bf16", "int8", (64,))]
@@ -134,7 +136,8 @@ def write_config(folder: str, mode: str | None) -> str:
     return folder
 
 
-def engine_run(method: str, kv: str | None, batches: tuple[int, ...]) -> dict:
+def engine_run(method: str, kv: str | None, batches: tuple[int, ...], pdl: bool = True) -> dict:
+    _pdl.set_enabled(pdl)  # read at each launch, so the CUDA graphs captured below keep this setting
     with tempfile.TemporaryDirectory() as folder:
         write_config(folder, None if method == "bf16" else method)
         start = time.perf_counter()
@@ -184,11 +187,12 @@ def profile_run(method: str, batch: int, steps: int = 16) -> dict:
 
 
 def speedups(engine: dict) -> dict:
-    base = engine["bf16"]
+    """Each mode against bf16 run with the same PDL setting (keys ending in NO_PDL were run without it)."""
     table = {}
     for key, res in engine.items():
+        base = engine.get("bf16" + NO_PDL if key.endswith(NO_PDL) else "bf16", {})
         for metric, value in res.items():
-            if metric.startswith("decode_") and metric in base and key != "bf16":
+            if metric.startswith("decode_") and metric in base and res is not base:
                 table[f"{key} {metric}"] = value / base[metric]
     return table
 
@@ -202,6 +206,9 @@ def main() -> None:
                                                            "(names as in the table; default: all)")
     parser.add_argument("--profile", default="", help="e.g. bf16:64,fp8:64: GPU time per kernel in decode steps "
                                                       "of those modes at those batch sizes (instead of the engine runs)")
+    parser.add_argument("--pdl", choices=("on", "off", "both"), default="on",
+                        help="programmatic dependent launch in the engine runs (backend/kernels/_pdl.py); both: "
+                             "each mode also without it, keys ending in " + NO_PDL.strip())
     args = parser.parse_args()
     if args.profile:
         results = {"device": torch.cuda.get_device_name(), "profiles": {}}
@@ -222,11 +229,13 @@ def main() -> None:
             key = method + (f"+kv_{kv}" if kv else "")
             if args.engine_modes and key not in args.engine_modes.split(","):
                 continue
-            try:
-                results["engine"][key] = engine_run(method, kv, batches)
-            except Exception as exc:  # record and go on: one failing mode must not lose the others
-                results["engine"][key] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-            _dump(results, args.out)
+            for pdl in {"on": (True,), "off": (False,), "both": (False, True)}[args.pdl]:
+                label = key if pdl else key + NO_PDL
+                try:
+                    results["engine"][label] = engine_run(method, kv, batches, pdl)
+                except Exception as exc:  # record and go on: one failing mode must not lose the others
+                    results["engine"][label] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                _dump(results, args.out)
         results["speedup_vs_bf16"] = speedups({k: v for k, v in results["engine"].items() if "error" not in v})
         bf16 = results["engine"].get("bf16", {})
         if "decode_b1_tok_s" in bf16:  # batch-1 bf16 against the roofline measured in this run

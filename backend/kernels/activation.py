@@ -13,17 +13,23 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 # ---- Triton kernel ------------------------------------------------------------------------------------------
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the reference above needs only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 _SILU_BLOCK = 1024
 
 
 @lazy_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # grid (T, cdiv(I, BLOCK)): gate and up are the two halves of one row; math in float32, one rounding.
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -47,5 +53,6 @@ def silu_and_mul_triton(gate_up: torch.Tensor, *, out: torch.Tensor | None = Non
     block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
     if x2.shape[0] > 0:
         grid = (x2.shape[0], triton.cdiv(inter, block))
-        _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block, num_warps=4,
+                                   **pdl_args(gate_up.device))
     return out

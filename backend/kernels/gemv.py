@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 try:
     import triton
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU installs without triton use the reference
     triton = None
 
@@ -30,11 +33,13 @@ if triton is not None:
 
     @lazy_jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        if PDL:  # see _pdl.py
+            gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -45,6 +50,8 @@ if triton is not None:
                 x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
                 w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if PDL:
+            gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -70,7 +77,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x.contiguous(), weight, out, N, K, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=warps,
+        **pdl_args(x.device))
     return out
 
 

@@ -51,10 +51,13 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 # grouped decode kernels of lightllm/SGLang (decode_attention.py), written anew here.
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the reference above needs only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # upper bound of decode splits per (sequence, KV head): sizes the partial-result workspace
@@ -66,7 +69,7 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
                          o_st, o_sh, num_splits, qk_scale,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr):
+                         ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr, PDL: tl.constexpr):
     # grid (num_seqs, Hkv, num_splits). Split s of sequence b covers keys [s * L, (s + 1) * L), where L is
     # cdiv(seq_len, num_splits) rounded up to BLOCK_N: computed here from the device seq_len, so the grid
     # needs no host knowledge of the lengths (CUDA-graph safe); splits past the end exit at once.
@@ -75,6 +78,9 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
     # The 8-bit caches of kv_quant.py run this kernel too: codes convert to q's dtype for the dots (a no-op for
     # a 16-bit cache), and KV_INT8 applies each key's and value's scale after the dots, read from the block's
     # scale region (kv_quant's layout: float16 [Hkv, BLOCK_SIZE] right after the block's codes).
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -135,10 +141,13 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
 def _decode_reduce_kernel(po_ptr, pl_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
                           po_sb, po_sh, po_ss, pl_sb, pl_sh, o_st, o_sh, num_splits,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLITS_PAD: tl.constexpr):
+                          SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     # grid (num_seqs, Hq): merge the valid splits by their log-sum-exp (base 2). All splits are loaded at
     # once (SPLITS_PAD rows, the split count rounded up to a power of two): a loop over them was a chain of
     # dependent loads, slow for short contexts.
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -294,13 +303,13 @@ def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | 
         pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits, qk_scale,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=tile.block_n, BLOCK_SIZE=kv_cache.shape[2], ONE_SPLIT=one_split, num_warps=tile.num_warps,
-        num_stages=tile.num_stages, KV_INT8=kv_cache.dtype == torch.int8)
+        num_stages=tile.num_stages, KV_INT8=kv_cache.dtype == torch.int8, **pdl_args(q.device))
     if not one_split:
         _decode_reduce_kernel[(num_seqs, hq)](
             po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
             pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tile.block_n,
-            SPLITS_PAD=_splits_pad(splits), num_warps=4)
+            SPLITS_PAD=_splits_pad(splits), num_warps=4, **pdl_args(q.device))
 
 
 def _splits_pad(splits: int) -> int:

@@ -59,16 +59,21 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 # once in the epilogue for INT8, so the dequantized weight is never rounded.
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the references above need only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 
 @lazy_jit(do_not_specialize=["M"])
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, so_m,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+                  GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -91,6 +96,8 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
         x = tl.load(x_rows + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_cols + k[:, None], mask=km[:, None] & nm[None, :], other=0)
         acc += tl.dot(x, w.to(x.dtype))
+    if PDL:
+        gdc_launch_dependents()
     s = tl.load(s_ptr + rn, mask=nm, other=0.0).to(tl.float32)
     out = (acc * s[None, :]).to(out_ptr.dtype.element_ty)
     dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
@@ -109,7 +116,10 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
 @lazy_jit(do_not_specialize=["M"])
 def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
                        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -139,6 +149,8 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
         z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
         part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
         acc += part * s[None, :]
+    if PDL:
+        gdc_launch_dependents()
     out = acc.to(out_ptr.dtype.element_ty)
     dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
     if ATOMIC:
@@ -196,7 +208,9 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       SLICES: tl.constexpr):
+                       SLICES: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slices = tl.arange(0, SLICES)
     row_ok = rows < N
@@ -222,6 +236,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
             dot += q_i * x_i[None, :, :]
             x_sum += x_i
         acc += s[:, :, None] * (dot - z[:, :, None] * x_sum[None, :, :])
+    if PDL:
+        gdc_launch_dependents()
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -232,7 +248,10 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
 # applied once per row. (FasterTransformer's exponent trick for int8 -> float, measured against the plain
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
-def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, WORDS)
     row_ok = rows < N
@@ -246,6 +265,8 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
         for i in tl.static_range(4):
             x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
             acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
+    if PDL:
+        gdc_launch_dependents()
     s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -310,7 +331,7 @@ def _launch(kernel, x2: torch.Tensor, N: int, K: int, plan: dict, args: tuple, e
     kernel[grid](x2, *args[:-1], out, M, N, K, k_per_split, x2.stride(0), *args[-1], out.stride(0),
                  **extra, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=block_k,
                  GROUP_M=plan["GROUP_M"], ATOMIC=split > 1, num_warps=plan["num_warps"],
-                 num_stages=plan["num_stages"])
+                 num_stages=plan["num_stages"], **pdl_args(x2.device))
     return out
 
 
@@ -544,7 +565,7 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w8_gemv_tile(N, K, x.device)
     _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        num_warps=tile["num_warps"])
+        num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 
@@ -566,7 +587,7 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], SLICES=tile.get("SLICES", 1),
-        num_warps=tile["num_warps"])
+        num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 

@@ -34,20 +34,26 @@ def rms_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
 # ---- Triton kernel ------------------------------------------------------------------------------------------
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the reference above needs only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 
 @lazy_jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, x_stride, res_stride, out_stride,
                      sum_stride, hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                     QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+                     QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr, PDL: tl.constexpr):
     # One row per program, one pass: the row (<= 16K elements) stays in registers between the sum of
     # squares and the scaling, so x and residual are read once and the two outputs written once.
     # QUANT: the output is the row quantized for the W8A8 product that reads it (codes and a per-token scale,
     # as scaled_matmul's per-token quantizer computes them), which saves that quantizer's launch and a pass.
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -117,5 +123,6 @@ def _launch(x, weight, eps, residual, out2, scales, qmax) -> torch.Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, res2, weight, out2, sum2, out2 if scales is None else scales,
                                          x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0), hidden, eps,
                                          HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=scales is not None,
-                                         QMAX=qmax or 1.0, IS_INT8=out2.dtype == torch.int8, num_warps=num_warps)
+                                         QMAX=qmax or 1.0, IS_INT8=out2.dtype == torch.int8, num_warps=num_warps,
+                                         **pdl_args(x.device))
     return summed

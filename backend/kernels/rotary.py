@@ -33,10 +33,13 @@ def rotary_and_cache_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
 # ---- Triton kernel ------------------------------------------------------------------------------------------
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the references above need only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 
 
 @lazy_jit
@@ -45,10 +48,13 @@ def _rotary_and_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, sl
                              c_kv, c_blk, c_row, c_head, qo_st, qo_sh, ko_st, ko_sh,
                              HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
                              BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
     # One token per program, all its heads at once: cos/sin are loaded once per token, q/k/v are read
     # through their own strides (views of the fused qkv projection need no copy), and rotated k and v go
     # straight to the paged cache, so k never makes a round trip through memory before the cache write.
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -116,5 +122,5 @@ def rotary_and_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         out_q.stride(0), out_q.stride(1), out_k.stride(0), out_k.stride(1),
         HQ=hq, HKV=hkv, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=kv_cache.shape[2], num_warps=4)
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=kv_cache.shape[2], num_warps=4, **pdl_args(q.device))
     return out_q, out_k

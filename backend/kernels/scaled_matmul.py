@@ -43,16 +43,22 @@ def w8a8_linear_ref(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, ki
 # accumulates in int32, e4m3 x e4m3 in float32, and both scales multiply the tile in the epilogue.
 try:
     import triton.language as tl
+
+    from backend.kernels._pdl import gdc_launch_dependents, gdc_wait
 except ImportError:  # triton is optional on CPU: the references above need only torch
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels._pdl import pdl_args
 from backend.kernels.quant_matmul import MEDIUM_M, SMALL_M, _num_sms, plan_launch
 
 
 @lazy_jit
 def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx_m, sq_m, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -74,7 +80,9 @@ def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, sx_m, sq_m, QMAX: tl.constex
 @lazy_jit(do_not_specialize=["M"])
 def _scaled_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, so_m,
                       IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+                      GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     first_m = (pid // (GROUP_M * num_n)) * GROUP_M
@@ -105,6 +113,8 @@ def _scaled_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K, k_per_spli
             # on an H100. Promoting to fp32 every K tile fixed that but cost 42% at M = 256 (gate_up 69.9 ->
             # 99.1 us); against e4m3's own ~3% rounding of every activation, the speed is the better trade.
             acc = tl.dot(x, w, acc)
+    if PDL:
+        gdc_launch_dependents()
     xs = tl.load(xs_ptr + rm, mask=mm, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=nm, other=0.0)
     out = (acc.to(tl.float32) * xs[:, None] * ws[None, :]).to(out_ptr.dtype.element_ty)
@@ -127,7 +137,7 @@ def quantize_per_token_triton(x: torch.Tensor, kind: str) -> tuple[torch.Tensor,
         block = min(2048, triton.next_power_of_2(K))
         _per_token_quant_kernel[(M,)](x, q, scales, K, x.stride(0), q.stride(0),
                                       QMAX=INT8_MAX if kind == "int8" else FP8_MAX, IS_INT8=kind == "int8",
-                                      BLOCK=block, num_warps=4)
+                                      BLOCK=block, num_warps=4, **pdl_args(x.device))
     return q, scales
 
 
@@ -164,7 +174,8 @@ def scaled_matmul_triton(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tens
     _scaled_mm_kernel[grid](xq, wq, x_scale, w_scale, out, M, N, K, k_per_split, xq.stride(0), wq.stride(0),
                             out.stride(0), IS_INT8=xq.dtype == torch.int8, BLOCK_M=plan["BLOCK_M"],
                             BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"], GROUP_M=plan["GROUP_M"],
-                            ATOMIC=split > 1, num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+                            ATOMIC=split > 1, num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+                            **pdl_args(xq.device))
     return out
 
 
