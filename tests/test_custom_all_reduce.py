@@ -3,7 +3,8 @@
 CPU: which tensors may take the symmetric-memory path, the config switch, and two gloo ranks through
 join_group (the fallback: dist.all_reduce, same sums). GPU (>= 2 GPUs, else skipped): two NCCL ranks whose
 ParallelGroup.all_reduce_ (symmetric memory where it fits) must match dist.all_reduce over odd sizes, bf16 and
-fp32, one-shot and two-shot sizes, eagerly and replayed from a CUDA graph, and gather_vocab its NCCL gather.
+fp32, one-shot and two-shot sizes, eagerly and replayed from a CUDA graph, gather_vocab its NCCL gather, and
+the fused all-reduce + RMSNorm its reference on the gathered partials (eagerly and in a graph).
 
 Each rank is a process: `python -m tests.test_custom_all_reduce --rank R --world W --port P --out F ...`
 (launch_ranks starts them; perf/bench_multi_gpu.py's `allreduce` microbenchmark reuses it).
@@ -120,6 +121,10 @@ def rank_check(group, device: torch.device) -> dict:
     if device.type == "cuda":
         checks += [_compare_in_graph(group, device, numel) for numel in GRAPH_SIZES]
     checks += [_compare_gather(group, device, n, shard) for n, shard in ((1, 500), (1, 64128), (3, 256), (1, 77))]
+    if device.type == "cuda":
+        checks += [_compare_norm(group, device, rows, hidden, graph)
+                   for rows, hidden, graph in ((1, 4096, False), (5, 4100, False), (car.NORM_MAX_ROWS, 4096, False),
+                                               (car.NORM_MAX_ROWS + 1, 4096, False), (1, 4096, True), (3, 2048, True))]
     return {"path": group.all_reduce_path, "note": group.all_reduce_note, "checks": checks,
             "ok": all(c["ok"] for c in checks)}
 
@@ -189,6 +194,52 @@ def _compare_gather(group, device, n: int, shard: int) -> dict:
             "ok": tuple(got.shape) == (n, vocab) and bool(torch.equal(got, ref)), "max_abs_err": None}
 
 
+def _compare_norm(group, device, rows: int, hidden: int, graph: bool) -> dict:
+    """group.fused_all_reduce_rms_norm against the reference on every rank's partials (all-gathered), eagerly or
+    captured once and replayed on fresh data five times (each replay a new slot); every rank must get the same
+    bits. Past NORM_MAX_ROWS it must decline (None)."""
+    import torch.distributed as dist
+
+    from backend.kernels.all_reduce_norm import all_reduce_rms_norm_ref
+
+    def inputs(seed: int) -> tuple:
+        x = _partial(device, rows * hidden, torch.bfloat16, group.rank, seed).view(rows, hidden)
+        residual = _partial(device, rows * hidden, torch.bfloat16, 0, seed + 1).view(rows, hidden)
+        return x, residual
+
+    weight = _partial(device, hidden, torch.bfloat16, 0, 3).abs() + 0.5
+    static_x, static_res = inputs(10)
+    got = group.fused_all_reduce_rms_norm(static_x, static_res, weight, 1e-5)
+    result = {"what": "norm_graph" if graph else "norm", "rows": rows, "hidden": hidden, "custom": got is not None}
+    if got is None:
+        return dict(result, ok=rows > car.NORM_MAX_ROWS, max_abs_err=None)
+    trials = [(static_x, static_res, got)]
+    if graph:
+        torch.cuda.synchronize()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            out = group.fused_all_reduce_rms_norm(static_x, static_res, weight, 1e-5)
+        trials = []
+        for trial in range(5):
+            x, residual = inputs(20 + trial)
+            static_x.copy_(x)
+            static_res.copy_(residual)
+            cuda_graph.replay()
+            trials.append((x, residual, tuple(t.clone() for t in out)))
+    oks, errs = [], []
+    for x, residual, (normed, summed) in trials:
+        everyone = torch.empty((group.world_size, rows, hidden), dtype=x.dtype, device=device)
+        dist.all_gather_into_tensor(everyone, x.contiguous(), group=group.compute)
+        want_normed, want_summed = all_reduce_rms_norm_ref(list(everyone), residual, weight, 1e-5)
+        normed_everywhere = torch.empty_like(everyone)
+        dist.all_gather_into_tensor(normed_everywhere, normed, group=group.compute)
+        err = float((normed.float() - want_normed.float()).abs().max())
+        oks.append(torch.equal(summed, want_summed) and err <= 2e-2 * float(want_normed.float().abs().max())
+                   and all(torch.equal(n, normed) for n in normed_everywhere))
+        errs.append(err)
+    return dict(result, ok=all(oks), max_abs_err=max(errs))
+
+
 def rank_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     for name in ("--rank", "--world", "--port"):
@@ -236,6 +287,8 @@ def test_symmetric_memory_all_reduce_matches_nccl(world):
     took = {(c["what"], c.get("numel"), c.get("dtype")) for c in results[0]["checks"] if c["custom"]}
     assert ("eager", 4096, "torch.bfloat16") in took and ("cuda_graph", 4096, "torch.bfloat16") in took
     assert ("eager", 1_000_000, "torch.float32") in took  # two-shot
+    fused = {(c["what"], c["rows"]) for c in results[0]["checks"] if c["what"].startswith("norm") and c["custom"]}
+    assert fused == {("norm", 1), ("norm", 5), ("norm", car.NORM_MAX_ROWS), ("norm_graph", 1), ("norm_graph", 3)}
 
 
 if __name__ == "__main__":

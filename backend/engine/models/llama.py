@@ -54,9 +54,9 @@ def compute_cos_sin_cache(head_dim: int, theta: float, max_positions: int,
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
-        self.ops, self.tp = ops, tp
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim ** -0.5
@@ -73,35 +73,38 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         q, _ = self.ops.rotary_and_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, kv_cache, meta, self.scale)
-        return _reduce(self.tp, self.o_proj(out.reshape(T, self.q_size)))
+        return self.o_proj(out.reshape(T, self.q_size))  # under tp a partial sum: the next norm reduces it
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
-        self.ops, self.tp = ops, tp
+        self.ops = ops
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _reduce(self.tp, self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x))))
-
-
-def _reduce(tp, partial: torch.Tensor) -> torch.Tensor:
-    """Row-parallel layers leave each rank a partial sum of the output; without tp it is already whole."""
-    return partial if tp is None else tp.all_reduce_(partial)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # under tp a partial sum, as above
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, ops: KernelOps):
+    def __init__(self, size: int, eps: float, ops: KernelOps, tp=None):
         super().__init__()
-        self.ops, self.eps = ops, eps
+        self.ops, self.eps, self.tp = ops, eps, tp
         self.weight = nn.Parameter(torch.ones(size))
         self.output_kind: str | None = None  # set by quantization.layers.fuse_activation_quantization
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, reduce: bool = False) -> tuple:
         """(norm(x + residual), x + residual): the residual add of the previous sublayer is fused in. With an
-        output_kind, the first item is the norm quantized per token for the W8A8 projection that reads it."""
+        output_kind, the first item is the norm quantized per token for the W8A8 projection that reads it.
+        reduce: x is a row-parallel layer's partial sum on each tensor-parallel rank; it is summed over the ranks
+        first, by one kernel together with the add and the norm where the group has it (decode rows)."""
+        if reduce and self.tp is not None:
+            fused = None if self.output_kind else self.tp.fused_all_reduce_rms_norm(x, residual, self.weight,
+                                                                                   self.eps)
+            if fused is not None:
+                return fused
+            x = self.tp.all_reduce_(x)
         if self.output_kind:
             return self.ops.rms_norm_quant(x, self.weight, self.eps, residual, self.output_kind)
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
@@ -110,16 +113,17 @@ class RMSNorm(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, tp=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
+        self.self_attn = Attention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
+        self.mlp = MLP(cfg, ops)
 
     def forward(self, x, residual, positions, cos_sin_cache, kv_cache, meta):
-        """x is the previous sublayer's output, not yet added to residual (None before the first layer)."""
-        h, residual = self.input_layernorm(x, residual)
+        """x is the previous sublayer's output, not yet added to residual (None before the first layer, where x
+        is the embedding: whole on every rank, while every sublayer's output is a partial sum under tp)."""
+        h, residual = self.input_layernorm(x, residual, reduce=residual is not None)
         h = self.self_attn(h, positions, cos_sin_cache, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, residual, reduce=True)
         return self.mlp(h), residual
 
 
@@ -130,7 +134,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, tp)
 
 
 def _lm_head(cfg: ModelConfig, tp) -> nn.Linear | None:
@@ -170,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.cos_sin_cache, kv_cache, meta)
-        x, _ = self.model.norm(x, residual)
+        x, _ = self.model.norm(x, residual, reduce=True)
         return x
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:

@@ -67,11 +67,39 @@ def algorithm(nbytes: int, world_size: int) -> str:
     return "two_shot"
 
 
-class SymmMemAllReduce:
-    """One rank's persistent symmetric buffer and the all-reduce that runs through it."""
+NORM_MAX_ROWS = 16  # decode batches up to this take NormAllReduce (larger ones move bytes, not latency)
+NORM_ROW_STRIDE = 16384  # the widest hidden size it takes; buffer: 3 x world x 16 x 16384 x 2 B (3 MiB per 2 ranks)
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, world_size: int):
-        self.buffer, self.group_name, self.world_size = buffer, group_name, world_size
+
+class NormAllReduce:
+    """The all-reduce fused with the residual add and RMSNorm after it (backend/kernels/all_reduce_norm.py): this
+    rank's view of every rank's buffer, and its per-row call counts."""
+
+    def __init__(self, buffers: list[torch.Tensor], rank: int):
+        self.buffers, self.rank = buffers, rank
+        self.epochs = torch.zeros(NORM_MAX_ROWS, dtype=torch.int32, device=buffers[rank].device)
+
+    def fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        widest = NORM_ROW_STRIDE // (2 if x.dtype == torch.float32 else 1)  # the buffers hold 16-bit words
+        return (residual is not None and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and 0 < x.shape[0] <= NORM_MAX_ROWS and x.shape[1] <= widest
+                and residual.shape == x.shape and residual.dtype == x.dtype
+                and x.stride(-1) == 1 and residual.stride(-1) == 1)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from backend.kernels.all_reduce_norm import all_reduce_rms_norm_triton
+
+        return all_reduce_rms_norm_triton(x, residual, weight, eps, self.buffers, self.rank, self.epochs,
+                                          NORM_MAX_ROWS, NORM_ROW_STRIDE)
+
+
+class SymmMemAllReduce:
+    """One rank's persistent symmetric buffer and the all-reduce that runs through it, and the fused
+    all-reduce + RMSNorm for decode rows (`norm`, None where its self-test failed)."""
+
+    def __init__(self, buffer: torch.Tensor, group_name: str, world_size: int, norm: NormAllReduce | None = None):
+        self.buffer, self.group_name, self.world_size, self.norm = buffer, group_name, world_size, norm
         self.buffer_bytes = buffer.numel() * buffer.element_size()
         ops = torch.ops.symm_mem
         self._one_shot_copy = getattr(ops, "one_shot_all_reduce_copy_out", None)
@@ -118,7 +146,13 @@ def setup(rank: int, world_size: int, device: torch.device, control, compute) ->
         return None, reason or "setup failed on a peer rank"
     if not _all_agree(_self_test(impl, rank, world_size, device), control):
         return None, "self-test sum was wrong"
-    return impl, f"one-shot <= {ONE_SHOT_MAX_BYTES // 1024} KiB, two-shot <= {BUFFER_BYTES >> 20} MiB, else NCCL"
+    note = f"one-shot <= {ONE_SHOT_MAX_BYTES // 1024} KiB, two-shot <= {BUFFER_BYTES >> 20} MiB, else NCCL"
+    if impl.norm is None:
+        return impl, note + "; no fused all-reduce + RMSNorm (TRITIUM_AR_NORM=0, or more than 8 ranks)"
+    if not _all_agree(_norm_self_test(impl.norm, rank, world_size, device), control):
+        impl.norm = None
+        return impl, note + "; no fused all-reduce + RMSNorm (its self-test failed)"
+    return impl, note + f"; all-reduce + RMSNorm fused for <= {NORM_MAX_ROWS} rows"
 
 
 def _local_blocker(rank: int, world_size: int, device: torch.device, control) -> str | None:
@@ -153,7 +187,25 @@ def _allocate(device: torch.device, compute, world_size: int) -> SymmMemAllReduc
     _rendezvous(symm_mem, buffer, name)
     backend = getattr(symm_mem, "get_backend", lambda d: "?")(device)
     log.info("symmetric memory: %d-byte buffer on %s, group %s, backend %s", BUFFER_BYTES, device, name, backend)
-    return SymmMemAllReduce(buffer, name, world_size)
+    norm = _allocate_norm(symm_mem, device, name, compute.rank(), world_size)
+    return SymmMemAllReduce(buffer, name, world_size, norm)
+
+
+def _allocate_norm(symm_mem, device: torch.device, group_name: str, rank: int,
+                   world_size: int) -> NormAllReduce | None:
+    """NormAllReduce's buffers: every slot marked empty before any rank can push into it (the fill is done
+    before the rendezvous, which no rank leaves until all have arrived). None for more ranks than it takes, and
+    with TRITIUM_AR_NORM=0 (every rank must see the same setting)."""
+    from backend.kernels.all_reduce_norm import EMPTY, MAX_WORLD, SLOTS
+
+    if world_size > MAX_WORLD or os.environ.get("TRITIUM_AR_NORM") == "0":
+        return None
+    numel = SLOTS * world_size * NORM_MAX_ROWS * NORM_ROW_STRIDE
+    local = symm_mem.empty(numel, dtype=torch.int16, device=device).fill_(EMPTY)
+    torch.cuda.synchronize(device)
+    handle = symm_mem.rendezvous(local, group_name)
+    buffers = [local if r == rank else handle.get_buffer(r, (numel,), torch.int16) for r in range(world_size)]
+    return NormAllReduce(buffers, rank)
 
 
 def _rendezvous(symm_mem, buffer: torch.Tensor, group_name: str) -> None:
@@ -172,6 +224,31 @@ def _rendezvous(symm_mem, buffer: torch.Tensor, group_name: str) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         enable(group_name)
     symm_mem.rendezvous(buffer, group_name)
+
+
+def _norm_self_test(norm: NormAllReduce, rank: int, world_size: int, device: torch.device) -> bool:
+    """The fused kernel on rows whose sum over ranks is known (1 row and the most rows, an odd width; twice,
+    so two slots are used), against the reference on the same partials."""
+    from backend.kernels.all_reduce_norm import all_reduce_rms_norm_ref
+
+    gen = torch.Generator().manual_seed(0)  # the same tensors on every rank
+    try:
+        for rows, hidden in ((1, 4100), (NORM_MAX_ROWS, 4096)):
+            base = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+            residual = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+            weight = torch.rand(hidden, generator=gen).to(device, torch.bfloat16)
+            partials = [base * (r + 1) for r in range(world_size)]
+            want = all_reduce_rms_norm_ref(partials, residual, weight, 1e-5)
+            for _ in range(2):
+                got = norm(partials[rank], residual, weight, 1e-5)
+                torch.cuda.synchronize(device)
+                if not all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want)):
+                    log.warning("fused all-reduce + RMSNorm self-test: wrong values (%d x %d)", rows, hidden)
+                    return False
+    except Exception as exc:
+        log.warning("fused all-reduce + RMSNorm self-test failed: %s", exc)
+        return False
+    return True
 
 
 def _self_test(impl: SymmMemAllReduce | None, rank: int, world_size: int, device: torch.device) -> bool:

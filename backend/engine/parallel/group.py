@@ -57,6 +57,16 @@ class ParallelGroup:
         dist.all_reduce(x, group=self.compute)
         return x
 
+    def fused_all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                                  eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(norm(sum + residual), sum + residual) for x a row-parallel layer's partial sum, by one kernel
+        (custom_all_reduce.NormAllReduce) where it takes x -- decode rows -- and None elsewhere; the shapes alone
+        decide, so every rank takes the same path."""
+        fused = self.custom.norm if self.custom is not None else None
+        if fused is None or not fused.fits(x, residual):
+            return None
+        return fused(x, residual, weight, eps)
+
     def gather_vocab(self, local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """[N, V/K] logits of this rank's vocabulary slice -> [N, V] on every rank (padding cut off)."""
         n, shard = local_logits.shape
