@@ -29,7 +29,6 @@ except ImportError:  # CPU installs without triton never launch a kernel
     pass
 
 _enabled = os.environ.get("TRITIUM_PDL", "1") != "0"
-preload = os.environ.get("TRITIUM_PDL_PRELOAD", "1") == "1"  # experiment knob
 
 
 def set_enabled(enabled: bool) -> None:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from backend.kernels._jit import lazy_jit
-from backend.kernels import _pdl
 from backend.kernels._pdl import pdl_args
 
 try:
@@ -34,37 +33,23 @@ if triton is not None:
 
     @lazy_jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                     PRELOAD: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        if PDL:  # see _pdl.py
+            gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if PRELOAD:
-            # The first weight tile loads before the wait (weights never depend on an earlier kernel); each
-            # iteration then loads the next tile before it uses the current one.
-            w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-            if PDL:  # see _pdl.py
-                gdc_wait()
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)
-                nxt = k0 + BLOCK_K + cols
-                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=row_ok[:, None] & (nxt < K)[None, :], other=0.0)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-                w = w_next
-        else:
-            if PDL:  # see _pdl.py
-                gdc_wait()
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    x = tl.load(x_ptr + k0 + cols)
-                    w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0)
-                else:
-                    col_ok = k0 + cols < K
-                    x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
-                    w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptr + k0 + cols)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            else:
+                col_ok = k0 + cols < K
+                x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if PDL:
             gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
@@ -93,7 +78,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x.contiguous(), weight, out, N, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=warps,
-        PRELOAD=_pdl.preload, **pdl_args(x.device))
+        **pdl_args(x.device))
     return out
 
 

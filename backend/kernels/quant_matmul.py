@@ -65,7 +65,6 @@ except ImportError:  # triton is optional on CPU: the references above need only
     tl = None
 
 from backend.kernels._jit import lazy_jit
-from backend.kernels import _pdl
 from backend.kernels._pdl import pdl_args
 
 
@@ -250,36 +249,22 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
 def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       PDL: tl.constexpr, PRELOAD: tl.constexpr):
+                       PDL: tl.constexpr):
+    if PDL:  # see _pdl.py
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, WORDS)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     num_words = K // 4
-    if PRELOAD:  # as the bf16 GEMV: the first tile before the wait, then one tile ahead
-        packed = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < num_words)[None, :], other=0)
-        if PDL:  # see _pdl.py
-            gdc_wait()
-        for k0 in range(0, num_words, WORDS):
-            word = k0 + words
-            word_ok = word < num_words
-            nxt = word + WORDS
-            packed_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < num_words)[None, :], other=0)
-            for i in tl.static_range(4):
-                x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
-            packed = packed_next
-    else:
-        if PDL:  # see _pdl.py
-            gdc_wait()
-        for k0 in range(0, num_words, WORDS):
-            word = k0 + words
-            word_ok = word < num_words
-            packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
-            for i in tl.static_range(4):
-                x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-                acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
+    for k0 in range(0, num_words, WORDS):
+        word = k0 + words
+        word_ok = word < num_words
+        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
+        for i in tl.static_range(4):
+            x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
     if PDL:
         gdc_launch_dependents()
     s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -580,7 +565,7 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w8_gemv_tile(N, K, x.device)
     _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        num_warps=tile["num_warps"], PRELOAD=_pdl.preload, **pdl_args(x.device))
+        num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 
