@@ -48,4 +48,3 @@ def pdl_args(device: torch.device) -> dict:
     on = (_enabled and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
           and _device_supports(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": on, "launch_pdl": on}
-
