@@ -56,7 +56,9 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
                                 WORLD: tl.constexpr, MAX_ROWS: tl.constexpr, ROW_STRIDE: tl.constexpr,
                                 BLOCK: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
     # One program per row. p0..p7: rank r's buffer as mapped here (p_r for r >= WORLD is never touched), as
-    # int16 words (WIDE: int32 words, for float32 rows); ROW_STRIDE counts those words.
+    # int16 words (WIDE: int32 words, for float32 rows); ROW_STRIDE counts those words. Eight pointer arguments
+    # rather than a table of addresses: Triton knows arguments are 16-byte aligned, so the pushes over NVLink are
+    # 16-byte stores; a pointer cast from an integer would have no known alignment.
     if PDL:  # see _pdl.py
         gdc_launch_dependents()
         gdc_wait()
