@@ -12,7 +12,8 @@ Buffers (each rank's, mapped by every rank through symmetric memory): [3 slots, 
 16-bit words. Row r's n-th call uses slot n % 3 (each rank counts its calls per row in `epochs`, and every rank
 makes the same calls) and re-marks slot (n + 2) % 3 empty: that slot was read in call n - 1, and no rank can
 write it again before call n + 2, which needs this rank's push of call n + 1. The ranks sum in rank order, so
-every rank gets the same bits.
+every rank gets the same bits. A rank whose peer never pushes waits here forever (no timeout yet), which is one
+reason the path is opt-in (custom_all_reduce._allocate_norm).
 """
 from __future__ import annotations
 

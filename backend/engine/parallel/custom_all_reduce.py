@@ -96,7 +96,7 @@ class NormAllReduce:
 
 class SymmMemAllReduce:
     """One rank's persistent symmetric buffer and the all-reduce that runs through it, and the fused
-    all-reduce + RMSNorm for decode rows (`norm`, None where its self-test failed)."""
+    all-reduce + RMSNorm for decode rows (`norm`: None unless TRITIUM_AR_NORM=1 and its self-test passed)."""
 
     def __init__(self, buffer: torch.Tensor, group_name: str, world_size: int, norm: NormAllReduce | None = None):
         self.buffer, self.group_name, self.world_size, self.norm = buffer, group_name, world_size, norm
@@ -148,7 +148,7 @@ def setup(rank: int, world_size: int, device: torch.device, control, compute) ->
         return None, "self-test sum was wrong"
     note = f"one-shot <= {ONE_SHOT_MAX_BYTES // 1024} KiB, two-shot <= {BUFFER_BYTES >> 20} MiB, else NCCL"
     if impl.norm is None:
-        return impl, note + "; no fused all-reduce + RMSNorm (TRITIUM_AR_NORM=0, or more than 8 ranks)"
+        return impl, note + "; no fused all-reduce + RMSNorm (TRITIUM_AR_NORM=1 turns it on, up to 8 ranks)"
     if not _all_agree(_norm_self_test(impl.norm, rank, world_size, device), control):
         impl.norm = None
         return impl, note + "; no fused all-reduce + RMSNorm (its self-test failed)"
@@ -194,11 +194,13 @@ def _allocate(device: torch.device, compute, world_size: int) -> SymmMemAllReduc
 def _allocate_norm(symm_mem, device: torch.device, group_name: str, rank: int,
                    world_size: int) -> NormAllReduce | None:
     """NormAllReduce's buffers: every slot marked empty before any rank can push into it (the fill is done
-    before the rendezvous, which no rank leaves until all have arrived). None for more ranks than it takes, and
-    with TRITIUM_AR_NORM=0 (every rank must see the same setting)."""
+    before the rendezvous, which no rank leaves until all have arrived). Only with TRITIUM_AR_NORM=1 (every rank
+    sees the same environment): on 2x H200 the process crashed at interpreter exit after a clean shutdown with
+    these buffers mapped, and a rank whose peer died waits in the kernel with no timeout (perf/RESULTS.md).
+    None for more ranks than the kernel takes."""
     from backend.kernels.all_reduce_norm import EMPTY, MAX_WORLD, SLOTS
 
-    if world_size > MAX_WORLD or os.environ.get("TRITIUM_AR_NORM") == "0":
+    if world_size > MAX_WORLD or os.environ.get("TRITIUM_AR_NORM") != "1":
         return None
     numel = SLOTS * world_size * NORM_MAX_ROWS * NORM_ROW_STRIDE
     local = symm_mem.empty(numel, dtype=torch.int16, device=device).fill_(EMPTY)
