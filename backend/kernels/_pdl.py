@@ -38,6 +38,10 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def enabled() -> bool:
+    return _enabled
+
+
 @functools.cache
 def _device_supports(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)

@@ -52,6 +52,7 @@ def test_graph_with_pdl_equals_eager_without(quant):
         weights.append(layer)
     x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
     norm_w = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    was_enabled = _pdl.enabled()
     try:
         _pdl.set_enabled(True)
         stream = torch.cuda.Stream()
@@ -68,6 +69,6 @@ def test_graph_with_pdl_equals_eager_without(quant):
         _pdl.set_enabled(False)
         want = _decode_chain(x, weights, norm_w, quant)
     finally:
-        _pdl.set_enabled(True)
+        _pdl.set_enabled(was_enabled)
     for out in outputs:
         assert torch.equal(out, want)
