@@ -105,7 +105,8 @@ def main() -> None:
         layers, layer_bytes = make_layers(kind)
         for pdl in (False, True):
             us, diff = time_chain(layers, pdl)
-            results["rows"][f"{kind} PDL {'on' if pdl else 'off'}"] = dict(us_per_layer=us, TBps=layer_bytes / us / 1e6, max_abs_diff=diff)
+            results["rows"][f"{kind} PDL {'on' if pdl else 'off'}"] = dict(
+                us_per_layer=us, TBps=layer_bytes / us / 1e6, max_abs_diff=diff)
         del layers
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
