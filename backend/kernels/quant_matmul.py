@@ -306,8 +306,8 @@ def _num_sms(device: torch.device) -> int:
 
 def plan_launch(M: int, N: int, K: int, device: torch.device) -> dict:
     """Tile sizes and split-K of the W8A16 tiled kernel (and, for M > 64, scaled_matmul's) for an [M, K] x
-    [K, N] product, from shapes alone (CUDA-graph safe). M <= 64 is decode-like: one row tile, K split per split_k. M > 64 uses 128-row tiles and
-    never splits, so every prefill length runs the same compiled variant."""
+    [K, N] product, from shapes alone (CUDA-graph safe). M <= 64 is decode-like: one row tile, K split per
+    split_k. M > 64 uses 128-row tiles and never splits, so every prefill length runs the same compiled variant."""
     if M > MEDIUM_M:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, split=1, GROUP_M=8, num_warps=8, num_stages=3)
     block_m = SMALL_M if M <= SMALL_M else MEDIUM_M
