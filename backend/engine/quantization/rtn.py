@@ -38,17 +38,14 @@ def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> to
     return torch.round(w / scales + zeros).clamp(0, INT4_MAX)
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int,
-                  clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise: (codes uint8 [N, K] in 0..15, scales float32 [N, G'], zeros uint8 [N, G']) with
     G' = ceil(K / group_size): when the group does not divide K (SmolLM2's 576 = 4.5 x 128) the last group is
-    shorter. clip, if given ([N, G'], in (0, 1]), shrinks each group's range (AWQ's clipping search).
+    shorter.
     """
     N, K = weight.shape
     g = group_view(weight.float(), group_size)  # zero padding: 0 is inside every group's range anyway
     w_max, w_min = g.amax(dim=2), g.amin(dim=2)
-    if clip is not None:
-        w_max, w_min = w_max * clip, w_min * clip
     scales, zeros = int4_params(w_max, w_min)
     q = int4_codes(g, scales[..., None], zeros[..., None])
     return q.flatten(1)[:, :K].to(torch.uint8), scales, zeros.to(torch.uint8)
@@ -70,14 +67,12 @@ def dequantize_int4_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return (q.float() - z) * s
 
 
-def fake_quantize_int4(weight: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantized INT4 weight in float32 (what the quantized layer computes with); the searches of AWQ call
-    this hundreds of times, so it works on the grouped view without materializing codes."""
+def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dequantized INT4 weight in float32 (what the quantized layer computes with); AWQ's scale search calls
+    this for every grid point, so it works on the grouped view without materializing codes."""
     K = weight.shape[1]
     g = group_view(weight.float(), group_size)
     w_max, w_min = g.amax(dim=2), g.amin(dim=2)
-    if clip is not None:
-        w_max, w_min = w_max * clip, w_min * clip
     scales, zeros = int4_params(w_max, w_min)
     scales, zeros = scales[..., None], zeros[..., None]
     deq = (torch.round(g / scales + zeros).clamp_(0, INT4_MAX) - zeros) * scales
