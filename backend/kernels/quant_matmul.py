@@ -480,6 +480,13 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _shared_strides(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The INT4 kernels index scales and zeros with one row stride: contiguous copies when theirs differ."""
+    if scales.stride() != zeros.stride():
+        return scales.contiguous(), zeros.contiguous()
+    return scales, zeros
+
+
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                            dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense [N, K] weight in `dtype` ((q - z) * s computed in fp32, rounded once), into `out` when given (any [N, K]
@@ -490,8 +497,7 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     check_group_size(K, group_size)
     if out is None:
         out = torch.empty(N, K, dtype=dtype, device=qweight.device)
-    if scales.stride() != zeros.stride():
-        scales, zeros = scales.contiguous(), zeros.contiguous()
+    scales, zeros = _shared_strides(scales, zeros)
     block_n, block_k = 32, w4_block_k_limit(K, group_size)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     _dequantize_int4_kernel[grid](qweight, scales, zeros, out, N, K, qweight.stride(0), scales.stride(0),
@@ -517,8 +523,7 @@ def _w4a16_tiled(x2, qweight, scales, zeros, group_size: int, plan: dict | None)
     if plan["BLOCK_K"] > w4_block_k_limit(K, group_size):
         raise ValueError(f"BLOCK_K {plan['BLOCK_K']} straddles groups of {group_size} (K {K}): at most "
                          f"{w4_block_k_limit(K, group_size)}")
-    if scales.stride() != zeros.stride():
-        scales, zeros = scales.contiguous(), zeros.contiguous()
+    scales, zeros = _shared_strides(scales, zeros)
     args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
     return _launch(_w4a16_join_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
 
@@ -580,8 +585,7 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         raise ValueError(f"w4a16_gemv_triton needs x [1, {K}], K a multiple of 8 and a contiguous qweight; "
                          f"got x {tuple(x.shape)}, K {K}")
     words = qweight.view(torch.int32)
-    if scales.stride() != zeros.stride():
-        scales, zeros = scales.contiguous(), zeros.contiguous()
+    scales, zeros = _shared_strides(scales, zeros)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
