@@ -42,7 +42,8 @@ def projection(kind: str, N: int, K: int):
     q4, s4, z4 = rtn.quantize_int4(w, 128)
     p4 = qm.pack_int4(q4)
     nbytes = p4.numel() + s4.numel() * s4.element_size() + z4.numel() * z4.element_size()
-    return (lambda x: qm.w4a16_gemv_triton(x, p4, s4, z4, 128)), nbytes
+    words = qm.to_planar_int4(p4, 128)
+    return (lambda x: qm.w4a16_gemv_triton(x, words, s4, z4, 128)), nbytes
 
 
 def make_layers(kind: str) -> tuple[list, int]:

@@ -65,11 +65,12 @@ def kernel_rows(N: int, K: int, M: int) -> dict:
     q8, s8 = rtn.quantize_int8(w)
     q4, s4, z4 = rtn.quantize_int4(w, 128)
     p4 = qm.pack_int4(q4)
+    w4 = qm.to_planar_int4(p4, 128)  # the kernels' layout (the engine repacks at load)
     f8, fs = rtn.quantize_fp8(w)
     out = {"bf16_us": 1e3 * bench_ms(lambda: torch.nn.functional.linear(x, wb))}
     cases = {
         "w8a16": (lambda: qm.w8a16_matmul_triton(x, q8, s8), lambda: qm.w8a16_matmul_ref(x.float(), q8, s8)),
-        "w4a16": (lambda: qm.w4a16_matmul_triton(x, p4, s4, z4, 128),
+        "w4a16": (lambda: qm.w4a16_matmul_triton(x, w4, s4, z4, 128),
                   lambda: qm.w4a16_matmul_ref(x.float(), p4, s4, z4, 128)),
         "fp8": (lambda: sm.w8a8_linear_triton(x, f8, fs, "fp8"), lambda: sm.w8a8_linear_ref(x.float(), f8, fs, "fp8")),
         "int8_w8a8": (lambda: sm.w8a8_linear_triton(x, q8, s8, "int8"),

@@ -27,9 +27,10 @@ from backend.engine.quantization import rtn  # noqa: E402
 from backend.kernels import quant_matmul as qm  # noqa: E402
 from perf.bench_quant import LINEARS, bench_ms, engine_run  # noqa: E402
 
-# W4: SLICES groups of 16 words (128 columns) per row in flight per chunk.
-W4_TILES = [dict(BLOCK_N=b, WORDS=16, SLICES=sl, num_warps=w) for b in (8, 16, 32, 64) for sl in (1, 2, 4, 8)
-            for w in (2, 4, 8) if b * sl <= 128]
+# W4: two tiles of BLOCK_N rows over BLOCKS planar blocks (16 words each); BLOCKS * 16 < 32 * num_warps keeps the x
+# loads in the words' layout (backend/kernels/quant_matmul.py).
+W4_TILES = [dict(BLOCK_N=b, BLOCKS=bl, num_warps=w) for b in (4, 8, 16, 32) for bl in (2, 4, 8) for w in (2, 4, 8)
+            if bl * 16 < 32 * w]
 W8_TILES = [dict(BLOCK_N=b, WORDS=words, num_warps=w) for b in (4, 8, 16, 32) for words in (32, 64, 128, 256)
             for w in (4, 8)]
 
@@ -68,7 +69,7 @@ def quantized(bits: int, w: torch.Tensor) -> tuple:
     q4, s4, z4 = rtn.quantize_int4(w, 128)
     p4 = qm.pack_int4(q4)
     nbytes = p4.numel() + s4.numel() * s4.element_size() + z4.numel() * z4.element_size()
-    return (lambda x, tile, t: qm.w4a16_gemv_triton(x, *t, 128, tile=tile), (p4, s4, z4),
+    return (lambda x, tile, t: qm.w4a16_gemv_triton(x, *t, 128, tile=tile), (qm.to_planar_int4(p4, 128), s4, z4),
             qm.w4_gemv_tile(N, K, 128, w.device), W4_TILES, qm.dequantize_int4(p4, s4, z4, 128).double(), nbytes,
             None)
 

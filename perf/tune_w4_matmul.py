@@ -74,7 +74,7 @@ class Case:
 
     def product(self, path: str, plan: dict | None = None):
         w = self.w
-        return lambda: qm.w4a16_matmul_triton(self.x, w["packed"], w["scales"], w["zeros"], GROUP, path=path,
+        return lambda: qm.w4a16_matmul_triton(self.x, w["words"], w["scales"], w["zeros"], GROUP, path=path,
                                               plan=plan)
 
     def measure(self, fn, want: torch.Tensor | None = None) -> dict:
@@ -91,14 +91,15 @@ def quantized_weight(N: int, K: int, device, dtype) -> dict:
     q, scales, zeros = rtn.quantize_int4(w, GROUP)
     packed = qm.pack_int4(q)
     deq = qm.dequantize_int4(packed, scales, zeros, GROUP)
-    return dict(packed=packed, scales=scales, zeros=zeros, dense=deq.to(dtype), float64=deq.double())
+    return dict(words=qm.to_planar_int4(packed, GROUP), scales=scales, zeros=zeros, dense=deq.to(dtype),
+                float64=deq.double())
 
 
 def join_sweep(case: Case, smoke: bool) -> list[dict]:
     """Column x K tiles at 3 stages per row tile, then 4 stages for the two fastest of them."""
     M, N, K = case.M, case.N, case.K
     device = case.x.device
-    grid = [(64, 64)] if smoke else [(n, k) for n in (64, 128, 256) for k in (64, 128)]
+    grid = [(64, 128)] if smoke else [(n, 128) for n in (64, 128, 256)]  # the K tile is the planar block
     rows = []
     for block_m in row_tiles(M):
         first = [join_plan(M, N, K, device, block_m, n, k, 3) for n, k in grid]
@@ -119,7 +120,7 @@ def tune(case: Case, smoke: bool) -> dict:
         "cublas_bf16": case.measure(lambda: torch.nn.functional.linear(case.x, w["dense"])),
         "join_default": dict(case.measure(case.product("join")), plan=default),
         "dequant_cublas": case.measure(case.product("dequant")),
-        "dequant_only": case.measure(lambda: qm.dequantize_int4_triton(w["packed"], w["scales"], w["zeros"], GROUP,
+        "dequant_only": case.measure(lambda: qm.dequantize_int4_triton(w["words"], w["scales"], w["zeros"], GROUP, K,
                                                                        case.x.dtype), want=w["float64"]),
         "auto_path": "dequant_cublas" if M >= qm.DEQUANT_MIN_M else "join_default",
         "join_plans": join_sweep(case, smoke),

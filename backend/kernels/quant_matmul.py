@@ -5,11 +5,14 @@ Layouts (W is [N, K], one row per output channel, as nn.Linear):
   INT4 group-wise:   qweight uint8 [N, K / 2], column pair (2j, 2j + 1) packed as low | high nibble;
                      scales [N, ceil(K / G)] and zeros uint8 [N, ceil(K / G)] per group of G input
                      columns, the last group shorter when G does not divide K (w = (q - z) * s, 0..15).
+                     That is the checkpoint's layout and the references'. The INT4 kernels take the same codes
+                     repacked once at load into group-planar int32 words (to_planar_int4, below).
 The references dequantize and call a float matmul; the kernels dequantize tiles in registers.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -24,6 +27,41 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """[..., K] integers 0..15 (K even) -> [..., K / 2] uint8."""
     v = values.to(torch.uint8)
     return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+# Group-planar INT4 (the kernels' layout): K is cut into blocks of B = planar_block(K, G) columns (a block never
+# straddles two groups), each row of a block is B / 8 int32 words, and word j holds at nibble i (bits 4i..4i+3)
+# the code of the block's column i * B / 8 + j. Columns past K (when B does not divide K) hold code 0.
+# Why: a GEMV thread holding some words of a row meets, for each nibble i, one contiguous slice of x, which it
+# loads with vector loads in the words' own register layout. With packed pairs (word j = columns 8j..8j+7) it
+# meets x at stride 8, and Triton stages those loads through shared memory with a barrier per nibble. (Marlin
+# and TensorRT-LLM likewise reorder 4-bit weights at load for their GEMM kernels.)
+def planar_block(K: int, group_size: int) -> int:
+    """Columns per planar block: 128, or the group when it is smaller (and not the whole row)."""
+    return group_size if group_size < 128 and group_size != K else 128
+
+
+def to_planar_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K / 2] packed pairs -> [N, ceil(K / B) * B / 8] int32 group-planar words (same device)."""
+    codes = unpack_int4(qweight)
+    N, K = codes.shape
+    block = planar_block(K, group_size)
+    blocks = -(-K // block)
+    padded = torch.zeros(N, blocks * block, dtype=torch.int64, device=codes.device)
+    padded[:, :K] = codes
+    planes = padded.view(N, blocks, 8, block // 8)
+    words = sum(planes[:, :, i, :] << (4 * i) for i in range(8))
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # bit pattern as a signed int32
+    return words.to(torch.int32).reshape(N, blocks * block // 8)
+
+
+def from_planar_int4(words: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    """Inverse of to_planar_int4: [N, K / 2] packed pairs."""
+    N = words.shape[0]
+    block = planar_block(K, group_size)
+    w = words.to(torch.int64).view(N, -1, 1, block // 8)
+    planes = (w >> (4 * torch.arange(8, device=words.device).view(1, 1, 8, 1))) & 0xF
+    return pack_int4(planes.reshape(N, -1)[:, :K])
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -107,10 +145,12 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
         tl.store(dst, out, mask=mm[:, None] & nm[None, :])
 
 
-# INT4 for 1 < M < DEQUANT_MIN_M: the packed tile is unpacked in registers into one full [BLOCK_N, BLOCK_K] tile:
-# tl.interleave puts each byte's low nibble at column 2j and its high nibble at 2j + 1, which is the layout of x
-# itself, so x is one contiguous [BLOCK_M, BLOCK_K] load and each K tile is one tl.dot of full depth. (The kernel
-# before it loaded x as two stride-2 halves for two half-depth dots: 1.5-2.5x slower at M = 16-64 on an H100.)
+# INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
+# With blocks of 128 columns each nibble plane is one [BLOCK_N, 16] tile of contiguous columns, and a K tile is
+# eight tl.dot of depth 16 on contiguous x slices. Smaller blocks (groups of 32 or 64) have planes too thin for a
+# dot: their tile is unpacked into word-major order (position 8j + i holds nibble i of word j: three rounds of
+# tl.interleave) and x is gathered at the matching columns, (p % 8) * B / 8 + p // 8, for one dot of full depth.
+# (Gathering x for 128-column blocks made INT4 decode at batch 64 2.8x slower on an H100: 0.69x -> 0.25x bf16.)
 # The zero point is subtracted per weight (q - z is exact in bf16); folding it out as s * (x . q - z * sum(x))
 # measured ~20% slower (perf/results/h100-tune_w4_matmul.json).
 @lazy_jit(do_not_specialize=["M"])
@@ -120,6 +160,7 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
                        PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
+    WORDS: tl.constexpr = BLOCK_K // 8
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their x rows stay in L2.
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -129,8 +170,9 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     pid_n = (pid % (GROUP_M * num_n)) // size_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rj = tl.arange(0, BLOCK_K // 2)
+    position = tl.arange(0, BLOCK_K)
+    column = (position % 8) * WORDS + position // 8  # of word-major position 8j + i, within the block
+    rw = tl.arange(0, WORDS)
     mm, nm = rm < M, rn < N
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -139,15 +181,26 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     sz_rows = rn.to(tl.int64) * ss_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + rk
-        x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < k_end)[None, :], other=0.0)
-        j = k0 // 2 + rj
-        packed = tl.load(w_rows + j[None, :], mask=nm[:, None] & (2 * j < k_end)[None, :], other=0).to(tl.int32)
-        q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K], input column order
+        words = tl.load(w_rows + (k0 // 8 + rw)[None, :], mask=nm[:, None], other=0)
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
-        part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
+        if WORDS >= 16:  # one dot per nibble plane
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(8):
+                k = k0 + i * WORDS + rw
+                x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
+                q = ((words >> (4 * i)) & 0xF) - z[:, None]
+                part += tl.dot(x, tl.trans(q.to(x.dtype)))
+        else:  # one dot over the tile in word-major order
+            k = k0 + column
+            x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
+            evens = tl.interleave(tl.interleave((words >> 0) & 0xF, (words >> 16) & 0xF),
+                                  tl.interleave((words >> 8) & 0xF, (words >> 24) & 0xF))
+            odds = tl.interleave(tl.interleave((words >> 4) & 0xF, (words >> 20) & 0xF),
+                                 tl.interleave((words >> 12) & 0xF, (words >> 28) & 0xF))
+            q = tl.interleave(evens, odds)  # [BLOCK_N, BLOCK_K]
+            part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
         acc += part * s[None, :]
     if PDL:
         gdc_launch_dependents()
@@ -160,26 +213,25 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
 
 
 # INT4 -> dense [N, K] weight in the activation dtype, for the large-M path (dequantize, then cuBLAS). One program
-# per [BLOCK_N, BLOCK_K] tile; BLOCK_K never straddles two groups (as in the kernels above), so a tile needs one
-# scale and one zero point per row. Stores are contiguous along K: the interleaved tile is in column order.
+# per [BLOCK_N, block] tile (one scale and zero point per row); each nibble plane is stored as one contiguous
+# slice of B / 8 columns.
 @lazy_jit
 def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n,
                             GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
-    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    k = k0 + tl.arange(0, BLOCK_K)
-    nm = rn < N
-    rows = rn.to(tl.int64)
-    packed = tl.load(w_ptr + rows[:, None] * sw_n + j[None, :], mask=nm[:, None] & (2 * j < K)[None, :],
-                     other=0).to(tl.int32)
+    j = tl.arange(0, WORDS)
+    nm = rows < N
+    words = tl.load(w_ptr + rows[:, None] * sw_n + (k0 // 8 + j)[None, :], mask=nm[:, None], other=0)
     group = k0 // GROUP_SIZE
     s = tl.load(s_ptr + rows * ss_n + group, mask=nm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows * ss_n + group, mask=nm, other=0).to(tl.int32)
-    q = tl.interleave(packed & 0xF, packed >> 4)
-    w = (q - z[:, None]).to(tl.float32) * s[:, None]
-    tl.store(out_ptr + rows[:, None] * so_n + k[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=nm[:, None] & (k < K)[None, :])
+    for i in tl.static_range(8):
+        k = k0 + i * WORDS + j
+        w = (((words >> (4 * i)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]
+        tl.store(out_ptr + rows[:, None] * so_n + k[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=nm[:, None] & (k < K)[None, :])
 
 
 # INT8 -> dense [N, K] weight (q * s in fp32, rounded once), for W8A16's large-M path (dequantize, then cuBLAS).
@@ -194,52 +246,88 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
              mask=mask)
 
 
-# Batch 1 (decode of one sequence) takes a GEMV, shaped like backend/kernels/gemv.py's: BLOCK_N weight rows
-# per program, K walked one chunk at a time. The packed bytes are read as int32 words (word j of a row holds
-# input columns 8j..8j+7, nibble i at bits 4i), so a row's chunk arrives in 16-byte loads. A chunk is SLICES
-# slices of WORDS words, and a slice never straddles two groups, so its scale and zero point are one load per
-# row and slice (hoisted out of the element work), and (q - z) * s is applied per word column as
-# s * (sum_i q_i x_i - z * sum_i x_i) instead of per element.
-# Why slices: this GEMV waits on loads, not arithmetic (on an H100 the 2^23 mantissa trick for int -> float
-# made every tile slower, perf/results/h100-tune_quant_gemv-magic.json). With one group's 16 words per row in
-# flight a program had 4 KB or less outstanding (the bf16 GEMV has 8 KB), and it streamed ~1.0-1.3 TB/s.
-# Measured before this layout (H100, perf/RESULTS.md): the tiled kernel above streamed ~0.47 TB/s at M = 1,
-# and a byte-wise GEMV with a scale gather per element was slower still (gate_up 135 us vs bf16 82 us).
+# Batch 1 (decode of one sequence) takes a GEMV over the group-planar words. A program owns two tiles of BLOCK_N
+# rows (rows r.. and r + BLOCK_N..), walked BLOCKS planar blocks at a time; both tiles have one register layout,
+# so each x value a thread loads and converts serves two rows. Per nibble the work is one lop3 (the nibble masked
+# in place and or-ed into the exponent of 2^23: 2^23 + q * 16^i exactly, with both constants in registers; as
+# plain Triton the and and the or stay two instructions), one subtraction of 2^23 + z * 16^i (exact: (q - z) *
+# 16^i), and one FMA with x * 16^-i. The nibbles i >= 4 take the same masks after one shift of the word by 16.
+# The scale multiplies each block's sum. (The 2^23 mantissa trick is FasterTransformer's and Marlin's; in place
+# of a shift per nibble, each nibble keeps its position and x carries the power of 16.)
+# Measured on an H100, from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json): gate_up
+# 45.2 -> 32.3 us, down 27.4 -> 21.3, qkv 11.9 -> 9.8, o 9.2 -> 7.9 against the packed-pair GEMV before it,
+# whose x loads went through shared memory; the conversion instruction in place of the lop3 was 15-25% slower.
+# The x loads stay in the words' layout only while a tile's x slice has fewer elements than the program has
+# threads (Triton rematerializes only such loads): BLOCKS * B / 8 < 32 * num_warps.
+LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
+
+
 @lazy_jit
-def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n,
-                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       SLICES: tl.constexpr, PDL: tl.constexpr):
+def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
+                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCKS: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slices = tl.arange(0, SLICES)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    w_rows = w_ptr + rows64[:, None, None] * sw_n
-    sz_rows = rows64[:, None] * ss_n
-    acc = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
-    num_words = K // 8
-    for k0 in range(0, K, 8 * WORDS * SLICES):
-        slice_start = k0 + slices * (8 * WORDS)  # [SLICES] first input column of each slice
-        word = (slice_start // 8)[:, None] + tl.arange(0, WORDS)[None, :]  # [SLICES, WORDS]
-        word_ok = word < num_words
-        packed = tl.load(w_rows + word[None, :, :], mask=row_ok[:, None, None] & word_ok[None, :, :], other=0)
-        sz_ok = row_ok[:, None] & (slice_start < K)[None, :]
-        group = (slice_start // GROUP_SIZE)[None, :]
-        s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)  # [BLOCK_N, SLICES]
-        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)
-        dot = tl.zeros([BLOCK_N, SLICES, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([SLICES, WORDS], dtype=tl.float32)
-        for i in tl.static_range(8):
-            x_i = tl.load(x_ptr + 8 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-            q_i = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-            dot += q_i * x_i[None, :, :]
-            x_sum += x_i
-        acc += s[:, :, None] * (dot - z[:, :, None] * x_sum[None, :, :])
+    WORDS: tl.constexpr = BLOCK_K // 8
+    rows_a = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)
+    rows_b = rows_a + BLOCK_N
+    ok_a, ok_b = rows_a < N, rows_b < N
+    words_a = w_ptr + rows_a.to(tl.int64)[:, None, None] * sw_n
+    words_b = w_ptr + rows_b.to(tl.int64)[:, None, None] * sw_n
+    sz_a = rows_a.to(tl.int64)[:, None] * ss_n
+    sz_b = rows_b.to(tl.int64)[:, None] * ss_n
+    acc_a = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+    j = tl.arange(0, WORDS)
+    exponent = tl.full([BLOCK_N, BLOCKS, WORDS], 0x4B000000, tl.int32)
+    for b0 in range(0, num_blocks, BLOCKS):
+        block = b0 + tl.arange(0, BLOCKS)
+        block_ok = block < num_blocks
+        word = (block[:, None] * WORDS + j[None, :])[None, :, :]
+        word_ok = block_ok[None, :, None]
+        packed_a = tl.load(words_a + word, mask=ok_a[:, None, None] & word_ok, other=0)
+        packed_b = tl.load(words_b + word, mask=ok_b[:, None, None] & word_ok, other=0)
+        group = ((block * BLOCK_K) // GROUP_SIZE)[None, :]
+        sz_ok_a, sz_ok_b = ok_a[:, None] & block_ok[None, :], ok_b[:, None] & block_ok[None, :]
+        z_a = tl.load(z_ptr + sz_a + group, mask=sz_ok_a, other=0).to(tl.float32)[:, :, None]
+        z_b = tl.load(z_ptr + sz_b + group, mask=sz_ok_b, other=0).to(tl.float32)[:, :, None]
+        high_a, high_b = packed_a >> 16, packed_b >> 16
+        column = block[:, None] * BLOCK_K + j[None, :]
+        dot_a = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+        dot_b = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+        for i in tl.static_range(4):
+            unshift = 1.0 / (16.0 ** i)  # a power of two: exact
+            lo = column + i * WORDS
+            hi = column + (i + 4) * WORDS
+            x_lo = (tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32) * unshift)[None, :, :]
+            x_hi = (tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32) * unshift)[None, :, :]
+            mask = tl.full([BLOCK_N, BLOCKS, WORDS], 0xF << (4 * i), tl.int32)
+            bias_a = z_a * (16.0 ** i) + 8388608.0
+            bias_b = z_b * (16.0 ** i) + 8388608.0
+            if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
+                q_a_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed_a, mask, exponent], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+                q_a_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high_a, mask, exponent], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+                q_b_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed_b, mask, exponent], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+                q_b_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high_b, mask, exponent], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+            else:  # the interpreter runs no PTX
+                q_a_lo, q_a_hi = (packed_a & mask) | exponent, (high_a & mask) | exponent
+                q_b_lo, q_b_hi = (packed_b & mask) | exponent, (high_b & mask) | exponent
+            dot_a += (q_a_lo.to(tl.float32, bitcast=True) - bias_a) * x_lo
+            dot_a += (q_a_hi.to(tl.float32, bitcast=True) - bias_a) * x_hi
+            dot_b += (q_b_lo.to(tl.float32, bitcast=True) - bias_b) * x_lo
+            dot_b += (q_b_hi.to(tl.float32, bitcast=True) - bias_b) * x_hi
+        s_a = tl.load(s_ptr + sz_a + group, mask=sz_ok_a, other=0.0).to(tl.float32)[:, :, None]
+        s_b = tl.load(s_ptr + sz_b + group, mask=sz_ok_b, other=0.0).to(tl.float32)[:, :, None]
+        acc_a += s_a * dot_a
+        acc_b += s_b * dot_b
     if PDL:
         gdc_launch_dependents()
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(out_ptr + rows_a, tl.sum(tl.sum(acc_a, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=ok_a)
+    tl.store(out_ptr + rows_b, tl.sum(tl.sum(acc_b, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=ok_b)
 
 
 # Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
@@ -281,12 +369,12 @@ def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
 
 
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """8 rows per program, 2 warps, 512 bytes of each row per chunk: slices of one group's words (at most 32 words
-    = 256 columns; group_size == K is a single group, so any slice lies in it), as many as make 128 words. Best
-    or within 2% of the best of 39 tiles on every Llama-3-8B projection on an H100 (perf/tune_quant_gemv.py;
-    batch-1 decode 176.8 -> 252.2 tok/s against the one-slice, up-to-64-row tiles before)."""
-    words = (256 if group_size == K else min(group_size, 256)) // 8
-    return dict(BLOCK_N=8, WORDS=words, SLICES=max(1, 128 // words), num_warps=2)
+    """Two tiles of BLOCK_N rows per program over BLOCKS planar blocks: 16 rows x 4 blocks x 4 warps for wide
+    products (gate_up), 8 x 8 x 8 warps otherwise. Best of 18 tiles on gate_up and qkv, within 1% of it on down
+    and o, on an H100 timed from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json)."""
+    if N >= 16384:
+        return dict(BLOCK_N=16, BLOCKS=4, num_warps=4)
+    return dict(BLOCK_N=8, BLOCKS=8, num_warps=8)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
@@ -410,8 +498,8 @@ W4_JOIN_TILES = {
 
 
 def w4_block_k_limit(K: int, group_size: int) -> int:
-    """A K tile must lie in one group (one scale and zero point per row): at most 128, at most the group."""
-    return 128 if group_size >= 128 or group_size == K else group_size
+    """The INT4 K tile: one planar block (at most 128 columns, and never two groups)."""
+    return planar_block(K, group_size)
 
 
 def split_k(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -487,71 +575,80 @@ def _shared_strides(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Te
     return scales, zeros
 
 
-def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+def dequantize_int4_triton(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, K: int,
                            dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense [N, K] weight in `dtype` ((q - z) * s computed in fp32, rounded once), into `out` when given (any [N, K]
-    tensor with unit stride along K). Same values as dequantize_int4(...).to(dtype)."""
+    """Dense [N, K] weight in `dtype` from group-planar words ((q - z) * s computed in fp32, rounded once), into
+    `out` when given (any [N, K] tensor with unit stride along K). Same values as dequantize_int4(...).to(dtype)."""
     import triton
 
-    N, K = qweight.shape[0], qweight.shape[1] * 2
+    N = words.shape[0]
     check_group_size(K, group_size)
     if out is None:
-        out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+        out = torch.empty(N, K, dtype=dtype, device=words.device)
     scales, zeros = _shared_strides(scales, zeros)
-    block_n, block_k = 32, w4_block_k_limit(K, group_size)
+    block_n, block_k = 32, planar_block(K, group_size)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _dequantize_int4_kernel[grid](qweight, scales, zeros, out, N, K, qweight.stride(0), scales.stride(0),
+    _dequantize_int4_kernel[grid](words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
                                   out.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
                                   num_warps=4)
     return out
 
 
-def _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size: int) -> torch.Tensor | None:
+def _w4a16_dequant_matmul(x2, words, scales, zeros, group_size: int) -> torch.Tensor | None:
     """Dequantize into the shared scratch, then cuBLAS; None when no scratch can be had (inside a CUDA-graph
     capture that needs a larger buffer than exists)."""
-    N, K = qweight.shape[0], qweight.shape[1] * 2
+    N, K = words.shape[0], x2.shape[1]
     scratch = _DEQUANT_SCRATCH.take(N * K, x2.dtype, x2.device)
     if scratch is None:
         return None
-    weight = dequantize_int4_triton(qweight, scales, zeros, group_size, x2.dtype, out=scratch.view(N, K))
+    weight = dequantize_int4_triton(words, scales, zeros, group_size, K, x2.dtype, out=scratch.view(N, K))
     return torch.nn.functional.linear(x2, weight)
 
 
-def _w4a16_tiled(x2, qweight, scales, zeros, group_size: int, plan: dict | None) -> torch.Tensor:
-    N, K = qweight.shape[0], qweight.shape[1] * 2
+def _w4a16_tiled(x2, words, scales, zeros, group_size: int, plan: dict | None) -> torch.Tensor:
+    N, K = words.shape[0], x2.shape[1]
     plan = plan or w4_join_plan(x2.shape[0], N, K, group_size, x2.device)
-    if plan["BLOCK_K"] > w4_block_k_limit(K, group_size):
-        raise ValueError(f"BLOCK_K {plan['BLOCK_K']} straddles groups of {group_size} (K {K}): at most "
-                         f"{w4_block_k_limit(K, group_size)}")
+    if plan["BLOCK_K"] != planar_block(K, group_size):
+        raise ValueError(f"BLOCK_K {plan['BLOCK_K']} must be the planar block of K {K} and group {group_size}: "
+                         f"{planar_block(K, group_size)}")
     scales, zeros = _shared_strides(scales, zeros)
-    args = (qweight, scales, zeros, (qweight.stride(0), scales.stride(0)))
+    args = (words, scales, zeros, (words.stride(0), scales.stride(0)))
     return _launch(_w4a16_join_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
 
 
 W4_PATHS = ("auto", "join", "dequant")
 
 
-def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        group_size: int, path: str = "auto", plan: dict | None = None) -> torch.Tensor:
-    """Same contract as w4a16_matmul_ref. group_size: a power of two >= 32, or K itself.
+def _check_planar(words: torch.Tensor, K: int, group_size: int) -> None:
+    block = planar_block(K, group_size)
+    want = -(-K // block) * block // 8
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != want or words.stride(1) != 1:
+        raise ValueError(f"INT4 kernels take group-planar int32 words [N, {want}] for K {K} and group {group_size} "
+                         f"(to_planar_int4); got {words.dtype} {tuple(words.shape)}")
 
-    path "auto": one row (K a multiple of 8, contiguous qweight) takes the GEMV, M >= DEQUANT_MIN_M dequantize +
-    cuBLAS, the rest the join kernel. "join" and "dequant" force one path (for tuning and tests); `plan`
-    overrides the join kernel's launch (w4_join_plan's keys), and a plan's BLOCK_K must not exceed
-    w4_block_k_limit."""
+
+def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int, path: str = "auto", plan: dict | None = None) -> torch.Tensor:
+    """w4a16_matmul_ref's product with the weight as group-planar words (to_planar_int4 of its qweight).
+    group_size: a power of two >= 32, or K itself.
+
+    path "auto": one row takes the GEMV, M >= DEQUANT_MIN_M dequantize + cuBLAS, the rest the join kernel. "join"
+    and "dequant" force one path (for tuning and tests); `plan` overrides the join kernel's launch (w4_join_plan's
+    keys), and a plan's BLOCK_K must be the planar block (w4_block_k_limit)."""
     if path not in W4_PATHS:
         raise ValueError(f"path must be one of {W4_PATHS}, got {path!r}")
-    N, K = qweight.shape[0], qweight.shape[1] * 2
+    N, K = words.shape[0], x.shape[-1]
     check_group_size(K, group_size)
+    _check_planar(words, K, group_size)
     x2 = _rows(x)
     M = x2.shape[0]
-    if path == "auto" and M == 1 and K % 8 == 0 and qweight.is_contiguous():
-        return w4a16_gemv_triton(x2, qweight, scales, zeros, group_size).view(*x.shape[:-1], N)
+    if path == "auto" and M == 1:
+        return w4a16_gemv_triton(x2, words, scales, zeros, group_size).view(*x.shape[:-1], N)
     out = None
     if path == "dequant" or (path == "auto" and M >= DEQUANT_MIN_M):
-        out = _w4a16_dequant_matmul(x2, qweight, scales, zeros, group_size)
+        out = _w4a16_dequant_matmul(x2, words, scales, zeros, group_size)
     if out is None:
-        out = _w4a16_tiled(x2, qweight, scales, zeros, group_size, plan)
+        out = _w4a16_tiled(x2, words, scales, zeros, group_size, plan)
     return out.view(*x.shape[:-1], N)
 
 
@@ -574,24 +671,23 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out
 
 
-def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, tile: dict | None = None) -> torch.Tensor:
-    """x [1, K] -> [1, N]; same contract as w4a16_matmul_ref for one row. K must be a multiple of 8 (whole int32
-    words per row); `tile` overrides w4_gemv_tile (for tuning)."""
+    """x [1, K] -> [1, N] over group-planar words; `tile` overrides w4_gemv_tile (for tuning)."""
     import triton
 
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    if x.shape != (1, K) or K % 8 or not qweight.is_contiguous():
-        raise ValueError(f"w4a16_gemv_triton needs x [1, {K}], K a multiple of 8 and a contiguous qweight; "
-                         f"got x {tuple(x.shape)}, K {K}")
-    words = qweight.view(torch.int32)
+    N, K = words.shape[0], x.shape[-1]
+    _check_planar(words, K, group_size)
+    if x.shape != (1, K):
+        raise ValueError(f"w4a16_gemv_triton needs x [1, K]; got x {tuple(x.shape)}")
     scales, zeros = _shared_strides(scales, zeros)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
-    _w4a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
-        x.contiguous(), words, scales, zeros, out, N, K, words.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"], SLICES=tile.get("SLICES", 1),
-        num_warps=tile["num_warps"], **pdl_args(x.device))
+    block_k = planar_block(K, group_size)
+    _w4a16_gemv_kernel[(triton.cdiv(N, 2 * tile["BLOCK_N"]),)](
+        x.contiguous(), words, scales, zeros, out, N, K, triton.cdiv(K, block_k), words.stride(0), scales.stride(0),
+        GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
+        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 

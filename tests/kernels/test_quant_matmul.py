@@ -33,6 +33,21 @@ def test_pack_roundtrip():
     assert torch.equal(qm.unpack_int4(qm.pack_int4(q)), q)
 
 
+@pytest.mark.parametrize("K,group", [(256, 128), (576, 128), (96, 96), (256, 32), (192, 64), (1536, 1536)])
+def test_planar_layout(K, group):
+    # Word j of block b holds at nibble i the code of column b * B + i * B / 8 + j; columns past K are code 0.
+    q = torch.randint(0, 16, (3, K), dtype=torch.uint8)
+    words = qm.to_planar_int4(qm.pack_int4(q), group)
+    block = qm.planar_block(K, group)
+    assert words.dtype == torch.int32 and words.shape == (3, -(-K // block) * block // 8)
+    for column in (0, 1, K // 3 * 2, K - 1):
+        b, rest = divmod(column, block)
+        i, j = divmod(rest, block // 8)
+        word = int(words[1, b * block // 8 + j]) & 0xFFFFFFFF
+        assert (word >> (4 * i)) & 0xF == q[1, column]
+    assert torch.equal(qm.from_planar_int4(words, K, group), qm.pack_int4(q))
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("M,N,K,group", SHAPES)
 def test_w8a16(M, N, K, group, dtype, atol, rtol, device):
@@ -49,7 +64,7 @@ def test_w8a16(M, N, K, group, dtype, atol, rtol, device):
 def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group)
     want = qm.w4a16_matmul_ref(x.float(), qweight, scales, zeros, group)
     torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
@@ -65,21 +80,21 @@ GEMV_SHAPES = [(37, 576, 128), (8, 1024, 32), (130, 1536, 64), (16, 96, 96)] + \
 def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device).to(dtype) / K ** 0.5
-    got = qm.w4a16_gemv_triton(x, qweight, scales, zeros, group)
+    words = qm.to_planar_int4(qweight, group)
+    got = qm.w4a16_gemv_triton(x, words, scales, zeros, group)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
-    torch.testing.assert_close(qm.w4a16_matmul_triton(x, qweight, scales, zeros, group), got)  # the dispatch
+    torch.testing.assert_close(qm.w4a16_matmul_triton(x, words, scales, zeros, group), got)  # the dispatch
 
 
-@pytest.mark.parametrize("slices", [2, 4])
+@pytest.mark.parametrize("tile", [dict(BLOCK_N=4, BLOCKS=2, num_warps=2), dict(BLOCK_N=16, BLOCKS=4, num_warps=4)])
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_several_groups_per_chunk(N, K, group, slices, device):
-    # Chunks of several slices: slices past K (576 = 4.5 slices of 128), a chunk spanning groups whose scales
-    # and zero points differ per slice, and group == K (every slice reads group 0).
+def test_w4a16_gemv_tiles(N, K, group, tile, device):
+    # Tiles of several blocks: blocks past K (576 = 4.5 blocks of 128, the last one padded), blocks past the last
+    # (BLOCKS does not divide their count), blocks in different groups, and group == K (every block in group 0).
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
-    tile = dict(qm.w4_gemv_tile(N, K, group, x.device), SLICES=slices)
-    got = qm.w4a16_gemv_triton(x, qweight, scales, zeros, group, tile=tile)
+    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, tile=tile)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
@@ -135,7 +150,7 @@ def test_w4a16_batched_input_and_per_channel_group(device):
     # Leading batch dims are flattened; group_size == K is one group per row (AutoGPTQ's group_size -1).
     qweight, scales, zeros = random_int4(48, 96, 96, device)
     x = torch.randn(2, 3, 96, device=device)
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, 96)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, 96), scales, zeros, 96)
     want = qm.w4a16_matmul_ref(x, qweight, scales, zeros, 96)
     # on the GPU tl.dot takes fp32 inputs as TF32 (10-bit mantissa): failed at 1e-4 on an H100, as it should
     tolerance = 2e-3 if got.is_cuda else 1e-4
@@ -168,7 +183,7 @@ DEQUANT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU el
 def test_dequantize_int4_triton_is_exact(N, K, group, dtype, device):
     # Both sides compute (q - z) * s in float32 and round once, so they must agree bit for bit.
     qweight, scales, zeros = random_int4(N, K, group, device)
-    got = qm.dequantize_int4_triton(qweight, scales, zeros, group, dtype)
+    got = qm.dequantize_int4_triton(qm.to_planar_int4(qweight, group), scales, zeros, group, K, dtype)
     assert got.dtype == dtype and got.shape == (N, K)
     assert torch.equal(got, qm.dequantize_int4(qweight, scales, zeros, group).to(dtype))
 
@@ -177,7 +192,8 @@ def test_dequantize_int4_triton_into_a_strided_view(device):
     # The scratch path writes into a view: rows of a wider buffer stay untouched past K.
     qweight, scales, zeros = random_int4(24, 256, 64, device)
     buffer = torch.full((24, 300), 7.0, device=device)
-    qm.dequantize_int4_triton(qweight, scales, zeros, 64, torch.float32, out=buffer[:, :256])
+    qm.dequantize_int4_triton(qm.to_planar_int4(qweight, 64), scales, zeros, 64, 256, torch.float32,
+                              out=buffer[:, :256])
     assert torch.equal(buffer[:, :256], qm.dequantize_int4(qweight, scales, zeros, 64))
     assert bool((buffer[:, 256:] == 7.0).all())
 
@@ -199,17 +215,17 @@ if ON_GPU:
 def test_w4a16_forced_path(path, M, N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group, path=path)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, path=path)
     want = float64_product(x, qweight, scales, zeros, group)
     assert got.dtype == dtype and got.shape == (M, N)
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
-# Join-kernel plans off the default: wide column tiles, a 64-deep K tile, a split that leaves the last program a
+# Join-kernel plans off the default: wide column tiles, narrow ones, splits that leave the last program a
 # partial K range.
-JOIN_PLANS = [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, split=3, GROUP_M=8, num_warps=4, num_stages=3),
+JOIN_PLANS = [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, split=3, GROUP_M=8, num_warps=4, num_stages=3),
               dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, split=1, GROUP_M=8, num_warps=4, num_stages=4),
-              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split=5, GROUP_M=1, num_warps=4, num_stages=4)]
+              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, split=5, GROUP_M=1, num_warps=4, num_stages=4)]
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
@@ -218,7 +234,7 @@ def test_w4a16_join_plans(plan, dtype, atol, rtol, device):
     M, N, K, group = 21, 150, 736, 128  # K = 5.75 groups; split 3 of 64-wide tiles: 256 + 256 + 224 columns
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group, path="join", plan=plan)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, path="join", plan=plan)
     want = float64_product(x, qweight, scales, zeros, group)
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
@@ -226,8 +242,8 @@ def test_w4a16_join_plans(plan, dtype, atol, rtol, device):
 def test_plan_whose_k_tile_straddles_groups_is_refused(device):
     qweight, scales, zeros = random_int4(16, 256, 32, device)
     with pytest.raises(ValueError, match="BLOCK_K"):
-        qm.w4a16_matmul_triton(torch.randn(4, 256, device=device), qweight, scales, zeros, 32, path="join",
-                               plan=JOIN_PLANS[0])
+        qm.w4a16_matmul_triton(torch.randn(4, 256, device=device), qm.to_planar_int4(qweight, 32), scales, zeros,
+                               32, path="join", plan=JOIN_PLANS[0])
 
 
 def test_auto_path_by_row_count(monkeypatch, device):
@@ -236,8 +252,9 @@ def test_auto_path_by_row_count(monkeypatch, device):
     real_tiled = qm._w4a16_tiled
     monkeypatch.setattr(qm, "_w4a16_tiled", lambda *a: taken.append("join") or real_tiled(*a))
     qweight, scales, zeros = random_int4(32, 128, 128, device)
+    words = qm.to_planar_int4(qweight, 128)
     for rows in (2, qm.DEQUANT_MIN_M - 1, qm.DEQUANT_MIN_M):
-        qm.w4a16_matmul_triton(torch.randn(rows, 128, device=device), qweight, scales, zeros, 128)
+        qm.w4a16_matmul_triton(torch.randn(rows, 128, device=device), words, scales, zeros, 128)
     assert taken == ["join", "join", "dequant", "join"]
 
 
@@ -291,15 +308,35 @@ def test_large_m_inside_capture_falls_back_to_the_tiled_kernel(scratch, dtype, a
     cache, capture = scratch
     M, N, K, group = qm.DEQUANT_MIN_M + 3, 48, 192, 64
     qweight, scales, zeros = random_int4(N, K, group, device)
+    words = qm.to_planar_int4(qweight, group)
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
     want = float64_product(x, qweight, scales, zeros, group)
     capture["on"] = True
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    got = qm.w4a16_matmul_triton(x, words, scales, zeros, group)
     assert cache.nbytes() == 0  # nothing allocated: the tiled kernel ran
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
     capture["on"] = False
-    qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)  # eager (warm-up): the scratch appears
+    qm.w4a16_matmul_triton(x, words, scales, zeros, group)  # eager (warm-up): the scratch appears
     capture["on"] = True
-    got = qm.w4a16_matmul_triton(x, qweight, scales, zeros, group)
+    got = qm.w4a16_matmul_triton(x, words, scales, zeros, group)
     assert cache.nbytes() == N * K * x.element_size()
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
+    # The layer loads packed pairs (the checkpoint's layout); its first Triton forward repacks them in place into
+    # group-planar words, and the product stays the reference's.
+    from backend.engine.quantization.layers import Int4WeightOnlyLinear
+
+    layer = Int4WeightOnlyLinear(576, 40, use_triton=True, device=device, group_size=128)
+    reference = Int4WeightOnlyLinear(576, 40, use_triton=False, device=device, group_size=128)
+    weight = torch.randn(40, 576, device=device) / 24
+    layer.set_float_weight(weight)
+    reference.set_float_weight(weight)
+    x = torch.randn(3, 576, device=device) / 24
+    want = reference(x)
+    tol = 5e-3 if ON_GPU else 1e-4  # the GPU's float32 tl.dot multiplies in TF32
+    for rows in (x, x[:1]):  # the join kernel, then the GEMV, on the same repacked words
+        torch.testing.assert_close(layer(rows), want[:rows.shape[0]], atol=tol * want.abs().max().item(), rtol=tol)
+    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (40, 5 * 16)
+    assert torch.equal(qm.from_planar_int4(layer.qweight, 576, 128), reference.qweight)

@@ -73,12 +73,24 @@ class Int4WeightOnlyLinear(QuantLinear):
         self.qzeros = _frozen((out_features, groups), torch.uint8, device)
 
     def matmul(self, x):
-        fn = qm.w4a16_matmul_triton if self.use_triton else qm.w4a16_matmul_ref
-        return fn(x, self.qweight, self.scales, self.qzeros, self.group_size)
+        if not self.use_triton:
+            return qm.w4a16_matmul_ref(x, self.qweight, self.scales, self.qzeros, self.group_size)
+        return qm.w4a16_matmul_triton(x, self.planar_words(), self.scales, self.qzeros, self.group_size)
+
+    def planar_words(self) -> torch.Tensor:
+        """qweight in the kernels' layout (qm.to_planar_int4). The packed pairs that load_weights fills are
+        repacked in place at the first Triton forward (warmup runs one before any CUDA-graph capture), so the
+        weight is held once; qweight's dtype tells the two apart (uint8 pairs, int32 planar words)."""
+        if self.qweight.dtype == torch.uint8:
+            if qm._capturing(self.qweight.device):
+                raise RuntimeError("Int4WeightOnlyLinear: run one forward (quantization.layers.warmup) before "
+                                   "capturing a CUDA graph; the weights are repacked on the first one")
+            self.qweight.data = qm.to_planar_int4(self.qweight.data, self.group_size)
+        return self.qweight
 
     def set_float_weight(self, weight: torch.Tensor) -> None:
         q, s, z = rtn.quantize_int4(weight, self.group_size)
-        self.qweight.data.copy_(qm.pack_int4(q))
+        self.qweight.data = qm.pack_int4(q).to(self.scales.device)
         self.scales.data.copy_(s)
         self.qzeros.data.copy_(z)
 
@@ -192,6 +204,8 @@ def warmup(model: nn.Module, max_rows: int = 256) -> None:
     for module in model.modules():
         if not isinstance(module, QuantLinear) or not module.use_triton:
             continue
+        if isinstance(module, Int4WeightOnlyLinear):
+            module.planar_words()  # every layer, not only the first of each shape
         key = (type(module), module.in_features, module.out_features, getattr(module, "group_size", 0))
         if key in seen:
             continue
