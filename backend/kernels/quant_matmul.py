@@ -47,12 +47,13 @@ def to_planar_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = codes.shape
     block = planar_block(K, group_size)
     blocks = -(-K // block)
-    padded = torch.zeros(N, blocks * block, dtype=torch.int64, device=codes.device)
+    padded = torch.zeros(N, blocks * block, dtype=torch.uint8, device=codes.device)
     padded[:, :K] = codes
     planes = padded.view(N, blocks, 8, block // 8)
-    words = sum(planes[:, :, i, :] << (4 * i) for i in range(8))
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # bit pattern as a signed int32
-    return words.to(torch.int32).reshape(N, blocks * block // 8)
+    words = torch.zeros(N, blocks, block // 8, dtype=torch.int32, device=codes.device)
+    for i in range(8):  # int32 shifts wrap: nibble 7 lands in the sign bit, as the kernels read it
+        words |= planes[:, :, i, :].to(torch.int32) << (4 * i)
+    return words.reshape(N, blocks * block // 8)
 
 
 def from_planar_int4(words: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
