@@ -32,7 +32,7 @@ ROWS = (2, 16, 64, 128, 256, 2048)
 # CPU smoke: K = 576 ends in a short group; 130 rows cross DEQUANT_MIN_M
 SMOKE_LINEARS = [("tiny_a", 96, 256), ("tiny_b", 72, 576)]
 SMOKE_ROWS = (2, 16, 130)
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def time_us(fn, rep_ms: int) -> float:
@@ -56,8 +56,8 @@ def row_tiles(M: int) -> list[int]:
     return fitting[-2:]
 
 
-def join_plan(M: int, N: int, K: int, device, block_m: int, block_n: int, block_k: int, stages: int) -> dict:
-    block_k = min(block_k, qm.w4_block_k_limit(K, GROUP))
+def join_plan(M: int, N: int, K: int, device, block_m: int, block_n: int, stages: int) -> dict:
+    block_k = qm.planar_block(K, GROUP)  # the join kernel's K tile is one planar block
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                 num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
                 split=qm.split_k(M, N, K, block_m, block_n, block_k, device))
@@ -96,13 +96,14 @@ def quantized_weight(N: int, K: int, device, dtype) -> dict:
 
 
 def join_sweep(case: Case, smoke: bool) -> list[dict]:
-    """Column x K tiles at 3 stages per row tile, then 4 stages for the two fastest of them."""
+    """Column tiles at 3 stages per row tile, then 4 stages for the two fastest of them (the K tile is the planar
+    block)."""
     M, N, K = case.M, case.N, case.K
     device = case.x.device
-    grid = [(64, 128)] if smoke else [(n, 128) for n in (64, 128, 256)]  # the K tile is the planar block
+    column_tiles = [64] if smoke else [64, 128, 256]
     rows = []
     for block_m in row_tiles(M):
-        first = [join_plan(M, N, K, device, block_m, n, k, 3) for n, k in grid]
+        first = [join_plan(M, N, K, device, block_m, n, 3) for n in column_tiles]
         timed = [dict(plan, **case.measure(case.product("join", plan))) for plan in first]
         rows += timed
         fastest = sorted((r for r in timed if "us" in r), key=lambda r: r["us"])[:1 if smoke else 2]
@@ -170,7 +171,7 @@ def suggest_threshold(results: dict, rows: tuple) -> int | None:
 
 def print_table(results: dict) -> None:
     print(f"\n{'shape':8s} {'M':>5s} {'cuBLAS':>8s} {'join':>8s} {'join*':>8s} {'deq+mm':>8s} "
-          f"{'deq':>7s} {'auto/bf16':>9s}  best join plan (M,N,K,warps,stages,split)  max rel err")
+          f"{'deq':>7s} {'auto/bf16':>9s}  best join plan (M,N,warps,stages,split)  max rel err")
     for r in results.values():
         auto = r["dequant_cublas"] if r["M"] >= qm.DEQUANT_MIN_M else r["join_default"]
         best = r["join_best"] or {}

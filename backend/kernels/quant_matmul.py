@@ -488,19 +488,15 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 # backend/engine/cuda_graphs.py fall on this side, see _DequantScratch).
 DEQUANT_MIN_M = 128
 
-# Join-kernel tiles per row bucket (largest M of the bucket -> tile); split-K is derived per shape in w4_join_plan.
+# Join-kernel tiles per row bucket (largest M of the bucket -> tile); the K tile is the planar block and split-K is
+# derived per shape in w4_join_plan.
 # perf/tune_w4_matmul.py prints the plan with the lowest mean cost over the 8B projections per M in this form
 # (within 1-12% of each shape's best, perf/results/h100-tune_w4_matmul.json).
 W4_JOIN_TILES = {
-    SMALL_M: dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
-    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
-    DEQUANT_MIN_M - 1: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    SMALL_M: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    DEQUANT_MIN_M - 1: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
-
-
-def w4_block_k_limit(K: int, group_size: int) -> int:
-    """The INT4 K tile: one planar block (at most 128 columns, and never two groups)."""
-    return planar_block(K, group_size)
 
 
 def split_k(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -517,7 +513,7 @@ def w4_join_plan(M: int, N: int, K: int, group_size: int, device: torch.device) 
     beyond it), the K tile capped by the group, split-K per split_k. Depends on shapes only (CUDA-graph safe)."""
     bucket = next((top for top in sorted(W4_JOIN_TILES) if M <= top), max(W4_JOIN_TILES))
     tile = dict(W4_JOIN_TILES[bucket])
-    tile["BLOCK_K"] = min(tile["BLOCK_K"], w4_block_k_limit(K, group_size))
+    tile["BLOCK_K"] = planar_block(K, group_size)
     split = split_k(M, N, K, tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], device)
     return dict(tile, split=split, GROUP_M=8)
 
@@ -635,16 +631,16 @@ def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tens
 
     path "auto": one row takes the GEMV, M >= DEQUANT_MIN_M dequantize + cuBLAS, the rest the join kernel. "join"
     and "dequant" force one path (for tuning and tests); `plan` overrides the join kernel's launch (w4_join_plan's
-    keys), and a plan's BLOCK_K must be the planar block (w4_block_k_limit)."""
+    keys), and a plan's BLOCK_K must be the planar block (planar_block)."""
     if path not in W4_PATHS:
         raise ValueError(f"path must be one of {W4_PATHS}, got {path!r}")
     N, K = words.shape[0], x.shape[-1]
     check_group_size(K, group_size)
-    _check_planar(words, K, group_size)
     x2 = _rows(x)
     M = x2.shape[0]
-    if path == "auto" and M == 1:
+    if path == "auto" and M == 1:  # the GEMV checks the words itself
         return w4a16_gemv_triton(x2, words, scales, zeros, group_size).view(*x.shape[:-1], N)
+    _check_planar(words, K, group_size)
     out = None
     if path == "dequant" or (path == "auto" and M >= DEQUANT_MIN_M):
         out = _w4a16_dequant_matmul(x2, words, scales, zeros, group_size)
