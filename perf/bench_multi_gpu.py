@@ -4,6 +4,7 @@
     python3 perf/bench_multi_gpu.py decode --tp 2 --out tp2.json                # batch-1 decode tok/s, 8B shape
     python3 perf/bench_multi_gpu.py mixed --device-ids 0 --part 0/1 --out r.json  # mixed workload (share)
     python3 perf/bench_multi_gpu.py allreduce --tp 2 --out ar.json              # all-reduce latency in graphs
+    python3 perf/bench_multi_gpu.py dead-worker --tp 2 --out dw.json            # a worker killed mid-decode
     python3 perf/bench_multi_gpu.py ... --cpu-smoke                             # tiny shapes on CPU with gloo
 
 --custom-all-reduce on|off (equality, decode): EngineConfig.custom_all_reduce, the symmetric-memory all-reduce
@@ -131,6 +132,39 @@ def generate_tiny(args, tp: int, record: dict) -> list[list[int]]:
         return engine.generate(prompts, greedy(32))
     finally:
         engine.shutdown()
+
+
+def dead_worker(args, out: dict) -> None:
+    """A TP engine on the tiny checkpoint (on the GPU: the fused all-reduce + RMSNorm path) loses a worker to
+    SIGKILL in the middle of decoding: how long until a step raises WorkerDiedError, and how long the shutdown
+    takes. The parent's exit time (this process's) shows whether a kernel left waiting for the dead peer holds
+    the process up."""
+    import signal
+
+    from backend.engine.parallel.workers import WorkerDiedError
+
+    folder = tempfile.mkdtemp(prefix="tp-dead-")
+    from tests.tiny_models import make_tiny_checkpoint
+    make_tiny_checkpoint("llama", folder, num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
+                         intermediate_size=256, vocab_size=1000, seed=0)
+    engine = LLMEngine(EngineConfig(model=folder, device=args.device, dtype="float32", kv_cache_memory_mb=64,
+                                    max_num_seqs=8, tensor_parallel_size=int(args.tp)))
+    record_all_reduce_path(engine, out)
+    engine.add_request("long", random_prompts(1, 8, 8, 1000, seed=1)[0], greedy(100_000))
+    for _ in range(8):
+        engine.step()
+    os.kill(engine.runner.pool.pids[0], signal.SIGKILL)
+    start = time.perf_counter()
+    try:
+        while time.perf_counter() - start < 60:
+            engine.step()
+        out["failed_with"] = "nothing within 60 s"
+    except WorkerDiedError as exc:
+        out["failed_with"] = str(exc)[:200]
+    out["seconds_to_fail"] = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.shutdown()
+    out["shutdown_s"] = time.perf_counter() - start
 
 
 # ---- batch-1 decode on a real shape -------------------------------------------------------------------------
@@ -320,7 +354,7 @@ def wait_at_barrier(folder: str | None, index: int, parts: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["equality", "decode", "mixed", "allreduce", "allreduce-rank"])
+    parser.add_argument("what", choices=["equality", "decode", "mixed", "allreduce", "allreduce-rank", "dead-worker"])
     parser.add_argument("--tp", default="1", help="equality: a list (1,2,4); decode, allreduce: one size")
     parser.add_argument("--custom-all-reduce", default="on", choices=["on", "off"],
                         help="equality, decode: symmetric-memory all-reduce for small messages (on) or NCCL only")
@@ -348,7 +382,7 @@ def main() -> int:
            "shape": args.shape}
     try:
         {"equality": equality, "decode": decode, "mixed": mixed, "allreduce": allreduce,
-         "allreduce-rank": allreduce_rank}[args.what](args, out)
+         "allreduce-rank": allreduce_rank, "dead-worker": dead_worker}[args.what](args, out)
     except Exception as exc:  # the JSON records the failure; the shell script reports it in its table
         out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
         raise

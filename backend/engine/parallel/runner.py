@@ -8,8 +8,10 @@ and after any failure every later step fails at once: the ranks are no longer in
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -150,9 +152,16 @@ class DriverRunner(ModelRunner):
             except Exception as exc:
                 log.warning("could not tell the workers to stop: %s", exc)
                 healthy = False
-        self.pool.stop(graceful=healthy)
-        if not healthy:
-            self.parallel.abort()
+        if healthy:
+            # Leave the group while the workers leave it, graphs first (release_graphs says why): on 2x H200
+            # with the graphs alive, every rank's ProcessGroupNCCL.shutdown waited until it was killed, and
+            # rank 0 then aborted at interpreter exit (perf/RESULTS.md, issue 6, session 8).
+            self.release_graphs()
+            _destroy_in_background()
+            self.pool.stop(graceful=True)
+            return
+        self.pool.stop(graceful=False)
+        self.parallel.abort()
         _destroy_in_background()
 
 
@@ -177,7 +186,10 @@ def _destroy_in_background() -> None:
     thread.start()
     thread.join(DESTROY_WAIT_S)
     if thread.is_alive():
-        log.warning("torch.distributed did not shut down within %.0f s; continuing", DESTROY_WAIT_S)
+        frame = sys._current_frames().get(thread.ident)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+        log.warning("torch.distributed did not shut down within %.0f s; continuing. It waits in:\n%s",
+                    DESTROY_WAIT_S, where)
 
 
 def _destroy_quietly() -> None:

@@ -57,6 +57,7 @@ def serve(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         while (step := receive_step(group)) is not None:
             runner.forward_step(step)
+    runner.release_graphs()  # before leaving the group: NCCL's shutdown waits for graphs with its collectives
     group.destroy()
 
 
