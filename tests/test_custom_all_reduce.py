@@ -278,7 +278,7 @@ def test_two_cpu_ranks_fall_back_to_dist_all_reduce():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs >= 2 GPUs")
 @pytest.mark.parametrize("world", [2])
 def test_symmetric_memory_all_reduce_matches_nccl(world, monkeypatch):
-    monkeypatch.setenv("TRITIUM_AR_NORM", "1")  # the fused all-reduce + RMSNorm is opt-in; the ranks inherit it
+    monkeypatch.delenv("TRITIUM_AR_NORM", raising=False)  # the fused all-reduce + RMSNorm is on by default
     results = launch_ranks(world, ["--device", "cuda"])
     if os.environ.get("TRITIUM_AR_TEST_JSON"):  # perf/gpu_tp_allreduce.sh keeps every check's numbers
         with open(os.environ["TRITIUM_AR_TEST_JSON"], "w") as f:

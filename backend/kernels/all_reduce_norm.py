@@ -12,10 +12,15 @@ Buffers (each rank's, mapped by every rank through symmetric memory): [3 slots, 
 16-bit words. Row r's n-th call uses slot n % 3 (each rank counts its calls per row in `epochs`, and every rank
 makes the same calls) and re-marks slot (n + 2) % 3 empty: that slot was read in call n - 1, and no rank can
 write it again before call n + 2, which needs this rank's push of call n + 1. The ranks sum in rank order, so
-every rank gets the same bits. A rank whose peer never pushes waits here forever (no timeout yet), which is one
-reason the path is opt-in (custom_all_reduce._allocate_norm).
+every rank gets the same bits. A rank whose peer never pushes (a dead or stuck worker) waits timeout_s (the
+group's collective timeout, after which NCCL's watchdog would give up too), then traps: the kernel never returns
+a wrong row, and a trapped context fails every later CUDA call of the process loudly. (A dead worker has normally
+failed the engine long before, through the driver's watch of its processes: parallel/runner.py.) The peers'
+buffers are passed as bare addresses (DevicePointer).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,6 +30,28 @@ EMPTY = -32768  # int16 bits of -0.0 in bf16 and fp16: a slot element not writte
 EMPTY32 = -2147450880
 SLOTS = 3
 MAX_WORLD = 8
+DEFAULT_TIMEOUT_S = 300.0  # the tensor-parallel group's default (parallel/group.py): a cold rank may compile long
+
+
+class DevicePointer:
+    """A device address as a Triton pointer argument (Triton takes any object with data_ptr() and a dtype, and
+    specializes on its 16-byte alignment like a tensor's). The peers' buffers reach the kernel this way, from the
+    symmetric-memory handle's buffer_ptrs: the kernel needs only their addresses, not tensors over them."""
+
+    __slots__ = ("address", "dtype")
+
+    def __init__(self, address: int, dtype: torch.dtype):
+        self.address, self.dtype = address, dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _words(buffer, dtype: torch.dtype):
+    """`buffer` (a tensor, or a DevicePointer) as a pointer to `dtype` words."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer.view(dtype)
+    return DevicePointer(buffer.data_ptr(), dtype)
 
 
 def all_reduce_rms_norm_ref(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
@@ -52,10 +79,10 @@ from backend.kernels._pdl import pdl_args
 
 @lazy_jit
 def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_ptr, epoch_ptr,
-                                p0, p1, p2, p3, p4, p5, p6, p7, rank, hidden, eps,
+                                p0, p1, p2, p3, p4, p5, p6, p7, rank, hidden, eps, timeout_ns,
                                 x_stride, res_stride, out_stride, sum_stride,
                                 WORLD: tl.constexpr, MAX_ROWS: tl.constexpr, ROW_STRIDE: tl.constexpr,
-                                BLOCK: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
+                                BLOCK: tl.constexpr, WIDE: tl.constexpr, TIMEOUT: tl.constexpr, PDL: tl.constexpr):
     # One program per row. p0..p7: rank r's buffer as mapped here (p_r for r >= WORLD is never touched), as
     # int16 words (WIDE: int32 words, for float32 rows); ROW_STRIDE counts those words. Eight pointer arguments
     # rather than a table of addresses: Triton knows arguments are 16-byte aligned, so the pushes over NVLink are
@@ -97,9 +124,18 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
         src = local_ptr + ((slot * WORLD + r) * MAX_ROWS + row) * ROW_STRIDE + cols
         got = tl.load(src, mask=mask, other=0, volatile=True)
         pending = tl.sum(((got == empty) & mask).to(tl.int32), axis=0)
+        if TIMEOUT:  # the interpreter runs no PTX
+            start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [rank], dtype=tl.int64,
+                                              is_pure=False, pack=1)
         while pending > 0:  # rank r's row has not all landed yet
             got = tl.load(src, mask=mask, other=0, volatile=True)
             pending = tl.sum(((got == empty) & mask).to(tl.int32), axis=0)
+            if TIMEOUT:
+                now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [rank], dtype=tl.int64,
+                                                is_pure=False, pack=1)
+                if (pending > 0) & (now - start > timeout_ns):  # the peer is gone: never return its row wrong
+                    tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r,r", [rank], dtype=tl.int32,
+                                              is_pure=False, pack=1)
         total += got.to(x.dtype, bitcast=True).to(tl.float32)
     # as _rms_norm_kernel: the sum rounded to the model's dtype, the residual added and rounded, then the norm
     h = (total.to(x.dtype).to(tl.float32) + tl.load(res_ptr + row * res_stride + cols, mask=mask,
@@ -116,20 +152,22 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
 
 
 def all_reduce_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                               buffers: list[torch.Tensor], rank: int, epochs: torch.Tensor, max_rows: int,
-                               row_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+                               buffers: list, rank: int, epochs: torch.Tensor, max_rows: int, row_stride: int,
+                               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [rows, hidden] (unit stride along hidden; bf16, fp16 or fp32), this rank's partial sums and
     the residual stream -> (normed, summed) as all_reduce_rms_norm_ref over every rank's x. buffers[r]: rank r's
-    int16 buffer as mapped here ([SLOTS * world * max_rows * row_stride], all EMPTY before the first call; a
-    float32 row takes two words per element, so at most row_stride / 2 of them); epochs: int32 [max_rows], this
-    rank's call count per row. Every rank must make the same calls, or the others wait for it forever."""
+    int16 buffer as mapped here, a tensor or a DevicePointer ([SLOTS * world * max_rows * row_stride], all EMPTY
+    before the first call; a float32 row takes two words per element, so at most row_stride / 2 of them); epochs:
+    int32 [max_rows], this rank's call count per row. Every rank must make the same calls, or the others wait for
+    it (timeout_s, then the kernel traps)."""
     import triton
 
     rows, hidden = x.shape
     world = len(buffers)
     wide = x.dtype == torch.float32
+    buffers = [_words(b, torch.int32 if wide else torch.int16) for b in buffers]
     if wide:
-        buffers, row_stride = [b.view(torch.int32) for b in buffers], row_stride // 2
+        row_stride //= 2
     if not 1 <= world <= MAX_WORLD or rows > max_rows or hidden > row_stride:
         raise ValueError(f"all_reduce_rms_norm: {rows} rows x {hidden} over {world} ranks does not fit buffers of "
                          f"{max_rows} rows x {row_stride} for at most {MAX_WORLD} ranks")
@@ -137,8 +175,9 @@ def all_reduce_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: 
     peers = buffers + [buffers[rank]] * (MAX_WORLD - world)
     block = triton.next_power_of_2(hidden)
     _all_reduce_rms_norm_kernel[(rows,)](
-        x, residual, weight, out, summed, buffers[rank], epochs, *peers, rank, hidden, eps,
+        x, residual, weight, out, summed, buffers[rank], epochs, *peers, rank, hidden, eps, int(timeout_s * 1e9),
         x.stride(0), residual.stride(0), out.stride(0), summed.stride(0),
         WORLD=world, MAX_ROWS=max_rows, ROW_STRIDE=row_stride, BLOCK=block, WIDE=wide,
+        TIMEOUT=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=4 if block <= 2048 else 8, **pdl_args(x.device))
     return out, summed

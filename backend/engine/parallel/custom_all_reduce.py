@@ -73,10 +73,10 @@ NORM_ROW_STRIDE = 16384  # the widest hidden size it takes; buffer: 3 x world x 
 
 class NormAllReduce:
     """The all-reduce fused with the residual add and RMSNorm after it (backend/kernels/all_reduce_norm.py): this
-    rank's view of every rank's buffer, and its per-row call counts."""
+    rank's buffer (a tensor) and its peers' (their addresses here, as DevicePointers), and its per-row call counts."""
 
-    def __init__(self, buffers: list[torch.Tensor], rank: int):
-        self.buffers, self.rank = buffers, rank
+    def __init__(self, buffers: list, rank: int, timeout_s: float):
+        self.buffers, self.rank, self.timeout_s = buffers, rank, timeout_s
         self.epochs = torch.zeros(NORM_MAX_ROWS, dtype=torch.int32, device=buffers[rank].device)
 
     def fits(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
@@ -91,12 +91,12 @@ class NormAllReduce:
         from backend.kernels.all_reduce_norm import all_reduce_rms_norm_triton
 
         return all_reduce_rms_norm_triton(x, residual, weight, eps, self.buffers, self.rank, self.epochs,
-                                          NORM_MAX_ROWS, NORM_ROW_STRIDE)
+                                          NORM_MAX_ROWS, NORM_ROW_STRIDE, self.timeout_s)
 
 
 class SymmMemAllReduce:
     """One rank's persistent symmetric buffer and the all-reduce that runs through it, and the fused
-    all-reduce + RMSNorm for decode rows (`norm`: None unless TRITIUM_AR_NORM=1 and its self-test passed)."""
+    all-reduce + RMSNorm for decode rows (`norm`: None where TRITIUM_AR_NORM=0 or its self-test failed)."""
 
     def __init__(self, buffer: torch.Tensor, group_name: str, world_size: int, norm: NormAllReduce | None = None):
         self.buffer, self.group_name, self.world_size, self.norm = buffer, group_name, world_size, norm
@@ -130,8 +130,10 @@ class SymmMemAllReduce:
         return x
 
 
-def setup(rank: int, world_size: int, device: torch.device, control, compute) -> tuple[SymmMemAllReduce | None, str]:
-    """Collective on every rank (the same answer everywhere): the symmetric-memory all-reduce, or None and why."""
+def setup(rank: int, world_size: int, device: torch.device, control, compute,
+          timeout_s: float) -> tuple[SymmMemAllReduce | None, str]:
+    """Collective on every rank (the same answer everywhere): the symmetric-memory all-reduce, or None and why.
+    timeout_s: how long the fused all-reduce + RMSNorm waits for a peer before it fails the process."""
     if device.type != "cuda":  # every rank of a group is on the same kind of device
         return None, "not on CUDA"
     reason = _local_blocker(rank, world_size, device, control)
@@ -139,7 +141,7 @@ def setup(rank: int, world_size: int, device: torch.device, control, compute) ->
         return None, reason or "a peer rank cannot use it"
     impl, reason = None, None
     try:
-        impl = _allocate(device, compute, world_size)
+        impl = _allocate(device, compute, world_size, timeout_s)
     except Exception as exc:  # an older torch, no peer mapping in this VM, ...: NCCL still works
         reason = f"symmetric memory setup failed: {type(exc).__name__}: {exc}"[:300]
     if not _all_agree(impl is not None, control):
@@ -148,7 +150,7 @@ def setup(rank: int, world_size: int, device: torch.device, control, compute) ->
         return None, "self-test sum was wrong"
     note = f"one-shot <= {ONE_SHOT_MAX_BYTES // 1024} KiB, two-shot <= {BUFFER_BYTES >> 20} MiB, else NCCL"
     if impl.norm is None:
-        return impl, note + "; no fused all-reduce + RMSNorm (TRITIUM_AR_NORM=1 turns it on, up to 8 ranks)"
+        return impl, note + "; no fused all-reduce + RMSNorm (TRITIUM_AR_NORM=0, or more than 8 ranks)"
     if not _all_agree(_norm_self_test(impl.norm, rank, world_size, device), control):
         impl.norm = None
         return impl, note + "; no fused all-reduce + RMSNorm (its self-test failed)"
@@ -178,45 +180,47 @@ def _all_agree(ok: bool, control) -> bool:
     return bool(flag.item())
 
 
-def _allocate(device: torch.device, compute, world_size: int) -> SymmMemAllReduce:
+def _allocate(device: torch.device, compute, world_size: int, timeout_s: float) -> SymmMemAllReduce:
+    """One symmetric allocation, rendezvoused once: the all-reduce's BUFFER_BYTES, then (unless turned off) the
+    fused all-reduce + RMSNorm's slots, marked empty before the rendezvous, which no rank leaves until every rank
+    has arrived, so no rank can push into a slot that is not cleared yet."""
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch.distributed._symmetric_memory as symm_mem
+    from backend.kernels.all_reduce_norm import EMPTY, DevicePointer
 
-    buffer = symm_mem.empty(BUFFER_BYTES, dtype=torch.uint8, device=device)
-    name = compute.group_name
-    _rendezvous(symm_mem, buffer, name)
-    backend = getattr(symm_mem, "get_backend", lambda d: "?")(device)
-    log.info("symmetric memory: %d-byte buffer on %s, group %s, backend %s", BUFFER_BYTES, device, name, backend)
-    norm = _allocate_norm(symm_mem, device, name, compute.rank(), world_size)
-    return SymmMemAllReduce(buffer, name, world_size, norm)
-
-
-def _allocate_norm(symm_mem, device: torch.device, group_name: str, rank: int,
-                   world_size: int) -> NormAllReduce | None:
-    """NormAllReduce's buffers: every slot marked empty before any rank can push into it (the fill is done
-    before the rendezvous, which no rank leaves until all have arrived). Only with TRITIUM_AR_NORM=1 (every rank
-    sees the same environment): on 2x H200 the process crashed at interpreter exit after a clean shutdown with
-    these buffers mapped, and a rank whose peer died waits in the kernel with no timeout (perf/RESULTS.md).
-    None for more ranks than the kernel takes."""
-    from backend.kernels.all_reduce_norm import EMPTY, MAX_WORLD, SLOTS
-
-    if world_size > MAX_WORLD or os.environ.get("TRITIUM_AR_NORM") != "1":
-        return None
-    numel = SLOTS * world_size * NORM_MAX_ROWS * NORM_ROW_STRIDE
-    local = symm_mem.empty(numel, dtype=torch.int16, device=device).fill_(EMPTY)
+    norm_words = _norm_words(world_size)
+    buffer = symm_mem.empty(BUFFER_BYTES + 2 * norm_words, dtype=torch.uint8, device=device)
+    slots = buffer[BUFFER_BYTES:].view(torch.int16)
+    slots.fill_(EMPTY)
     torch.cuda.synchronize(device)
-    handle = symm_mem.rendezvous(local, group_name)
-    buffers = [local if r == rank else handle.get_buffer(r, (numel,), torch.int16) for r in range(world_size)]
-    return NormAllReduce(buffers, rank)
+    name = compute.group_name
+    handle = _rendezvous(symm_mem, buffer, name)
+    backend = getattr(symm_mem, "get_backend", lambda d: "?")(device)
+    log.info("symmetric memory: %d-byte buffer on %s, group %s, backend %s", buffer.numel(), device, name, backend)
+    norm = None
+    if norm_words:
+        rank = compute.rank()
+        norm = NormAllReduce([slots if r == rank else DevicePointer(address + BUFFER_BYTES, torch.int16)
+                              for r, address in enumerate(handle.buffer_ptrs)], rank, timeout_s)
+    return SymmMemAllReduce(buffer[:BUFFER_BYTES], name, world_size, norm)
 
 
-def _rendezvous(symm_mem, buffer: torch.Tensor, group_name: str) -> None:
-    """Newer torch finds the group by name; older torch needs enable_symm_mem_for_group first (deprecated
-    since, so it is called only when the plain rendezvous refuses: it also makes newer torch check the
-    store on every rendezvous, pytorch#190977)."""
+def _norm_words(world_size: int) -> int:
+    """16-bit words of NormAllReduce's slots; 0 (no fused all-reduce + RMSNorm) where TRITIUM_AR_NORM=0 (every
+    rank sees the same environment) or for more ranks than the kernel takes."""
+    from backend.kernels.all_reduce_norm import MAX_WORLD, SLOTS
+
+    if world_size > MAX_WORLD or os.environ.get("TRITIUM_AR_NORM", "1") == "0":
+        return 0
+    return SLOTS * world_size * NORM_MAX_ROWS * NORM_ROW_STRIDE
+
+
+def _rendezvous(symm_mem, buffer: torch.Tensor, group_name: str):
+    """The buffer's symmetric-memory handle. Newer torch finds the group by name; older torch needs
+    enable_symm_mem_for_group first (deprecated since, so it is called only when the plain rendezvous refuses:
+    it also makes newer torch check the store on every rendezvous, pytorch#190977)."""
     try:
-        symm_mem.rendezvous(buffer, group_name)
-        return
+        return symm_mem.rendezvous(buffer, group_name)
     except RuntimeError as exc:
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is None:
@@ -225,7 +229,7 @@ def _rendezvous(symm_mem, buffer: torch.Tensor, group_name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         enable(group_name)
-    symm_mem.rendezvous(buffer, group_name)
+    return symm_mem.rendezvous(buffer, group_name)
 
 
 def _norm_self_test(norm: NormAllReduce, rank: int, world_size: int, device: torch.device) -> bool:

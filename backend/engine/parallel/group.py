@@ -139,7 +139,8 @@ def join_group(rank: int, world_size: int, device: torch.device, timeout_s: floa
     log.info("rank %d/%d joined (device %s)", rank, world_size, device)
     group = ParallelGroup(rank, world_size, device, control, compute)
     if custom_all_reduce_enabled:
-        group.custom, group.all_reduce_note = custom_all_reduce.setup(rank, world_size, device, control, compute)
+        group.custom, group.all_reduce_note = custom_all_reduce.setup(rank, world_size, device, control, compute,
+                                                                      timeout_s)
     else:
         group.all_reduce_note = "custom_all_reduce is off"
     log.info("rank %d: tensor-parallel all-reduce through %s (%s)", rank, group.all_reduce_path,
