@@ -59,11 +59,17 @@ if triton is not None:
 def pick_tile(N: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps). Best of a 12-tile grid per Llama-3-8B projection on an H100
     (perf/profile_decode.py, 2026-11-21): 8x512/4 warps for qkv, o and gate_up (2.65-3.0 TB/s against
-    cuBLAS 2.4-2.75); long rows (down, K=14336) and the LM head (N=128256) prefer 4-row tiles."""
+    cuBLAS 2.4-2.75); long rows (down, K=14336) and the LM head (N=128256) prefer 4-row tiles. Few rows over a
+    long K (a TP2 rank's qkv shard, 3072 x 4096) take 1024-column tiles and 8 warps: 8.6 -> 7.7 us on an H200,
+    the best of 24 tiles timed from HBM (perf/tune_gemv.py, perf/results/h200-tune_gemv.json). The other TP2
+    shards were within 0.2 us of their best there, except gate_up, whose best on the H200 (16 x 256, 2 us
+    faster at TP1 and TP2) is 2% slower than 8 x 512 on the H100 (perf/results/h100-profile_decode.json)."""
     if K >= 8192:
         return 4, 512, 8
     if N >= 65536:
         return 4, 512, 4
+    if N < 4096 <= K:
+        return 8, 1024, 8
     return 8, 512, 4
 
 
