@@ -79,14 +79,14 @@ from backend.kernels._pdl import pdl_args
 
 @lazy_jit
 def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_ptr, epoch_ptr,
-                                p0, p1, p2, p3, p4, p5, p6, p7, rank, hidden, eps, timeout_ns,
+                                peers, rank, hidden, eps, timeout_ns,
                                 x_stride, res_stride, out_stride, sum_stride,
                                 WORLD: tl.constexpr, MAX_ROWS: tl.constexpr, ROW_STRIDE: tl.constexpr,
                                 BLOCK: tl.constexpr, WIDE: tl.constexpr, TIMEOUT: tl.constexpr, PDL: tl.constexpr):
-    # One program per row. p0..p7: rank r's buffer as mapped here (p_r for r >= WORLD is never touched), as
-    # int16 words (WIDE: int32 words, for float32 rows); ROW_STRIDE counts those words. Eight pointer arguments
-    # rather than a table of addresses: Triton knows arguments are 16-byte aligned, so the pushes over NVLink are
-    # 16-byte stores; a pointer cast from an integer would have no known alignment.
+    # One program per row. peers: a tuple of WORLD pointers, rank r's buffer as mapped here, as int16 words (WIDE:
+    # int32 words, for float32 rows); ROW_STRIDE counts those words. Pointer arguments rather than a table of
+    # addresses: Triton knows each (tuple element too) is 16-byte aligned, so the pushes over NVLink are 16-byte
+    # stores; a pointer cast from an integer would have no known alignment.
     if PDL:  # see _pdl.py
         gdc_launch_dependents()
         gdc_wait()
@@ -104,21 +104,8 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
         bits = x.to(tl.int16, bitcast=True)
     bits = tl.where(bits == empty, 0, bits).to(bits.dtype)  # -0.0 travels as +0.0: the same number
     mine = ((slot * WORLD + rank) * MAX_ROWS + row) * ROW_STRIDE + cols
-    tl.store(p0 + mine, bits, mask=mask)
-    if WORLD > 1:
-        tl.store(p1 + mine, bits, mask=mask)
-    if WORLD > 2:
-        tl.store(p2 + mine, bits, mask=mask)
-    if WORLD > 3:
-        tl.store(p3 + mine, bits, mask=mask)
-    if WORLD > 4:
-        tl.store(p4 + mine, bits, mask=mask)
-    if WORLD > 5:
-        tl.store(p5 + mine, bits, mask=mask)
-    if WORLD > 6:
-        tl.store(p6 + mine, bits, mask=mask)
-    if WORLD > 7:
-        tl.store(p7 + mine, bits, mask=mask)
+    for r in tl.static_range(WORLD):
+        tl.store(peers[r] + mine, bits, mask=mask)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         src = local_ptr + ((slot * WORLD + r) * MAX_ROWS + row) * ROW_STRIDE + cols
@@ -172,10 +159,10 @@ def all_reduce_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: 
         raise ValueError(f"all_reduce_rms_norm: {rows} rows x {hidden} over {world} ranks does not fit buffers of "
                          f"{max_rows} rows x {row_stride} for at most {MAX_WORLD} ranks")
     out, summed = torch.empty_like(x), torch.empty_like(x)
-    peers = buffers + [buffers[rank]] * (MAX_WORLD - world)
     block = triton.next_power_of_2(hidden)
     _all_reduce_rms_norm_kernel[(rows,)](
-        x, residual, weight, out, summed, buffers[rank], epochs, *peers, rank, hidden, eps, int(timeout_s * 1e9),
+        x, residual, weight, out, summed, buffers[rank], epochs, tuple(buffers), rank, hidden, eps,
+        int(timeout_s * 1e9),
         x.stride(0), residual.stride(0), out.stride(0), summed.stride(0),
         WORLD=world, MAX_ROWS=max_rows, ROW_STRIDE=row_stride, BLOCK=block, WIDE=wide,
         TIMEOUT=os.environ.get("TRITON_INTERPRET") != "1",
