@@ -23,6 +23,8 @@ class KernelOps:
     name: str = "torch"
     # rms_norm with its output quantized per token for a W8A8 product (kind "int8" / "fp8"):
     rms_norm_quant: Callable | None = None  # (x, weight, eps, residual, kind) -> ((codes, scales), x + residual)
+    # rotary_and_cache then paged_attention of a decode step in one op, where the ops have one:
+    rotary_decode_attention: Callable | None = None  # (q, k, v, positions, cos_sin_cache, kv_cache, meta, scale)
 
 
 REFERENCE_OPS = KernelOps(rms_norm_ref, silu_and_mul_ref, rotary_and_cache_ref, paged_attention_ref, "torch",

@@ -277,8 +277,9 @@ def quantized_kv_ops(base, kind: str):
 
     if kind not in KV_DTYPES:
         raise ValueError(f"kv_cache_dtype {kind!r} is not one of auto, {', '.join(KV_DTYPES)}")
-    if base.name == "triton":
+    if base.name == "triton":  # the decode kernel's own rotary writes 16-bit caches only
         return dataclasses.replace(base, rotary_and_cache=rotary_and_cache_quant_triton,
-                                   paged_attention=paged_attention_quant_triton, name="triton")
+                                   paged_attention=paged_attention_quant_triton, name="triton",
+                                   rotary_decode_attention=None)
     return dataclasses.replace(base, rotary_and_cache=rotary_and_cache_quant_ref,
-                               paged_attention=paged_attention_quant_ref)
+                               paged_attention=paged_attention_quant_ref, rotary_decode_attention=None)

@@ -65,11 +65,12 @@ MAX_SPLITS = 64  # upper bound of decode splits per (sequence, KV head): sizes t
 
 @lazy_jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr, pl_ptr, out_ptr,
+                         k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr,
                          q_st, q_sh, c_kv, c_blk, c_row, c_head, bt_st, po_sb, po_sh, po_ss, pl_sb, pl_sh,
-                         o_st, o_sh, num_splits, qk_scale,
+                         o_st, o_sh, k_st, k_sh, v_st, v_sh, cs_st, num_splits, qk_scale,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr, PDL: tl.constexpr):
+                         ONE_SPLIT: tl.constexpr, KV_INT8: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr):
     # grid (num_seqs, Hkv, num_splits). Split s of sequence b covers keys [s * L, (s + 1) * L), where L is
     # cdiv(seq_len, num_splits) rounded up to BLOCK_N: computed here from the device seq_len, so the grid
     # needs no host knowledge of the lengths (CUDA-graph safe); splits past the end exit at once.
@@ -78,6 +79,10 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
     # The 8-bit caches of kv_quant.py run this kernel too: codes convert to q's dtype for the dots (a no-op for
     # a 16-bit cache), and KV_INT8 applies each key's and value's scale after the dots, read from the block's
     # scale region (kv_quant's layout: float16 [Hkv, BLOCK_SIZE] right after the block's codes).
+    # ROTARY (16-bit caches): q, k and v are the projection's raw rows, and this kernel does rotary.py's work for
+    # the step: every program rotates its q heads, and the program that owns the last key (the new token's)
+    # rotates that key, writes it and the value into the cache, and reads them back like any other key. At batch
+    # 1 that is one kernel launch fewer per layer (~2.5 us of a layer on an H100, perf/ablate_decode.py).
     if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
         gdc_launch_dependents()
         gdc_wait()
@@ -101,6 +106,30 @@ def _decode_split_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, po_ptr
     end = tl.minimum(start + split_len, seq_len)
     q = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + d[None, :],
                 mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
+    if ROTARY:
+        # rotate-half over the whole row: element d pairs with d +- D/2, as rotary.py's halves do, in float32
+        # with one rounding to q's dtype
+        half = HEAD_DIM // 2
+        low = d < half
+        partner = tl.where(low, d + half, d - half)
+        pos = tl.load(pos_ptr + q_row).to(tl.int64)
+        cos = tl.load(cs_ptr + pos * cs_st + d % half, mask=dm, other=0.0)
+        sin = tl.load(cs_ptr + pos * cs_st + half + d % half, mask=dm, other=0.0)
+        sin = tl.where(low, -sin, sin)
+        q_pair = tl.load(q_ptr + q_row * q_st + qh[:, None] * q_sh + partner[None, :],
+                         mask=(g[:, None] < GROUP) & dm[None, :], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_pair.to(tl.float32) * sin[None, :]).to(q.dtype)
+        slot = tl.load(slot_ptr + q_row)
+        if (end == seq_len) & (slot >= 0):  # this program owns the new token's key: into the cache first
+            k_row = k_ptr + q_row * k_st + kvh * k_sh
+            k_new = tl.load(k_row + d, mask=dm, other=0.0)
+            k_pair = tl.load(k_row + partner, mask=dm, other=0.0)
+            k_new = (k_new.to(tl.float32) * cos + k_pair.to(tl.float32) * sin).to(k_new.dtype)
+            dst = cache_ptr + (slot // BLOCK_SIZE) * c_blk + (slot % BLOCK_SIZE) * c_row + kvh * c_head + d
+            tl.store(dst, k_new.to(cache_ptr.dtype.element_ty), mask=dm)
+            v_new = tl.load(v_ptr + q_row * v_st + kvh * v_sh + d, mask=dm, other=0.0)
+            tl.store(dst + c_kv, v_new.to(cache_ptr.dtype.element_ty), mask=dm)
+            tl.debug_barrier()  # the block's own writes are visible to all its threads' loads below
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -281,11 +310,19 @@ def _attention_args(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
             kv_cache.stride(3), meta.block_tables.stride(0))
 
 
-def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | None = None) -> None:
+def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | None = None,
+                  rotary: tuple | None = None) -> None:
     """The decode launch for 16-bit and 8-bit caches alike: split programs over (sequence, KV head, split),
     then the log-sum-exp merge -- skipped when there is one split, where the split kernel writes the output
-    itself."""
+    itself. rotary: (k, v, positions, cos_sin_cache, slot_mapping) when q, k, v are the projection's raw rows
+    (rotary_decode_attention_triton)."""
     import triton
+
+    if rotary is None:  # placeholders the kernel never reads
+        k = v = cos_sin = q
+        positions = slots = meta.slot_mapping
+    else:
+        k, v, positions, cos_sin, slots = rotary
 
     num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
     hkv = kv_cache.shape[3]
@@ -299,11 +336,14 @@ def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | 
         pl = _alloc_workspace((num_seqs, hq, splits), q.device)
     _decode_split_kernel[(num_seqs, hkv, splits)](
         q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, po, pl, out,
+        k, v, positions, cos_sin, slots,
         *_attention_args(q, kv_cache, meta), po.stride(0), po.stride(1), po.stride(2),
-        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1), splits, qk_scale,
+        pl.stride(0), pl.stride(1), out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0), splits, qk_scale,
         GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=tile.block_n, BLOCK_SIZE=kv_cache.shape[2], ONE_SPLIT=one_split, num_warps=tile.num_warps,
-        num_stages=tile.num_stages, KV_INT8=kv_cache.dtype == torch.int8, **pdl_args(q.device))
+        num_stages=tile.num_stages, KV_INT8=kv_cache.dtype == torch.int8, ROTARY=rotary is not None,
+        **pdl_args(q.device))
     if not one_split:
         _decode_reduce_kernel[(num_seqs, hq)](
             po, pl, meta.seq_lens, meta.query_start_loc, out, po.stride(0), po.stride(1), po.stride(2),
@@ -361,6 +401,26 @@ def _prefill(q, kv_cache, meta, qk_scale, out, group, block_d, tile: PrefillTile
             *_attention_args(q, kv_cache, meta), out.stride(0), out.stride(1), qk_scale, lo, hi,
             GROUP=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_SIZE=kv_cache.shape[2], KV_INT8=kv_cache.dtype == torch.int8, num_warps=warps, num_stages=stages)
+
+
+def rotary_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                   cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                                   scale: float) -> torch.Tensor:
+    """rotary_and_cache then paged_attention for a decode step (meta.decode_only) over a 16-bit cache, in the
+    decode kernels alone: q [T, Hq, D], k and v [T, Hkv, D] are the projection's raw rows (views with unit stride
+    along D). The cache gets the rotated k and v as rotary.py writes them; returns the attention output."""
+    import triton
+
+    if not meta.decode_only or kv_cache.element_size() == 1:
+        raise ValueError("rotary_decode_attention_triton: decode steps over a 16- or 32-bit cache only")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.num_seqs == 0 or q.shape[0] == 0:
+        return out
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_d = max(16, triton.next_power_of_2(q.shape[2]))
+    launch_decode(q, kv_cache, meta, scale * _LOG2E, out, block_d,
+                  rotary=(k, v, positions, cos_sin_cache, meta.slot_mapping))
+    return out
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

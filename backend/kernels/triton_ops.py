@@ -10,7 +10,8 @@ alignment). Within one engine all of these are fixed by the model and cache conf
     integers (grids, or device tensors read inside);
   - q/k/v views of the fused qkv output: their strides and offsets are those of the model's projection,
     so warm up with the same layout (`warmup` builds q, k, v exactly that way).
-Passing residual=None to rms_norm is a second variant (HAS_RESIDUAL); both are warmed up.
+Passing residual=None to rms_norm is a second variant (HAS_RESIDUAL); both are warmed up. Decode steps over a
+16-bit cache run rotary inside the decode kernel (rotary_decode_attention, its ROTARY variants), warmed up too.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import torch
 from backend.engine.attention_metadata import AttentionMetadata
 from backend.engine.ops import KernelOps
 from backend.kernels.activation import silu_and_mul_triton
-from backend.kernels.paged_attention import paged_attention_triton
+from backend.kernels.paged_attention import paged_attention_triton, rotary_decode_attention_triton
 from backend.kernels.rms_norm import rms_norm_quant_triton, rms_norm_triton
 from backend.kernels.rotary import rotary_and_cache_triton
 
 TRITON_OPS = KernelOps(rms_norm=rms_norm_triton, silu_and_mul=silu_and_mul_triton,
                        rotary_and_cache=rotary_and_cache_triton, paged_attention=paged_attention_triton,
-                       name="triton", rms_norm_quant=rms_norm_quant_triton)
+                       name="triton", rms_norm_quant=rms_norm_quant_triton,
+                       rotary_decode_attention=rotary_decode_attention_triton)
 
 
 def _warmup_meta(block_size: int, query_len: int, device: torch.device, num_seqs: int = 1) -> AttentionMetadata:
@@ -71,6 +73,8 @@ def warmup(*, hidden_size: int, intermediate_size: int, num_q_heads: int, num_kv
         qkv = torch.randn(tokens, sum(sizes), dtype=dtype, device=device)
         q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split(sizes, dim=-1))
         positions = torch.arange(3, 3 + query_len, device=device).repeat(num_seqs)
+        if query_len == 1 and ops.rotary_decode_attention is not None:
+            ops.rotary_decode_attention(q, k, v, positions, cos_sin, kv_cache, meta, head_dim ** -0.5)
         q, _ = ops.rotary_and_cache(q, k, v, positions, cos_sin, kv_cache, meta.slot_mapping)
         ops.paged_attention(q, kv_cache, meta, head_dim ** -0.5)
     if device.type == "cuda":

@@ -131,3 +131,41 @@ def test_decode_replays_in_cuda_graph():
     graph.replay()
     meta.seq_lens_cpu = new.seq_lens_cpu
     torch.testing.assert_close(out.float(), reference(q, kv_cache, meta, 0.1), atol=3e-2, rtol=3e-2)
+
+
+DECODE_CASES = [case for case in CASES if all(q_len == 1 for _, q_len in case[0])]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("seqs,hq,hkv,head_dim,block_size", DECODE_CASES)
+def test_rotary_inside_decode_equals_rotary_then_attention(seqs, hq, hkv, head_dim, block_size, dtype, atol, rtol,
+                                                           device, poisoned_workspace):
+    """The decode kernel's own rotary + cache write against rotary.py's reference then attention's, on the raw
+    rows of one fused qkv output; the cache it leaves must hold the same keys and values."""
+    from backend.kernels.rotary import rotary_and_cache_ref
+    from tests.kernels.test_rotary import cos_sin_cache
+
+    kv_cache, meta = make_batch(seqs, hkv, head_dim, block_size, dtype, device)
+    tokens = len(seqs)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, dtype=dtype, device=device)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([hq * head_dim, hkv * head_dim, hkv * head_dim], -1))
+    positions = meta.seq_lens.long() - 1
+    cos_sin = cos_sin_cache(8192, head_dim, device)
+    scale = head_dim ** -0.5
+    expected_cache = kv_cache.clone()
+    q_rot, _ = rotary_and_cache_ref(q, k, v, positions, cos_sin, expected_cache, meta.slot_mapping)
+    expected = reference(q_rot, expected_cache, meta, scale)
+
+    out = pa.rotary_decode_attention_triton(q, k, v, positions, cos_sin, kv_cache, meta, scale)
+
+    torch.testing.assert_close(kv_cache.float(), expected_cache.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
+
+
+def test_rotary_inside_decode_is_for_decode_steps_over_16_bit_caches(device):
+    kv_cache, meta = make_batch([(19, 19)], 2, 16, 16, torch.float16, device)
+    q = torch.randn(19, 4, 16, dtype=torch.float16, device=device)
+    k = v = torch.randn(19, 2, 16, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="decode steps"):
+        pa.rotary_decode_attention_triton(q, k, v, torch.arange(19, device=device), torch.ones(64, 16, device=device),
+                                          kv_cache, meta, 0.25)

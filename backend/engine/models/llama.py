@@ -71,8 +71,11 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, _ = self.ops.rotary_and_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
-        out = self.ops.paged_attention(q, kv_cache, meta, self.scale)
+        if meta.decode_only and self.ops.rotary_decode_attention is not None:
+            out = self.ops.rotary_decode_attention(q, k, v, positions, cos_sin_cache, kv_cache, meta, self.scale)
+        else:
+            q, _ = self.ops.rotary_and_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
+            out = self.ops.paged_attention(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.q_size))  # under tp a partial sum: the next norm reduces it
 
 

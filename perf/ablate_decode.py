@@ -1,0 +1,133 @@
+"""Where a batch-1 decode step's fixed costs go: the step re-timed with one kind of small kernel taken out.
+
+    python3 perf/ablate_decode.py --out ablate.json                      # 8B shape, bf16, one GPU
+    python3 perf/ablate_decode.py --variants base,silu,one_split --out a.json
+
+A profiler's per-kernel times overlap under programmatic dependent launch (a kernel is resident while it waits
+for the one before), so they do not say what a kernel costs the step. Here each variant builds the engine with
+one change and times batch-1 decode as perf/bench_multi_gpu.py does; the difference from `base` is what the
+change costs or saves inside the CUDA graph, launch gaps included. Variants:
+  silu, norm, attention, rotary: that operation replaced by a no-op (the tokens are garbage: timings only;
+    attention and rotary take unfused_rotary's path);
+  sampling: greedy sampling's clone, bans and argmax replaced by zeros;
+  one_split: decode attention in one split per KV head (a real alternative: the same values);
+  unfused_rotary: rotary.py's kernel before decode attention, as before the fusion (the same values);
+  torch_argmax: greedy sampling's argmax by torch instead of backend/kernels/argmax.py (the same ids).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from perf.bench_engine import write_config  # noqa: E402
+from perf.bench_multi_gpu import decode_b1, greedy, make_engine  # noqa: E402
+
+
+def _skip_silu(gate_up):
+    return gate_up[..., :gate_up.shape[-1] // 2]
+
+
+def _skip_rotary(q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
+    return q, k
+
+
+def _skip_attention(q, kv_cache, meta, scale):
+    return q
+
+
+def _skip_norm(x, weight, eps, residual=None):
+    return x, (x if residual is None else residual)
+
+
+def _skip_sampling(self, logits, requests, output_positions=None):
+    return torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device), None
+
+
+def _torch_argmax(self, x):
+    return x.argmax(dim=-1)
+
+
+def _patch(variant: str):
+    """Install the variant's replacement; returns a function that undoes it."""
+    from backend.kernels import paged_attention, triton_ops
+
+    from backend.engine.sampler import Sampler
+
+    original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
+                                                      Sampler.sample)
+    original_argmax = Sampler.greedy_argmax
+    unfused = {"rotary_decode_attention": None}
+    replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
+                    "attention": {"paged_attention": _skip_attention, **unfused}, "norm": {"rms_norm": _skip_norm},
+                    "unfused_rotary": unfused}
+    if variant in replacements:
+        triton_ops.TRITON_OPS = dataclasses.replace(original_ops, **replacements[variant])
+    elif variant == "one_split":
+        paged_attention.decode_num_splits = lambda num_seqs, num_kv_heads, device, programs_per_sm=4: 1
+    elif variant == "sampling":
+        Sampler.sample = _skip_sampling
+    elif variant == "torch_argmax":  # greedy sampling's argmax by torch, as before backend/kernels/argmax.py
+        Sampler.greedy_argmax = _torch_argmax
+    elif variant != "base":
+        raise SystemExit(f"--variants: unknown variant {variant!r}")
+
+    def undo():
+        triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
+        Sampler.sample = original_sample
+        Sampler.greedy_argmax = original_argmax
+    return undo
+
+
+def run_variant(variant: str, folder: str) -> dict:
+    undo = _patch(variant)
+    try:
+        start = time.perf_counter()
+        engine = make_engine(folder, "cuda", max_num_seqs=8, max_num_batched_tokens=4096)
+        load_s = time.perf_counter() - start
+        try:
+            vocab = engine.model_config.vocab_size
+            rates = [decode_b1(engine, vocab, seed) for seed in (1, 2, 3)]
+        finally:
+            engine.shutdown()
+            del engine
+            torch.cuda.empty_cache()
+    finally:
+        undo()
+    best = max(rates)
+    return {"tok_s_runs": rates, "tok_s": best, "ms_per_step": 1e3 / best, "load_s": load_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--variants", default="base,silu,rotary,norm,one_split,attention,sampling,base")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variants": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        write_config(args.shape, folder)
+        for i, variant in enumerate(args.variants.split(",")):
+            out["variants"][f"{i}:{variant}"] = record = run_variant(variant, folder)
+            print(f"{variant:>10}: {record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step", flush=True)
+    bases = [r["ms_per_step"] for k, r in out["variants"].items() if k.endswith(":base")]
+    base = min(bases) if bases else None
+    if base is not None:
+        for record in out["variants"].values():
+            record["us_saved_per_step"] = round(1e3 * (base - record["ms_per_step"]), 1)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: v.get("us_saved_per_step") for k, v in out["variants"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
