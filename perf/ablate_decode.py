@@ -12,7 +12,8 @@ change costs or saves inside the CUDA graph, launch gaps included. Variants:
   sampling: greedy sampling's clone, bans and argmax replaced by zeros;
   one_split: decode attention in one split per KV head (a real alternative: the same values);
   unfused_rotary: rotary.py's kernel before decode attention, as before the fusion (the same values);
-  torch_argmax: greedy sampling's argmax by torch instead of backend/kernels/argmax.py (the same ids).
+  torch_argmax: greedy sampling's argmax by torch instead of backend/kernels/argmax.py (the same ids);
+  no_preload: the bf16 GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0).
 """
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ def _torch_argmax(self, x):
 
 def _patch(variant: str):
     """Install the variant's replacement; returns a function that undoes it."""
-    from backend.kernels import paged_attention, triton_ops
+    from backend.kernels import gemv, paged_attention, triton_ops
 
     from backend.engine.sampler import Sampler
 
     original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
                                                       Sampler.sample)
-    original_argmax = Sampler.greedy_argmax
+    original_argmax, original_preload = Sampler.greedy_argmax, gemv.preload
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
                     "attention": {"paged_attention": _skip_attention, **unfused}, "norm": {"rms_norm": _skip_norm},
@@ -75,6 +76,8 @@ def _patch(variant: str):
         paged_attention.decode_num_splits = lambda num_seqs, num_kv_heads, device, programs_per_sm=4: 1
     elif variant == "sampling":
         Sampler.sample = _skip_sampling
+    elif variant == "no_preload":  # the GEMVs load their first weight tile after the PDL wait, as before
+        gemv.preload = False
     elif variant == "torch_argmax":  # greedy sampling's argmax by torch, as before backend/kernels/argmax.py
         Sampler.greedy_argmax = _torch_argmax
     elif variant != "base":
@@ -83,7 +86,7 @@ def _patch(variant: str):
     def undo():
         triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
         Sampler.sample = original_sample
-        Sampler.greedy_argmax = original_argmax
+        Sampler.greedy_argmax, gemv.preload = original_argmax, original_preload
     return undo
 
 

@@ -9,6 +9,8 @@ perf/profile_decode.py on an H100 (see perf/RESULTS.md).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -33,15 +35,20 @@ if triton is not None:
 
     @lazy_jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRELOAD: tl.constexpr,
+                     PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if PRELOAD:  # the first tile before the wait (see `preload`); BLOCK_K <= K here
+            w_first = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
         if PDL:  # see _pdl.py
             gdc_wait()
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        if PRELOAD:  # used at once: held through the loop, preloaded registers made every GEMV slower
+            acc += w_first.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
             if EVEN_K:
                 x = tl.load(x_ptr + k0 + cols)
                 w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0)
@@ -54,6 +61,16 @@ if triton is not None:
             gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+# With PDL the programs of a GEMV are resident while the kernel ahead finishes, and at batch 1 that kernel is
+# latency-bound (an RMSNorm or a tensor-parallel all-reduce before qkv and gate_up, attention before o, SiLU
+# before down): HBM idles meanwhile. Each program loads its first weight tile before the wait, so it streams then:
+# 5.532 -> 5.497 ms per 8B step on an H100 (perf/ablate_decode.py). Only the first tile, added in as soon as x is
+# there: more columns before the wait, or the first tile kept to the end of the loop, made it slower (5.70-5.90
+# ms: registers), as did session 6's version, which ran one tile ahead by hand (perf/RESULTS.md).
+# TRITIUM_GEMV_PRELOAD=0 turns it off.
+preload = os.environ.get("TRITIUM_GEMV_PRELOAD", "1") != "0"
 
 
 def pick_tile(N: int, K: int) -> tuple[int, int, int]:
@@ -83,8 +100,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x.contiguous(), weight, out, N, K, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, num_warps=warps,
-        **pdl_args(x.device))
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, PRELOAD=preload and block_k <= K,
+        num_warps=warps, **pdl_args(x.device))
     return out
 
 

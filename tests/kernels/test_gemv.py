@@ -24,6 +24,18 @@ def test_gemv_matches_float64(shape, tile, dtype, atol, rtol, device):
     torch.testing.assert_close(out, gemv_ref(x, weight), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("preload", [False, True])
+@pytest.mark.parametrize("shape", [(37, 100), (130, 1536), (64, 1000)])
+def test_gemv_with_and_without_the_first_tile_loaded_before_the_wait(preload, shape, monkeypatch, device):
+    from backend.kernels import gemv
+
+    monkeypatch.setattr(gemv, "preload", preload)
+    weight = torch.randn(*shape, device=device) / 40
+    x = torch.randn(1, shape[1], device=device)
+    torch.testing.assert_close(gemv_triton(x, weight, (8, 256, 4)).double(), x.double() @ weight.double().T,
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_rejects_more_than_one_row(device):
     with pytest.raises(ValueError, match="x \\[1, 8\\]"):
         gemv_triton(torch.ones(2, 8, device=device), torch.ones(4, 8, device=device))
