@@ -106,6 +106,9 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
     mine = ((slot * WORLD + rank) * MAX_ROWS + row) * ROW_STRIDE + cols
     for r in tl.static_range(WORLD):
         tl.store(peers[r] + mine, bits, mask=mask)
+    # Loaded before the wait for the peers, so that their latency overlaps it instead of following it.
+    res = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         src = local_ptr + ((slot * WORLD + r) * MAX_ROWS + row) * ROW_STRIDE + cols
@@ -125,12 +128,10 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, local_p
                                               is_pure=False, pack=1)
         total += got.to(x.dtype, bitcast=True).to(tl.float32)
     # as _rms_norm_kernel: the sum rounded to the model's dtype, the residual added and rounded, then the norm
-    h = (total.to(x.dtype).to(tl.float32) + tl.load(res_ptr + row * res_stride + cols, mask=mask,
-                                                    other=0.0).to(tl.float32)).to(x.dtype)
+    h = (total.to(x.dtype).to(tl.float32) + res).to(x.dtype)
     tl.store(sum_ptr + row * sum_stride + cols, h, mask=mask)
     h32 = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h32 * h32, axis=0) / hidden + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_stride + cols, (h32 * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
     stale = (((slot + 2) % 3) * WORLD * MAX_ROWS + row) * ROW_STRIDE + cols
     for r in tl.static_range(WORLD):
