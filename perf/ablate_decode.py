@@ -59,13 +59,13 @@ def _torch_argmax(self, x):
 
 def _patch(variant: str):
     """Install the variant's replacement; returns a function that undoes it."""
-    from backend.kernels import gemv, paged_attention, triton_ops
+    from backend.kernels import _pdl, paged_attention, triton_ops
 
     from backend.engine.sampler import Sampler
 
     original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
                                                       Sampler.sample)
-    original_argmax, original_preload = Sampler.greedy_argmax, gemv.preload
+    original_argmax, original_preload = Sampler.greedy_argmax, _pdl.preload_first_tile
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
                     "attention": {"paged_attention": _skip_attention, **unfused}, "norm": {"rms_norm": _skip_norm},
@@ -77,7 +77,7 @@ def _patch(variant: str):
     elif variant == "sampling":
         Sampler.sample = _skip_sampling
     elif variant == "no_preload":  # the GEMVs load their first weight tile after the PDL wait, as before
-        gemv.preload = False
+        _pdl.preload_first_tile = False
     elif variant == "torch_argmax":  # greedy sampling's argmax by torch, as before backend/kernels/argmax.py
         Sampler.greedy_argmax = _torch_argmax
     elif variant != "base":
@@ -86,7 +86,7 @@ def _patch(variant: str):
     def undo():
         triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
         Sampler.sample = original_sample
-        Sampler.greedy_argmax, gemv.preload = original_argmax, original_preload
+        Sampler.greedy_argmax, _pdl.preload_first_tile = original_argmax, original_preload
     return undo
 
 

@@ -10,7 +10,8 @@ this is our own use of Triton's `griddepcontrol` wrappers.
 
 Rules every kernel given PDL=True here keeps:
 - every program calls gdc_wait first, before any load or store (and so before it returns);
-- gdc_launch_dependents comes right after the wait in small kernels, after the main loop in the GEMVs.
+- gdc_launch_dependents comes right after the wait in small kernels, after the main loop in the GEMVs;
+- only loads of what no kernel writes (weights) may come before the wait (preload_first_tile below).
 Measured on an H100 (perf/bench_pdl.py, perf/RESULTS.md): the GEMVs signalling before their loop, and an L2
 prefetch of their first weight lines issued before the wait, both made the chain slower than this.
 A kernel launched without the attribute (cuBLAS, torch ops) simply waits for the whole kernel ahead, as usual.
@@ -29,6 +30,15 @@ except ImportError:  # CPU installs without triton never launch a kernel
     pass
 
 _enabled = os.environ.get("TRITIUM_PDL", "1") != "0"
+
+# With PDL the programs of a batch-1 GEMV are resident while the kernel ahead finishes, and that kernel is
+# latency-bound (an RMSNorm or a tensor-parallel all-reduce before qkv and gate_up, attention before o, SiLU
+# before down): HBM idles meanwhile. So each GEMV program loads its first weight tile before the wait (weights
+# depend on no kernel), and it streams then: 5.532 -> 5.497 ms per 8B step on an H100, TP2 382.6 -> 398.4 tok/s
+# on 2x H200 (perf/ablate_decode.py, perf/RESULTS.md). Only the first tile, added in as soon as x is there: more
+# columns before the wait, or the first tile held to the end of the loop, was slower (5.70-5.90 ms: registers),
+# as was session 6's version, which ran one tile ahead by hand. TRITIUM_GEMV_PRELOAD=0 turns it off.
+preload_first_tile = os.environ.get("TRITIUM_GEMV_PRELOAD", "1") != "0"
 
 
 def set_enabled(enabled: bool) -> None:

@@ -9,12 +9,11 @@ perf/profile_decode.py on an H100 (see perf/RESULTS.md).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels import _pdl
 from backend.kernels._pdl import pdl_args
 
 try:
@@ -42,7 +41,7 @@ if triton is not None:
         row_ok = rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if PRELOAD:  # the first tile before the wait (see `preload`); BLOCK_K <= K here
+        if PRELOAD:  # the first tile before the wait (_pdl.preload_first_tile says why); BLOCK_K <= K here
             w_first = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
         if PDL:  # see _pdl.py
             gdc_wait()
@@ -61,16 +60,6 @@ if triton is not None:
             gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-# With PDL the programs of a GEMV are resident while the kernel ahead finishes, and at batch 1 that kernel is
-# latency-bound (an RMSNorm or a tensor-parallel all-reduce before qkv and gate_up, attention before o, SiLU
-# before down): HBM idles meanwhile. Each program loads its first weight tile before the wait, so it streams then:
-# 5.532 -> 5.497 ms per 8B step on an H100 (perf/ablate_decode.py). Only the first tile, added in as soon as x is
-# there: more columns before the wait, or the first tile kept to the end of the loop, made it slower (5.70-5.90
-# ms: registers), as did session 6's version, which ran one tile ahead by hand (perf/RESULTS.md).
-# TRITIUM_GEMV_PRELOAD=0 turns it off.
-preload = os.environ.get("TRITIUM_GEMV_PRELOAD", "1") != "0"
 
 
 def pick_tile(N: int, K: int) -> tuple[int, int, int]:
@@ -100,8 +89,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x.contiguous(), weight, out, N, K, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, PRELOAD=preload and block_k <= K,
-        num_warps=warps, **pdl_args(x.device))
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        PRELOAD=_pdl.preload_first_tile and block_k <= K, num_warps=warps, **pdl_args(x.device))
     return out
 
 

@@ -104,6 +104,7 @@ except ImportError:  # triton is optional on CPU: the references above need only
     tl = None
 
 from backend.kernels._jit import lazy_jit
+from backend.kernels import _pdl
 from backend.kernels._pdl import pdl_args
 
 
@@ -338,16 +339,23 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
 def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       PDL: tl.constexpr):
-    if PDL:  # see _pdl.py
-        gdc_wait()
+                       PRELOAD: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, WORDS)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
-    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     num_words = K // 4
-    for k0 in range(0, num_words, WORDS):
+    if PRELOAD:  # the first tile and the scales before the wait, as gemv.py's kernel (_pdl.preload_first_tile)
+        packed_first = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < num_words)[None, :], other=0)
+    s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if PDL:  # see _pdl.py
+        gdc_wait()
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    if PRELOAD:  # used at once, as in gemv.py
+        for i in tl.static_range(4):
+            x_i = tl.load(x_ptr + 4 * words + i, mask=words < num_words, other=0.0).to(tl.float32)
+            acc += ((packed_first << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]
+    for k0 in range(WORDS if PRELOAD else 0, num_words, WORDS):
         word = k0 + words
         word_ok = word < num_words
         packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
@@ -356,7 +364,6 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
             acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
     if PDL:
         gdc_launch_dependents()
-    s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -664,7 +671,7 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w8_gemv_tile(N, K, x.device)
     _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        num_warps=tile["num_warps"], **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile, num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 

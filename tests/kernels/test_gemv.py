@@ -27,9 +27,9 @@ def test_gemv_matches_float64(shape, tile, dtype, atol, rtol, device):
 @pytest.mark.parametrize("preload", [False, True])
 @pytest.mark.parametrize("shape", [(37, 100), (130, 1536), (64, 1000)])
 def test_gemv_with_and_without_the_first_tile_loaded_before_the_wait(preload, shape, monkeypatch, device):
-    from backend.kernels import gemv
+    from backend.kernels import _pdl
 
-    monkeypatch.setattr(gemv, "preload", preload)
+    monkeypatch.setattr(_pdl, "preload_first_tile", preload)
     weight = torch.randn(*shape, device=device) / 40
     x = torch.randn(1, shape[1], device=device)
     torch.testing.assert_close(gemv_triton(x, weight, (8, 256, 4)).double(), x.double() @ weight.double().T,
