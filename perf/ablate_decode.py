@@ -2,6 +2,7 @@
 
     python3 perf/ablate_decode.py --out ablate.json                      # 8B shape, bf16, one GPU
     python3 perf/ablate_decode.py --variants base,silu,one_split --out a.json
+    python3 perf/ablate_decode.py --quant int8_wo+head --variants base,w8=8:256:4 --out q.json
 
 A profiler's per-kernel times overlap under programmatic dependent launch (a kernel is resident while it waits
 for the one before), so they do not say what a kernel costs the step. Here each variant builds the engine with
@@ -13,7 +14,8 @@ change costs or saves inside the CUDA graph, launch gaps included. Variants:
   one_split: decode attention in one split per KV head (a real alternative: the same values);
   unfused_rotary: rotary.py's kernel before decode attention, as before the fusion (the same values);
   torch_argmax: greedy sampling's argmax by torch instead of backend/kernels/argmax.py (the same ids);
-  no_preload: the bf16 GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0).
+  no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
+  w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head).
 """
 from __future__ import annotations
 
@@ -59,13 +61,14 @@ def _torch_argmax(self, x):
 
 def _patch(variant: str):
     """Install the variant's replacement; returns a function that undoes it."""
-    from backend.kernels import _pdl, paged_attention, triton_ops
+    from backend.kernels import _pdl, paged_attention, quant_matmul, triton_ops
 
     from backend.engine.sampler import Sampler
 
     original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
                                                       Sampler.sample)
     original_argmax, original_preload = Sampler.greedy_argmax, _pdl.preload_first_tile
+    original_w8_tile = quant_matmul.w8_gemv_tile
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
                     "attention": {"paged_attention": _skip_attention, **unfused}, "norm": {"rms_norm": _skip_norm},
@@ -78,6 +81,9 @@ def _patch(variant: str):
         Sampler.sample = _skip_sampling
     elif variant == "no_preload":  # the GEMVs load their first weight tile after the PDL wait, as before
         _pdl.preload_first_tile = False
+    elif variant.startswith("w8="):  # every INT8 GEMV with this tile: w8=BLOCK_N:WORDS:num_warps
+        block_n, words, warps = (int(v) for v in variant[3:].split(":"))
+        quant_matmul.w8_gemv_tile = lambda N, K, device: dict(BLOCK_N=block_n, WORDS=words, num_warps=warps)
     elif variant == "torch_argmax":  # greedy sampling's argmax by torch, as before backend/kernels/argmax.py
         Sampler.greedy_argmax = _torch_argmax
     elif variant != "base":
@@ -87,6 +93,7 @@ def _patch(variant: str):
         triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
         Sampler.sample = original_sample
         Sampler.greedy_argmax, _pdl.preload_first_tile = original_argmax, original_preload
+        quant_matmul.w8_gemv_tile = original_w8_tile
     return undo
 
 
@@ -112,12 +119,18 @@ def run_variant(variant: str, folder: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--quant", default="", help="8B shape quantized in place, e.g. int8_wo+head (bench_quant.py)")
     parser.add_argument("--variants", default="base,silu,rotary,norm,one_split,attention,sampling,base")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    out = {"device": torch.cuda.get_device_name(), "shape": args.shape, "variants": {}}
+    out = {"device": torch.cuda.get_device_name(), "shape": args.shape, "quant": args.quant, "variants": {}}
     with tempfile.TemporaryDirectory() as folder:
-        write_config(args.shape, folder)
+        if args.quant:
+            from perf.bench_quant import write_config as write_quant_config
+
+            write_quant_config(folder, args.quant)
+        else:
+            write_config(args.shape, folder)
         for i, variant in enumerate(args.variants.split(",")):
             out["variants"][f"{i}:{variant}"] = record = run_variant(variant, folder)
             print(f"{variant:>10}: {record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step", flush=True)
