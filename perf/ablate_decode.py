@@ -3,6 +3,7 @@
     python3 perf/ablate_decode.py --out ablate.json                      # 8B shape, bf16, one GPU
     python3 perf/ablate_decode.py --variants base,silu,one_split --out a.json
     python3 perf/ablate_decode.py --quant int8_wo+head --variants base,w8=8:256:4 --out q.json
+    python3 perf/ablate_decode.py --workload mixed --variants base,unfused_rotary --out m.json
 
 A profiler's per-kernel times overlap under programmatic dependent launch (a kernel is resident while it waits
 for the one before), so they do not say what a kernel costs the step. Here each variant builds the engine with
@@ -97,33 +98,48 @@ def _patch(variant: str):
     return undo
 
 
-def run_variant(variant: str, folder: str) -> dict:
+def run_variant(variant: str, folder: str, workload: str) -> dict:
+    """b1: batch-1 decode, best of 3; mixed: bench_engine's mixed workload (256 requests) and decode at batch
+    256, as bench_engine.py sets the engine up for them ("ms_per_step" is then the batch-256 step)."""
+    from perf.bench_engine import decode_rate, mixed_workload
+
     undo = _patch(variant)
     try:
         start = time.perf_counter()
-        engine = make_engine(folder, "cuda", max_num_seqs=8, max_num_batched_tokens=4096)
-        load_s = time.perf_counter() - start
+        if workload == "b1":
+            engine = make_engine(folder, "cuda", max_num_seqs=8, max_num_batched_tokens=4096)
+        else:
+            engine = make_engine(folder, "cuda", max_num_seqs=256, max_num_batched_tokens=8192)
+        record = {"load_s": time.perf_counter() - start}
         try:
             vocab = engine.model_config.vocab_size
-            rates = [decode_b1(engine, vocab, seed) for seed in (1, 2, 3)]
+            if workload == "b1":
+                rates = [decode_b1(engine, vocab, seed) for seed in (1, 2, 3)]
+                record.update(tok_s_runs=rates, tok_s=max(rates), ms_per_step=1e3 / max(rates))
+            else:
+                record["mixed_tok_s"] = mixed_workload(engine, vocab)
+                record["tok_s"] = decode_rate(engine, 256, vocab)
+                record["ms_per_step"] = 256e3 / record["tok_s"]
         finally:
             engine.shutdown()
             del engine
             torch.cuda.empty_cache()
     finally:
         undo()
-    best = max(rates)
-    return {"tok_s_runs": rates, "tok_s": best, "ms_per_step": 1e3 / best, "load_s": load_s}
+    return record
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--workload", choices=("b1", "mixed"), default="b1",
+                        help="b1: batch-1 decode; mixed: the mixed workload and batch-256 decode")
     parser.add_argument("--quant", default="", help="8B shape quantized in place, e.g. int8_wo+head (bench_quant.py)")
     parser.add_argument("--variants", default="base,silu,rotary,norm,one_split,attention,sampling,base")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    out = {"device": torch.cuda.get_device_name(), "shape": args.shape, "quant": args.quant, "variants": {}}
+    out = {"device": torch.cuda.get_device_name(), "shape": args.shape, "quant": args.quant,
+           "workload": args.workload, "variants": {}}
     with tempfile.TemporaryDirectory() as folder:
         if args.quant:
             from perf.bench_quant import write_config as write_quant_config
@@ -132,8 +148,9 @@ def main() -> int:
         else:
             write_config(args.shape, folder)
         for i, variant in enumerate(args.variants.split(",")):
-            out["variants"][f"{i}:{variant}"] = record = run_variant(variant, folder)
-            print(f"{variant:>10}: {record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step", flush=True)
+            out["variants"][f"{i}:{variant}"] = record = run_variant(variant, folder, args.workload)
+            mixed = f"  mixed {record['mixed_tok_s']:8.1f} tok/s" if "mixed_tok_s" in record else ""
+            print(f"{variant:>10}: {record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step{mixed}", flush=True)
     bases = [r["ms_per_step"] for k, r in out["variants"].items() if k.endswith(":base")]
     base = min(bases) if bases else None
     if base is not None:

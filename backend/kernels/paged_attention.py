@@ -408,11 +408,21 @@ def rotary_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    scale: float) -> torch.Tensor:
     """rotary_and_cache then paged_attention for a decode step (meta.decode_only) over a 16-bit cache, in the
     decode kernels alone: q [T, Hq, D], k and v [T, Hkv, D] are the projection's raw rows (views with unit stride
-    along D). The cache gets the rotated k and v as rotary.py writes them; returns the attention output."""
+    along D). The cache gets the rotated k and v as rotary.py writes them; returns the attention output.
+
+    Only where decode runs several splits per KV head (small batches, where every launch is latency): with one
+    split (batch x KV heads fill the GPU) each program would rotate and write before its loop, and the batch-256
+    step was slower that way than with rotary.py's own kernel (H100, 8B: 11.01 against 10.88-10.98 ms; the mixed
+    workload 9,687-9,986 against 10,045-10,065 tok/s; perf/ablate_decode.py --workload mixed), so it takes that."""
     import triton
 
     if not meta.decode_only or kv_cache.element_size() == 1:
         raise ValueError("rotary_decode_attention_triton: decode steps over a 16- or 32-bit cache only")
+    if decode_num_splits(meta.num_seqs, kv_cache.shape[3], q.device) == 1:
+        from backend.kernels.rotary import rotary_and_cache_triton
+
+        q, _ = rotary_and_cache_triton(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
+        return paged_attention_triton(q, kv_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.num_seqs == 0 or q.shape[0] == 0:
         return out
