@@ -7,8 +7,9 @@
 
 A profiler's per-kernel times overlap under programmatic dependent launch (a kernel is resident while it waits
 for the one before), so they do not say what a kernel costs the step. Here each variant builds the engine with
-one change and times batch-1 decode as perf/bench_multi_gpu.py does; the difference from `base` is what the
-change costs or saves inside the CUDA graph, launch gaps included. Variants:
+one change and times batch-1 decode as perf/bench_multi_gpu.py does (--workload mixed: bench_engine.py's mixed
+workload, then decode at batch 256); the difference from `base` is what the change costs or saves inside the
+CUDA graph, launch gaps included. Variants:
   silu, norm, attention, rotary: that operation replaced by a no-op (the tokens are garbage: timings only;
     attention and rotary take unfused_rotary's path);
   sampling: greedy sampling's clone, bans and argmax replaced by zeros;
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from perf.bench_engine import write_config  # noqa: E402
-from perf.bench_multi_gpu import decode_b1, greedy, make_engine  # noqa: E402
+from perf.bench_multi_gpu import decode_b1, make_engine  # noqa: E402
 
 
 def _skip_silu(gate_up):
@@ -150,7 +151,8 @@ def main() -> int:
         for i, variant in enumerate(args.variants.split(",")):
             out["variants"][f"{i}:{variant}"] = record = run_variant(variant, folder, args.workload)
             mixed = f"  mixed {record['mixed_tok_s']:8.1f} tok/s" if "mixed_tok_s" in record else ""
-            print(f"{variant:>10}: {record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step{mixed}", flush=True)
+            step = f"{record['tok_s']:7.1f} tok/s  {record['ms_per_step']:.3f} ms/step"
+            print(f"{variant:>10}: {step}{mixed}", flush=True)
     bases = [r["ms_per_step"] for k, r in out["variants"].items() if k.endswith(":base")]
     base = min(bases) if bases else None
     if base is not None:

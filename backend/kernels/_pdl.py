@@ -9,9 +9,9 @@ earlier kernel wrote or write anything at all. TensorRT-LLM and SGLang launch th
 this is our own use of Triton's `griddepcontrol` wrappers.
 
 Rules every kernel given PDL=True here keeps:
-- every program calls gdc_wait first, before any load or store (and so before it returns);
-- gdc_launch_dependents comes right after the wait in small kernels, after the main loop in the GEMVs;
-- only loads of what no kernel writes (weights) may come before the wait (preload_first_tile below).
+- every program calls gdc_wait before it stores anything or loads what a kernel writes (and before it returns);
+  only loads of what no kernel writes (weights, their scales) may come first (preload_first_tile below);
+- gdc_launch_dependents comes right after the wait in small kernels, after the main loop in the GEMVs.
 Measured on an H100 (perf/bench_pdl.py, perf/RESULTS.md): the GEMVs signalling before their loop, and an L2
 prefetch of their first weight lines issued before the wait, both made the chain slower than this.
 A kernel launched without the attribute (cuBLAS, torch ops) simply waits for the whole kernel ahead, as usual.

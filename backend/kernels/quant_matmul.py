@@ -346,7 +346,8 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     num_words = K // 4
     if PRELOAD:  # the first tile and the scales before the wait, as gemv.py's kernel (_pdl.preload_first_tile)
-        packed_first = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < num_words)[None, :], other=0)
+        first_ok = row_ok[:, None] & (words < num_words)[None, :]
+        packed_first = tl.load(w_rows + words[None, :], mask=first_ok, other=0)
     s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if PDL:  # see _pdl.py
         gdc_wait()
