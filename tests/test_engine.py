@@ -53,6 +53,18 @@ def test_greedy_equals_transformers_on_tiny_models(tiny_checkpoint, arch):
         assert tokens == transformers_greedy(path, prompt, 24)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_triton_kernels_interpreted_give_transformers_greedy_tokens(tiny_checkpoint, arch):
+    """The model through the Triton ops (the interpreter on CPU): its decode steps take the decode kernel that
+    does rotary and the cache write itself, its prefill steps rotary.py's kernel and the prefill kernel."""
+    path = tiny_checkpoint(arch)
+    engine = make_engine(path, attention_backend="triton")
+    assert engine.runner.ops.rotary_decode_attention is not None
+    prompts = random_prompts(engine.model_config.vocab_size, [5, 19])
+    for prompt, tokens in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6))):
+        assert tokens == transformers_greedy(path, prompt, 6)
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers(smollm2_dir):
     from transformers import AutoModelForCausalLM
