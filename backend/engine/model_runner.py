@@ -167,7 +167,8 @@ class ModelRunner:
         warmup(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_q_heads=mc.num_heads,
                num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, kv_cache=self.kv_caches[0], dtype=self.dtype,
                eps=mc.rms_norm_eps, ops=self.ops)
-        self.sampler.warm_up(self.model_config.vocab_size, self.dtype, self.device)  # full vocab: after the gather
+        if self.parallel is None or self.parallel.is_driver:  # only rank 0 samples
+            self.sampler.warm_up(self.model_config.vocab_size, self.dtype, self.device)  # full vocab: after the gather
 
     def _warm_up_forward(self, max_model_len: int) -> None:
         """Eager forwards over the batch shapes traffic brings (a long prefill; a prefill chunk mixed with
