@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["int4_wo", "int4_gptq", "int4_awq"])
     p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=None, help="for every calibrated method (default: the test's)")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 group size")
     args = p.parse_args()
     src = resolve_checkpoint(None)
     windows = token_windows(load_tokenizer(src), eval_texts(), 512, args.eval_windows)
@@ -53,9 +54,10 @@ def main() -> None:
         for method in args.methods:
             t0 = time.time()
             samples = args.calib_samples or CALIB_SAMPLES.get(method, 8)
-            path = quantize_checkpoint(src, Path(tmp) / method, method, calib_samples=samples, progress=False)
+            path = quantize_checkpoint(src, Path(tmp) / method, method, calib_samples=samples,
+                                       group_size=args.group_size, progress=False)
             head, full = nll(path, windows, TEST_WINDOWS)
-            print(f"{method:10s} {100 * (math.exp(head - base[0]) - 1):+6.1f}% on {TEST_WINDOWS} windows "
+            print(f"{method:10s} g{args.group_size} {100 * (math.exp(head - base[0]) - 1):+6.1f}% on {TEST_WINDOWS} windows "
                   f"{100 * (math.exp(full - base[1]) - 1):+6.1f}% on {windows.shape[0]}  "
                   f"(calibration {samples} windows, {time.time() - t0:.0f} s)", flush=True)
 

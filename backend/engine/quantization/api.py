@@ -16,7 +16,21 @@ from .writer import rtn_tensors, with_quantized_head, write_configs, write_shard
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *, group_size: int = 128,
+DEFAULT_GROUP_SIZE = 128
+
+
+def default_group_size(src_dir: str | Path) -> int:
+    """128 (AutoAWQ's, AutoGPTQ's and TensorRT-LLM's default), or the source's block when the source was itself
+    quantized in smaller blocks (a Q4_1 GGUF: 32). A group of 128 over four Q4_1 blocks must cover four grids
+    of different offsets with one integer zero point; on the bundled SmolLM2 (perplexity on 20 held-out windows,
+    perf/RESULTS.md) round-to-nearest costs +28.7% at 128 and +24.4% at 32, AWQ +11.1% and +5.3%."""
+    from backend.engine.checkpoint import source_block_size
+
+    block = source_block_size(src_dir)
+    return DEFAULT_GROUP_SIZE if block is None else min(DEFAULT_GROUP_SIZE, max(32, block))
+
+
+def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *, group_size: int | None = None,
                         dtype: str = "auto", calib_texts: list[str] | None = None, calib_samples: int = 32,
                         calib_seq_len: int = 512, smoothquant_alpha: float = 0.5, device: str = "cpu",
                         quantize_lm_head: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
@@ -27,10 +41,12 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
     tokens of `calib_texts`, by default the bundled corpus's calibration split, on `device`; fp8's e4m3 weights
     are rounded by GPTQ, its activations stay dynamic per token).
     dtype: of the tensors left unquantized (embeddings, norms, LM head); "auto" keeps the source's.
+    group_size: INT4 group; None: default_group_size(src_dir).
     quantize_lm_head: the LM head too, by round-to-nearest in QuantConfig.head_format (off by default, as in
     AutoAWQ/AutoGPTQ/TensorRT-LLM: at batch 1 it is ~7% of an 8B model's bytes, so it matters to speed).
     """
     src, dst = Path(src_dir), Path(dst_dir)
+    group_size = default_group_size(src) if group_size is None else group_size
     extra = {"smoothquant_alpha": smoothquant_alpha} if method == "int8_sq" else {}
     if method in CALIBRATED:
         extra["calibration"] = {"samples": calib_samples, "seq_len": calib_seq_len,
