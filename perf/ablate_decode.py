@@ -11,13 +11,17 @@ one change and times batch-1 decode as perf/bench_multi_gpu.py does (--workload 
 workload, then decode at batch 256); the difference from `base` is what the change costs or saves inside the
 CUDA graph, launch gaps included. Variants:
   silu, norm, attention, rotary: that operation replaced by a no-op (the tokens are garbage: timings only;
-    attention and rotary take unfused_rotary's path);
+    attention and rotary take unfused_rotary's path; silu also takes unfused_silu's);
   sampling: greedy sampling's clone, bans and argmax replaced by zeros;
   one_split: decode attention in one split per KV head (a real alternative: the same values);
   unfused_rotary: rotary.py's kernel before decode attention, as before the fusion (the same values);
   torch_argmax: greedy sampling's argmax by torch instead of backend/kernels/argmax.py (the same ids);
+  unfused_silu: activation.py's SiLU-and-mul kernel after gate_up, as before its GEMV's epilogue took it
+    (TRITIUM_GEMV_SILU=0; the same function, gate and up rounded to the model dtype first);
   no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
-  w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head).
+  w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
+  gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
+    with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
 """
 from __future__ import annotations
 
@@ -61,20 +65,31 @@ def _torch_argmax(self, x):
     return x.argmax(dim=-1)
 
 
+def _with_gated_tile(fn, tile):
+    def call(*args, gated=False, **kwargs):
+        if gated:
+            kwargs["tile"] = tile
+        return fn(*args, gated=gated, **kwargs)
+    return call
+
+
 def _patch(variant: str):
     """Install the variant's replacement; returns a function that undoes it."""
-    from backend.kernels import _pdl, paged_attention, quant_matmul, triton_ops
+    from backend.kernels import _pdl, gemv, paged_attention, quant_matmul, triton_ops
 
     from backend.engine.sampler import Sampler
 
     original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
                                                       Sampler.sample)
     original_argmax, original_preload = Sampler.greedy_argmax, _pdl.preload_first_tile
-    original_w8_tile = quant_matmul.w8_gemv_tile
+    original_w8_tile, original_fuse_silu = quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul
+    original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
                     "attention": {"paged_attention": _skip_attention, **unfused}, "norm": {"rms_norm": _skip_norm},
                     "unfused_rotary": unfused}
+    # silu's no-op must run where the gate_up GEMV's epilogue would otherwise apply the function
+    gemv.fuse_silu_and_mul = original_fuse_silu and variant not in ("silu", "unfused_silu")
     if variant in replacements:
         triton_ops.TRITON_OPS = dataclasses.replace(original_ops, **replacements[variant])
     elif variant == "one_split":
@@ -86,16 +101,23 @@ def _patch(variant: str):
     elif variant.startswith("w8="):  # every INT8 GEMV with this tile: w8=BLOCK_N:WORDS:num_warps
         block_n, words, warps = (int(v) for v in variant[3:].split(":"))
         quant_matmul.w8_gemv_tile = lambda N, K, device: dict(BLOCK_N=block_n, WORDS=words, num_warps=warps)
+    elif variant.startswith(("gated16=", "gated8=")):  # a tile for the gated gate_up GEMV only
+        name, _, values = variant.partition("=")
+        a, b, warps = (int(v) for v in values.split(":"))
+        module, attr, tile = ((gemv, "gemv_triton", (a, b, warps)) if name == "gated16" else
+                              (quant_matmul, "w8a16_gemv_triton", dict(BLOCK_N=a, WORDS=b, num_warps=warps)))
+        setattr(module, attr, _with_gated_tile(getattr(module, attr), tile))
     elif variant == "torch_argmax":  # greedy sampling's argmax by torch, as before backend/kernels/argmax.py
         Sampler.greedy_argmax = _torch_argmax
-    elif variant != "base":
+    elif variant not in ("base", "unfused_silu"):
         raise SystemExit(f"--variants: unknown variant {variant!r}")
 
     def undo():
         triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
         Sampler.sample = original_sample
         Sampler.greedy_argmax, _pdl.preload_first_tile = original_argmax, original_preload
-        quant_matmul.w8_gemv_tile = original_w8_tile
+        quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul = original_w8_tile, original_fuse_silu
+        gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 
 

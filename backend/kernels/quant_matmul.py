@@ -267,13 +267,19 @@ LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None e
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCKS: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
+                       BLOCKS: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
-    rows_a = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)
-    rows_b = rows_a + BLOCK_N
-    ok_a, ok_b = rows_a < N, rows_b < N
+    if GATED:  # weight [gate; up], output silu(gate) * up: tile a takes gate rows, tile b the up rows they meet
+        rows_a = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_b = rows_a + N
+        ok_a = rows_a < N
+        ok_b = ok_a
+    else:
+        rows_a = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)
+        rows_b = rows_a + BLOCK_N
+        ok_a, ok_b = rows_a < N, rows_b < N
     words_a = w_ptr + rows_a.to(tl.int64)[:, None, None] * sw_n
     words_b = w_ptr + rows_b.to(tl.int64)[:, None, None] * sw_n
     sz_a = rows_a.to(tl.int64)[:, None] * ss_n
@@ -328,8 +334,12 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         acc_b += s_b * dot_b
     if PDL:
         gdc_launch_dependents()
-    tl.store(out_ptr + rows_a, tl.sum(tl.sum(acc_a, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=ok_a)
-    tl.store(out_ptr + rows_b, tl.sum(tl.sum(acc_b, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=ok_b)
+    y_a, y_b = tl.sum(tl.sum(acc_a, axis=2), axis=1), tl.sum(tl.sum(acc_b, axis=2), axis=1)
+    if GATED:
+        tl.store(out_ptr + rows_a, (y_a * tl.sigmoid(y_a) * y_b).to(out_ptr.dtype.element_ty), mask=ok_a)
+    else:
+        tl.store(out_ptr + rows_a, y_a.to(out_ptr.dtype.element_ty), mask=ok_a)
+        tl.store(out_ptr + rows_b, y_b.to(out_ptr.dtype.element_ty), mask=ok_b)
 
 
 # Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
@@ -339,10 +349,16 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
 def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       PRELOAD: tl.constexpr, PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                       PRELOAD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+    r = tl.arange(0, BLOCK_N)
+    if GATED:  # weight [gate; up], output silu(gate) * up: rows pair up as in gemv.py's kernel
+        out_rows = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        rows = out_rows + (r % 2) * N
+    else:
+        out_rows = tl.program_id(0) * BLOCK_N + r
+        rows = out_rows
     words = tl.arange(0, WORDS)
-    row_ok = rows < N
+    row_ok = out_rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     num_words = K // 4
     if PRELOAD:  # the first tile and the scales before the wait, as gemv.py's kernel (_pdl.preload_first_tile)
@@ -366,14 +382,20 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     if PDL:
         gdc_launch_dependents()
     y = tl.sum(acc, axis=1) * s
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if GATED:
+        gate, up = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+        y = gate * tl.sigmoid(gate) * up
+        out_rows = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(out_ptr + out_rows, y.to(out_ptr.dtype.element_ty), mask=out_rows < N)
 
 
 def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
     """1 KB of each row per chunk, 4 warps; 4 rows per program for long rows (K >= 8192, down_proj) and narrow
     products (N <= 4096, o_proj), 8 otherwise. Within 1% of the best of 32 tiles on each Llama-3-8B projection
     and the LM head on an H100, timed from HBM (perf/tune_quant_gemv.py, perf/results/h100-tune_quant_gemv-hbm.json);
-    down_proj's 24.5 us beats the split-K kernel's 25.3 us plus its zero fill."""
+    down_proj's 24.5 us beats the split-K kernel's 25.3 us plus its zero fill. The gated gate_up GEMV (4 gate and 4
+    up rows per program) keeps this tile: best of 10 in place in the 8B batch-1 step (perf/ablate_decode.py
+    gated8=..., perf/results/h100-ablate_decode-session10.json)."""
     return dict(BLOCK_N=4 if K >= 8192 or N <= 4096 else 8, WORDS=256, num_warps=4)
 
 
@@ -658,41 +680,47 @@ def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tens
 
 
 def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                      tile: dict | None = None) -> torch.Tensor:
+                      tile: dict | None = None, gated: bool = False) -> torch.Tensor:
     """x [1, K] -> [1, N]; same contract as w8a16_matmul_ref for one row. K must be a multiple of 4 (whole int32
-    words per row); `tile` overrides w8_gemv_tile (for tuning)."""
+    words per row); `tile` overrides w8_gemv_tile (for tuning). gated: the weight is [gate; up] and the result
+    [1, N / 2] is SiLU-and-mul of the product (activation.py's function, in the epilogue)."""
     import triton
 
     N, K = qweight.shape
-    if x.shape != (1, K) or K % 4 or not qweight.is_contiguous():
-        raise ValueError(f"w8a16_gemv_triton needs x [1, {K}], K a multiple of 4 and a contiguous qweight; "
-                         f"got x {tuple(x.shape)}, K {K}")
+    if x.shape != (1, K) or K % 4 or not qweight.is_contiguous() or (gated and N % 2):
+        raise ValueError(f"w8a16_gemv_triton needs x [1, {K}], K a multiple of 4 and a contiguous qweight (an even "
+                         f"number of rows when gated); got x {tuple(x.shape)}, weight {tuple(qweight.shape)}")
     words = qweight.view(torch.int32)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    n_out = N // 2 if gated else N
+    out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w8_gemv_tile(N, K, x.device)
-    _w8a16_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
-        x.contiguous(), words, scales, out, N, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        PRELOAD=_pdl.preload_first_tile, num_warps=tile["num_warps"], **pdl_args(x.device))
+    _w8a16_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"] // 2 if gated else tile["BLOCK_N"]),)](
+        x.contiguous(), words, scales, out, n_out, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
+        PRELOAD=_pdl.preload_first_tile, GATED=gated, num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 
 def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, tile: dict | None = None) -> torch.Tensor:
-    """x [1, K] -> [1, N] over group-planar words; `tile` overrides w4_gemv_tile (for tuning)."""
+                      group_size: int, tile: dict | None = None, gated: bool = False) -> torch.Tensor:
+    """x [1, K] -> [1, N] over group-planar words; `tile` overrides w4_gemv_tile (for tuning). gated: the
+    weight is [gate; up] and the result [1, N / 2] is SiLU-and-mul of the product."""
     import triton
 
     N, K = words.shape[0], x.shape[-1]
     _check_planar(words, K, group_size)
-    if x.shape != (1, K):
-        raise ValueError(f"w4a16_gemv_triton needs x [1, K]; got x {tuple(x.shape)}")
+    if x.shape != (1, K) or (gated and N % 2):
+        raise ValueError(f"w4a16_gemv_triton needs x [1, K] (and an even number of rows when gated); got x "
+                         f"{tuple(x.shape)}, {N} rows")
     scales, zeros = _shared_strides(scales, zeros)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    n_out = N // 2 if gated else N
+    out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     block_k = planar_block(K, group_size)
-    _w4a16_gemv_kernel[(triton.cdiv(N, 2 * tile["BLOCK_N"]),)](
-        x.contiguous(), words, scales, zeros, out, N, K, triton.cdiv(K, block_k), words.stride(0), scales.stride(0),
-        GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
-        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=tile["num_warps"], **pdl_args(x.device))
+    _w4a16_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"] if gated else 2 * tile["BLOCK_N"]),)](
+        x.contiguous(), words, scales, zeros, out, n_out, K, triton.cdiv(K, block_k), words.stride(0),
+        scales.stride(0), GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
+        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, num_warps=tile["num_warps"],
+        **pdl_args(x.device))
     return out
 
 

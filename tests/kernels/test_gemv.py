@@ -36,6 +36,37 @@ def test_gemv_with_and_without_the_first_tile_loaded_before_the_wait(preload, sh
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 16), (74, 100), (260, 1536)] + ([(28672, 4096), (2000, 4100)] if ON_GPU else []))
+@pytest.mark.parametrize("tile", TILES)
+def test_gated_gemv_is_silu_and_mul_of_the_product(shape, tile, dtype, atol, rtol, device):
+    # [gate; up] rows: half-rows not a multiple of the tile's pairs, K off the tile; against float64.
+    n, k = shape
+    weight = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
+    x = torch.randn(1, k, dtype=dtype, device=device)
+    gate, up = (x.double() @ weight.double().T).chunk(2, dim=-1)
+    out = gemv_triton(x, weight, tile, gated=True)
+    assert out.shape == (1, n // 2)
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(gate) * up, atol=atol, rtol=rtol)
+
+
+def test_gemv_linear_fuses_silu_and_mul_only_for_a_decode_row(monkeypatch, device):
+    from backend.kernels import gemv
+
+    layer = torch.nn.Linear(64, 96, bias=False).to(device)
+    use_gemv_for_decode(layer)
+    x = torch.randn(1, 64, device=device, dtype=torch.float16)
+    layer.half()
+    fused = layer.silu_and_mul_decode(x)
+    assert (fused is not None) == (device.type == "cuda")
+    if fused is not None:
+        gate, up = (x.double() @ layer.weight.double().T).chunk(2, dim=-1)
+        torch.testing.assert_close(fused.double(), torch.nn.functional.silu(gate) * up, atol=2e-3, rtol=2e-3)
+    assert layer.silu_and_mul_decode(x.expand(2, 64)) is None  # two rows: the unfused path
+    monkeypatch.setattr(gemv, "fuse_silu_and_mul", False)
+    assert layer.silu_and_mul_decode(x) is None
+
+
 def test_gemv_rejects_more_than_one_row(device):
     with pytest.raises(ValueError, match="x \\[1, 8\\]"):
         gemv_triton(torch.ones(2, 8, device=device), torch.ones(4, 8, device=device))

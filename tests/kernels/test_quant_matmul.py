@@ -116,6 +116,30 @@ def test_w8a16_batch_one_gemv(N, K, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w8a16_matmul_triton(x, qweight, scales), got)  # the dispatch
 
 
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# Gated GEMVs ([gate; up] -> silu(gate) * up): half-rows off the row tiles, K off the chunk; a g32 SmolLM2 shape.
+GATED_SHAPES = [(74, 576, 128), (16, 1024, 32), (3072, 576, 32)] + ([(28672, 4096, 128)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("N,K,group", GATED_SHAPES)
+def test_gated_gemvs_are_silu_and_mul_of_the_product(N, K, group, dtype, atol, rtol, device):
+    x = torch.randn(1, K, device=device).to(dtype) / K ** 0.5
+    q8, s8 = random_int8(N, K, device)
+    want8 = _silu_and_mul(x.double() @ (q8.double() * s8.double()[:, None]).T)
+    got8 = qm.w8a16_gemv_triton(x, q8, s8, gated=True)
+    torch.testing.assert_close(got8.double(), want8, atol=atol * want8.abs().max().item(), rtol=rtol)
+    q4, s4, z4 = random_int4(N, K, group, device)
+    want4 = _silu_and_mul(x.double() @ qm.dequantize_int4(q4, s4, z4, group).double().T)
+    got4 = qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, gated=True)
+    assert got4.shape == (1, N // 2)
+    torch.testing.assert_close(got4.double(), want4, atol=atol * want4.abs().max().item(), rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("path", ["tiled", "dequant"])
 @pytest.mark.parametrize("M,N,K", [(3, 37, 576), (70, 130, 200)])

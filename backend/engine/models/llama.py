@@ -87,7 +87,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # under tp a partial sum, as above
+        # A decode row's GEMV applies SiLU-and-mul in its epilogue (gemv.GemvLinear, the quantized layers).
+        fused = getattr(self.gate_up_proj, "silu_and_mul_decode", None)
+        h = fused(x) if fused is not None else None
+        if h is None:
+            h = self.ops.silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(h)  # under tp a partial sum, as above
 
 
 class RMSNorm(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backend.kernels import gemv
 from backend.kernels import quant_matmul as qm
 from backend.kernels import scaled_matmul as sm
 
@@ -41,6 +42,17 @@ class QuantLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def silu_and_mul_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU-and-mul of this [gate; up] projection in the batch-1 GEMV's epilogue (one kernel less per layer,
+        as gemv.GemvLinear); None where no gated GEMV applies (CPU, several rows, a bias)."""
+        if not (self.use_triton and self.bias is None and gemv.fuse_silu_and_mul and gemv.is_decode_row(x)):
+            return None
+        y = self.gated_gemv(x.reshape(1, -1))
+        return None if y is None else y.reshape(*x.shape[:-1], -1)
+
+    def gated_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, triton={self.use_triton}"
 
@@ -54,6 +66,11 @@ class Int8WeightOnlyLinear(QuantLinear):
     def matmul(self, x):
         fn = qm.w8a16_matmul_triton if self.use_triton else qm.w8a16_matmul_ref
         return fn(x, self.qweight, self.scales)
+
+    def gated_gemv(self, x):
+        if self.in_features % 4 or not self.qweight.is_contiguous():
+            return None
+        return qm.w8a16_gemv_triton(x, self.qweight, self.scales, gated=True)
 
     def set_float_weight(self, weight: torch.Tensor) -> None:
         q, s = rtn.quantize_int8(weight)
@@ -77,6 +94,9 @@ class Int4WeightOnlyLinear(QuantLinear):
             return qm.w4a16_matmul_ref(x, self.qweight, self.scales, self.qzeros, self.group_size)
         return qm.w4a16_matmul_triton(x, self.planar_words(), self.scales, self.qzeros, self.group_size)
 
+    def gated_gemv(self, x):
+        return qm.w4a16_gemv_triton(x, self.planar_words(), self.scales, self.qzeros, self.group_size, gated=True)
+
     def planar_words(self) -> torch.Tensor:
         """qweight in the kernels' layout (qm.to_planar_int4). The packed pairs that load_weights fills are
         repacked in place at the first Triton forward (warmup runs one before any CUDA-graph capture), so the
@@ -97,6 +117,8 @@ class Int4WeightOnlyLinear(QuantLinear):
 
 class W8A8Linear(QuantLinear):
     """INT8 (SmoothQuant) or FP8: weights per output channel, activations quantized per token at run time."""
+
+    silu_and_mul_decode = None  # its input may come quantized from the norm before it: no gated GEMV
 
     def __init__(self, in_features, out_features, bias=False, use_triton=False, dtype=torch.float32, device="cpu",
                  kind: str = "int8"):
