@@ -43,7 +43,8 @@ LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("d
 ROWS = (1, 16, 256, 512, 2048)
 NO_PDL = " (no PDL)"  # suffix of the engine runs made without programmatic dependent launch
 ENGINE_RUNS = [("bf16", None, (1, 64)), ("int8_wo", None, (1, 64)), ("int8_wo+head", None, (1,)),
-               ("int4_wo", None, (1, 64)), ("int4_wo+head", None, (1,)), ("fp8", None, (1, 64)),
+               ("int4_wo", None, (1, 64)), ("int4_wo+head", None, (1,)), ("int4_wo+head@32", None, (1,)),
+               ("fp8", None, (1, 64)),
                ("fp8+head", None, (1, 64)), ("int8_sq", None, (64,)), ("bf16", "int8", (64,))]
 
 
@@ -130,8 +131,10 @@ def write_config(folder: str, mode: str | None) -> str:
     config = dict(SHAPES["llama3-8b"], architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5,
                   max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
     if mode:
+        mode, _, group = mode.partition("@")  # int4_wo@32: INT4 groups of 32
         method, _, head = mode.partition("+")
-        config["quantization_config"] = QuantConfig.for_method(method, lm_head=head == "head").to_json()
+        config["quantization_config"] = QuantConfig.for_method(method, int(group or 128),
+                                                               lm_head=head == "head").to_json()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     return folder

@@ -402,10 +402,14 @@ def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
     """Two tiles of BLOCK_N rows per program over BLOCKS planar blocks: 16 rows x 4 blocks x 4 warps for wide
     products (gate_up), 8 x 8 x 8 warps otherwise. Best of 18 tiles on gate_up and qkv, within 1% of it on down
-    and o, on an H100 timed from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json)."""
+    and o, on an H100 timed from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json).
+    Groups under 128 make planar blocks of the group's size, so a loop trip takes proportionally more of them
+    (the same columns and x slice per trip as at 128): with 8 blocks of 32 columns an 8B batch-1 step ran at
+    bf16's speed (perf/RESULTS.md, session 10)."""
+    per_128 = 128 // planar_block(K, group_size)
     if N >= 16384:
-        return dict(BLOCK_N=16, BLOCKS=4, num_warps=4)
-    return dict(BLOCK_N=8, BLOCKS=8, num_warps=8)
+        return dict(BLOCK_N=16, BLOCKS=4 * per_128, num_warps=4)
+    return dict(BLOCK_N=8, BLOCKS=8 * per_128, num_warps=8)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
