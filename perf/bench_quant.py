@@ -261,8 +261,8 @@ def print_table(results: dict) -> None:
         cells = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if v is not None)
         print(f"  {shape:24s} {cells}")
     for key, res in results["engine"].items():
-        cells = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else
-                          f"{k}={[round(x, 1) for x in v]}" if isinstance(v, list) else f"{k}={v}" for k, v in res.items())
+        cells = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={[round(x, 1) for x in v]}"
+                          if isinstance(v, list) else f"{k}={v}" for k, v in res.items())
         print(f"  engine {key:16s} {cells}")
     for key, value in results.get("speedup_vs_bf16", {}).items():
         print(f"  speedup {key:36s} {value:6.2f}x")

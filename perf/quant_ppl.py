@@ -57,7 +57,8 @@ def main() -> None:
             path = quantize_checkpoint(src, Path(tmp) / method, method, calib_samples=samples,
                                        group_size=args.group_size, progress=False)
             head, full = nll(path, windows, TEST_WINDOWS)
-            print(f"{method:10s} g{args.group_size} {100 * (math.exp(head - base[0]) - 1):+6.1f}% on {TEST_WINDOWS} windows "
+            print(f"{method:10s} g{args.group_size} {100 * (math.exp(head - base[0]) - 1):+6.1f}% "
+                  f"on {TEST_WINDOWS} windows "
                   f"{100 * (math.exp(full - base[1]) - 1):+6.1f}% on {windows.shape[0]}  "
                   f"(calibration {samples} windows, {time.time() - t0:.0f} s)", flush=True)
 

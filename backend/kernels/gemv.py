@@ -5,7 +5,8 @@ its speed is the rate at which it streams W from HBM. The kernel gives each prog
 walks K in BLOCK_K tiles, accumulating elementwise products in fp32 registers and reducing across K once at
 the end (one cross-thread reduction per program instead of one per tile). Enough programs (N / BLOCK_N, a
 few per SM) keep enough loads in flight to approach copy bandwidth. The tile sizes per (N, K) were picked by
-perf/profile_decode.py on an H100 (see perf/RESULTS.md).
+perf/profile_decode.py on an H100 (see perf/RESULTS.md). With gated=True the weight is the MLP's [gate; up]
+and the kernel returns SiLU-and-mul of the two products: its epilogue does activation.py's job, one launch fewer.
 """
 from __future__ import annotations
 
