@@ -51,12 +51,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, x_strid
     # squares and the scaling, so x and residual are read once and the two outputs written once.
     # QUANT: the output is the row quantized for the W8A8 product that reads it (codes and a per-token scale,
     # as scaled_matmul's per-token quantizer computes them), which saves that quantizer's launch and a pass.
-    if PDL:  # see _pdl.py: the next kernel may launch now; nothing here is read or written before the wait
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    # The weight is written by no kernel, so it may load before the PDL wait: at batch 1 it comes from HBM
+    # (the step's 15 GB of weights evict it from L2) while x, just written, comes from L2.
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if PDL:  # see _pdl.py: the next kernel may launch now; nothing a kernel writes is read before the wait
         gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -65,7 +68,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, x_strid
         tl.store(sum_ptr + row * sum_stride + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = x32 * rstd * w
     if QUANT:
         scale = tl.maximum(tl.max(tl.abs(y), axis=0) / QMAX, 1e-10)
