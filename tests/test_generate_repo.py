@@ -146,7 +146,7 @@ def test_generated_engine_parameters_load_back(tmp_path):
 
 
 @pytest.mark.parametrize("head_args", [[], ["--quant-lm-head"]])
-def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_checkpoint, head_args):
+def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_checkpoint, head_args, capsys):
     import json
 
     from backend.engine.engine import LLMEngine
@@ -159,6 +159,8 @@ def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_ch
     checkpoint = out / "llm" / "1" / "checkpoint"
     config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert config["method"] == "int8_wo" and config["lm_head"] == bool(head_args)
+    head = ", LM head w8a16" if head_args else ""
+    assert f"quantized int8_wo (w8a16{head})" in capsys.readouterr().out
     size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
     assert size(checkpoint) < size(Path(source))
     assert not list(out.glob(".quantizing-*"))  # the scratch folder is gone; only the four models remain

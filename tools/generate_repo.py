@@ -366,6 +366,12 @@ def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs
         return write_repo(args, config, configs, quantized, link_weights=not args.copy)
 
 
+def describe_quantization(args: argparse.Namespace) -> str:
+    from backend.engine.quantization import QuantConfig
+
+    return QuantConfig.from_dir(Path(args.output_dir) / args.engine_model_name / CHECKPOINT_SUBDIR).describe()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -386,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TemplateError, EngineError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote model repository {out} (checkpoint {checkpoint})")
+    quantized = f", quantized {describe_quantization(args)}" if args.quant else ""
+    print(f"wrote model repository {out} (checkpoint {checkpoint}{quantized})")
     return 0
 
 

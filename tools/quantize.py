@@ -53,7 +53,10 @@ def main(argv=None) -> int:
                               calib_texts=texts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                               smoothquant_alpha=args.smoothquant_alpha, device=args.device,
                               quantize_lm_head=args.quant_lm_head, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote {args.quant} checkpoint {out} in {time.perf_counter() - start:.1f} s (from {src})")
+    from backend.engine.quantization import QuantConfig
+
+    print(f"wrote {QuantConfig.from_dir(out).describe()} checkpoint {out} in {time.perf_counter() - start:.1f} s "
+          f"(from {src})")
     if args.eval:
         report_perplexity(src, out, args.device)
     return 0
