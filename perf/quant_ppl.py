@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backend.engine.checkpoint import load_model, load_tokenizer, resolve_checkpoint  # noqa: E402
 from backend.engine.ops import select_ops  # noqa: E402
 from backend.engine.quantization import quantize_checkpoint  # noqa: E402
+from backend.engine.quantization.api import default_group_size  # noqa: E402
 from backend.engine.quantization.calibration import eval_texts, token_windows  # noqa: E402
 from backend.engine.quantization.perplexity import perplexity  # noqa: E402
 
@@ -43,7 +44,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["int4_wo", "int4_gptq", "int4_awq"])
     p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=None, help="for every calibrated method (default: the test's)")
-    p.add_argument("--group-size", type=int, default=128, help="INT4 group size")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="INT4 group size (default: the library's choice for the source, 32 for the bundled Q4_1 model)")
     args = p.parse_args()
     src = resolve_checkpoint(None)
     windows = token_windows(load_tokenizer(src), eval_texts(), 512, args.eval_windows)
@@ -57,7 +59,8 @@ def main() -> None:
             path = quantize_checkpoint(src, Path(tmp) / method, method, calib_samples=samples,
                                        group_size=args.group_size, progress=False)
             head, full = nll(path, windows, TEST_WINDOWS)
-            print(f"{method:10s} g{args.group_size} {100 * (math.exp(head - base[0]) - 1):+6.1f}% "
+            group = args.group_size or default_group_size(src)
+            print(f"{method:10s} g{group} {100 * (math.exp(head - base[0]) - 1):+6.1f}% "
                   f"on {TEST_WINDOWS} windows "
                   f"{100 * (math.exp(full - base[1]) - 1):+6.1f}% on {windows.shape[0]}  "
                   f"(calibration {samples} windows, {time.time() - t0:.0f} s)", flush=True)

@@ -96,7 +96,8 @@ def _awq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict
     search (both pick each group's range against calibration data). On SmolLM2-135M: +11.1% perplexity change
     on 20 held-out windows (+10.7% on the test's 4) against +17.2% (+15.6%) for AWQ's scales with
     round-to-nearest and clipping, and +14.5% for GPTQ alone (perf/RESULTS.md, session 5), all with groups of
-    128; with groups of 32 (the default for this Q4_1 source since session 10) +5.3%, GPTQ alone +9.7%."""
+    128; with groups of 32 (the default for this Q4_1 source since session 10) +4.8%, GPTQ alone +8.8% (both
+    with gptq.py's refinement sweeps since session 11; +5.3% and +9.7% without)."""
     layer, cfg, g = runner.model.model.layers[i], runner.model.config, qcfg.group_size
     inputs = capture_inputs(runner, i, PROJECTIONS)
     qkv, o, gate_up, down = (_linear(runner, i, n) for n in PROJECTIONS)

@@ -10,6 +10,13 @@ the kernels need no per-column group index.
 The column loop only needs a rounding function, so the same solver serves INT4 (groups, zero points) and FP8
 e4m3 (per-channel scales; the paper's error feedback applied to a floating-point grid).
 
+GPTQ visits each column once and never revisits a rounding after later columns moved. Two sweeps of coordinate
+descent on the same objective follow (QuantEase's idea, Behdin et al., 2023): each column's codes are re-rounded
+at the best value given all the other columns, which can only lower the (damped) calibration error. On
+SmolLM2-135M (20 held-out windows, groups of 32): GPTQ +9.7% -> +8.8%, AWQ (whose weights GPTQ rounds) +5.3% ->
++4.8%; 8 sweeps lowered the calibration error further but measured +9.2%, so the Hessian's noise starts to
+show, and FP8 (W8A8) went +1.3% -> +1.6%, so its weights keep GPTQ's single pass (perf/RESULTS.md, session 11).
+
 Measured on SmolLM2-135M (held-out error of one projection's output, layers 1/8/15): with 4k calibration tokens
 the down_proj (K = 1536) Hessian overfits -- its held-out error was no better than round-to-nearest -- so the
 calibrated methods now take 32 windows of 512 tokens by default and the damping is 5% of the mean diagonal
@@ -25,6 +32,7 @@ import torch
 from . import rtn
 
 DAMP = 0.05
+REFINE_SWEEPS = 2  # coordinate-descent sweeps after the GPTQ pass (module docstring)
 # Range shrink ratios tried for each static group (GPTQ's reference quantizer's `mse` option and AWQ's
 # clipping: a group's range need not be its min..max when the extremes are rare; 1.0 is plain min-max).
 SHRINKS = tuple(1.0 - 0.02 * i for i in range(13))
@@ -73,7 +81,7 @@ def int4_static_groups(W: torch.Tensor, h_diag: torch.Tensor, group_size: int,
 
 
 def gptq_quantize_int4(weight: torch.Tensor, H: torch.Tensor, group_size: int, block_size: int = 128,
-                       damp: float = DAMP, act_order: bool = True
+                       damp: float = DAMP, act_order: bool = True, refine_sweeps: int = REFINE_SWEEPS
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [N, K], H [K, K] -> (codes uint8 [N, K], scales [N, G'], zeros uint8 [N, G']) as rtn.quantize_int4.
 
@@ -92,14 +100,15 @@ def gptq_quantize_int4(weight: torch.Tensor, H: torch.Tensor, group_size: int, b
         q = torch.round(w / s + z).clamp_(0, rtn.INT4_MAX)
         return q, (q - z) * s
 
-    codes = _solve(W, H, round_column, damp, act_order, block_size)
+    codes = _solve_and_refine(W, H, round_column, damp, act_order, block_size, refine_sweeps)
     return codes.to(torch.uint8), scales, zeros.to(torch.uint8)
 
 
 def gptq_quantize_fp8(weight: torch.Tensor, H: torch.Tensor, block_size: int = 128, damp: float = DAMP,
-                      act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      act_order: bool = True, refine_sweeps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (float8_e4m3fn [N, K], float32 scales [N]) as rtn.quantize_fp8: the same per-channel
-    scales (from the original weights), codes chosen column by column with GPTQ's error feedback."""
+    scales (from the original weights), codes chosen column by column with GPTQ's error feedback. No refinement
+    sweeps by default: on SmolLM2-135M two took W8A8 from +1.3% to +1.6% (20 held-out windows)."""
     W = weight.float().clone()
     _, scales = rtn.quantize_fp8(W)
 
@@ -107,14 +116,47 @@ def gptq_quantize_fp8(weight: torch.Tensor, H: torch.Tensor, block_size: int = 1
         q = (w / scales).clamp_(-rtn.FP8_MAX, rtn.FP8_MAX).to(torch.float8_e4m3fn).float()
         return q, q * scales
 
-    codes = _solve(W, H, round_column, damp, act_order, block_size)
+    codes = _solve_and_refine(W, H, round_column, damp, act_order, block_size, refine_sweeps)
     return codes.to(torch.float8_e4m3fn), scales
 
 
+def _solve_and_refine(W: torch.Tensor, H: torch.Tensor, round_column: Callable, damp: float, act_order: bool,
+                      block_size: int, sweeps: int) -> torch.Tensor:
+    """GPTQ's pass, then `sweeps` of coordinate descent from its codes; codes [N, K] (float32)."""
+    codes, dequantized = _solve(W, H, round_column, damp, act_order, block_size)
+    if sweeps:
+        _refine(W, H, codes, dequantized, round_column, damp, sweeps)
+    return codes
+
+
+def _refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, dequantized: torch.Tensor,
+            round_column: Callable, damp: float, sweeps: int) -> None:
+    """Coordinate descent on tr(E H E^T), E = W - dequantized, H damped as in the solve; codes and dequantized
+    [N, K] are updated in place. For column k alone the error is a quadratic whose minimum, given every other
+    column, sits at dequantized[:, k] + (E H)[:, k] / H[k, k]; the grid point nearest it is the exact minimum
+    along that coordinate (the objective's curvature there is H[k, k] in every row), so no sweep makes the
+    calibration error worse."""
+    K = W.shape[1]
+    H = H.float().clone()
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype, device=H.device)
+    err = W - dequantized
+    err_h = err @ H  # kept current as columns change
+    diag = torch.diag(H).tolist()
+    with _one_thread():
+        for _ in range(sweeps):
+            for k in range(K):
+                if diag[k] <= 0:  # only when H is all zeros (no calibration signal at all)
+                    continue
+                q, deq = round_column(dequantized[:, k] + err_h[:, k] / diag[k], k)
+                change = dequantized[:, k] - deq  # column k's new error minus its old one
+                err_h.addr_(change, H[k])
+                codes[:, k], dequantized[:, k] = q, deq
+
+
 def _solve(W: torch.Tensor, H: torch.Tensor, round_column: Callable, damp: float, act_order: bool,
-           block_size: int) -> torch.Tensor:
-    """The GPTQ column loop on W [N, K] (float32, modified): codes [N, K] (float32) from round_column(w [N], k)
-    -> (codes [N], dequantized [N]) for original column index k. Works on the transpose (one input column = one
+           block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop on W [N, K] (float32): (codes, dequantized) [N, K] (float32) from round_column(w [N],
+    k) -> (codes [N], dequantized [N]) for original column index k. Works on the transpose (one input column = one
     contiguous row) in float32, as the reference code does; only H^-1 is formed in float64."""
     K = W.shape[1]
     H = H.double().clone()
@@ -123,7 +165,7 @@ def _solve(W: torch.Tensor, H: torch.Tensor, round_column: Callable, damp: float
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     Wt = W.T[perm].contiguous()
     Hinv = _inverse_hessian_cholesky(H[perm][:, perm], damp).float()
-    codes = torch.empty_like(Wt)
+    codes, dequantized = torch.empty_like(Wt), torch.empty_like(Wt)
     order = perm.tolist()
     with _one_thread():
         for i1 in range(0, K, block_size):
@@ -133,12 +175,13 @@ def _solve(W: torch.Tensor, H: torch.Tensor, round_column: Callable, damp: float
             err = torch.empty_like(W1)
             for i in range(i2 - i1):
                 q, deq = round_column(W1[i], order[i1 + i])
-                codes[i1 + i] = q
+                codes[i1 + i], dequantized[i1 + i] = q, deq
                 e = (W1[i] - deq) / Hinv1[i, i]
                 W1[i:].addr_(Hinv1[i, i:], e, alpha=-1)
                 err[i] = e
             Wt[i2:] -= Hinv[i1:i2, i2:].T @ err
-    return codes[torch.argsort(perm)].T.contiguous()
+    inverse = torch.argsort(perm)
+    return codes[inverse].T.contiguous(), dequantized[inverse].T.contiguous()
 
 
 @contextmanager
