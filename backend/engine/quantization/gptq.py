@@ -125,32 +125,40 @@ def _solve_and_refine(W: torch.Tensor, H: torch.Tensor, round_column: Callable, 
     """GPTQ's pass, then `sweeps` of coordinate descent from its codes; codes [N, K] (float32)."""
     codes, dequantized = _solve(W, H, round_column, damp, act_order, block_size)
     if sweeps:
-        _refine(W, H, codes, dequantized, round_column, damp, sweeps)
+        codes = _refine(W, H, codes, dequantized, round_column, damp, sweeps, block_size)
     return codes
 
 
 def _refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, dequantized: torch.Tensor,
-            round_column: Callable, damp: float, sweeps: int) -> None:
-    """Coordinate descent on tr(E H E^T), E = W - dequantized, H damped as in the solve; codes and dequantized
-    [N, K] are updated in place. For column k alone the error is a quadratic whose minimum, given every other
-    column, sits at dequantized[:, k] + (E H)[:, k] / H[k, k]; the grid point nearest it is the exact minimum
-    along that coordinate (the objective's curvature there is H[k, k] in every row), so no sweep makes the
-    calibration error worse."""
+            round_column: Callable, damp: float, sweeps: int, block_size: int) -> torch.Tensor:
+    """Coordinate descent on tr(E H E^T), E = W - dequantized, H damped as in the solve; returns the codes.
+
+    For column k alone the error is a quadratic whose minimum, given every other column, sits at
+    dequantized[:, k] + (E H)[:, k] / H[k, k]; the grid point nearest it is the exact minimum along that
+    coordinate (the curvature is H[k, k] in every row), so no step raises the calibration error. E H is kept
+    current as GPTQ's solve keeps its weights: exactly within a block of columns, and for the other columns by
+    one matrix product per block (a rank-1 update of all of E H per column would cost a full pass over it)."""
     K = W.shape[1]
     H = H.float().clone()
     H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype, device=H.device)
-    err = W - dequantized
-    err_h = err @ H  # kept current as columns change
+    codes_t, deq_t = codes.T.contiguous(), dequantized.T.contiguous()  # one column = one contiguous row
+    grad_t = H @ (W.T - deq_t)  # (E H)^T
     diag = torch.diag(H).tolist()
     with _one_thread():
         for _ in range(sweeps):
-            for k in range(K):
-                if diag[k] <= 0:  # only when H is all zeros (no calibration signal at all)
-                    continue
-                q, deq = round_column(dequantized[:, k] + err_h[:, k] / diag[k], k)
-                change = dequantized[:, k] - deq  # column k's new error minus its old one
-                err_h.addr_(change, H[k])
-                codes[:, k], dequantized[:, k] = q, deq
+            for b0 in range(0, K, block_size):
+                b1 = min(b0 + block_size, K)
+                local = grad_t[b0:b1].clone()
+                change = torch.zeros_like(local)  # per column: new error - old error
+                for j, k in enumerate(range(b0, b1)):
+                    if diag[k] <= 0:  # only when H is all zeros (no calibration signal at all)
+                        continue
+                    q, deq = round_column(deq_t[k] + local[j] / diag[k], k)
+                    change[j] = deq_t[k] - deq
+                    local[j:].addr_(H[k:b1, k], change[j])
+                    codes_t[k], deq_t[k] = q, deq
+                grad_t += H[:, b0:b1] @ change
+    return codes_t.T.contiguous()
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor, round_column: Callable, damp: float, act_order: bool,
