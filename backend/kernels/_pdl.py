@@ -13,7 +13,8 @@ Rules every kernel given PDL=True here keeps:
   only loads of what no kernel writes (weights, their scales) may come first (preload_first_tile below);
 - gdc_launch_dependents comes right after the wait in small kernels, after the main loop in the GEMVs.
 Measured on an H100 (perf/bench_pdl.py, perf/RESULTS.md): the GEMVs signalling before their loop, and an L2
-prefetch of their first weight lines issued before the wait, both made the chain slower than this.
+prefetch of their first weight lines issued before the wait, both made the chain slower than this; so did a
+bulk L2 prefetch of the rest of each program's rows (session 11: bf16 no gain, INT8 27-75 us per step slower).
 A kernel launched without the attribute (cuBLAS, torch ops) simply waits for the whole kernel ahead, as usual.
 Off with TRITIUM_PDL=0, on CPUs, under the Triton interpreter, and before compute capability 9.0.
 """

@@ -23,7 +23,7 @@ def default_group_size(src_dir: str | Path) -> int:
     """128 (AutoAWQ's, AutoGPTQ's and TensorRT-LLM's default), or the source's block when the source was itself
     quantized in smaller blocks (a Q4_1 GGUF: 32). A group of 128 over four Q4_1 blocks must cover four grids
     of different offsets with one integer zero point; on the bundled SmolLM2 (perplexity on 20 held-out windows,
-    perf/RESULTS.md) round-to-nearest costs +28.7% at 128 and +24.4% at 32, AWQ +11.1% and +5.3%."""
+    perf/RESULTS.md) round-to-nearest costs +28.7% at 128 and +24.4% at 32, AWQ +8.9% and +4.8%."""
     from backend.engine.checkpoint import source_block_size
 
     block = source_block_size(src_dir)
