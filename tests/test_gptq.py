@@ -30,7 +30,8 @@ def _output_error(X, W, dequantized) -> float:
 
 
 def _damped_objective(H, W, dequantized) -> float:
-    H = H.double() + gptq.DAMP * H.double().diag().mean() * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    H = H.double()
+    H = H + gptq.DAMP * H.diag().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     E = (W - dequantized).double()
     return float(torch.einsum("nk,kl,nl->", E, H, E))
 

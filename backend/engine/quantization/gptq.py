@@ -15,7 +15,8 @@ descent on the same objective follow (QuantEase's idea, Behdin et al., 2023): ea
 at the best value given all the other columns, which can only lower the (damped) calibration error. On
 SmolLM2-135M (20 held-out windows, groups of 32): GPTQ +9.7% -> +8.8%, AWQ (whose weights GPTQ rounds) +5.3% ->
 +4.8%; 8 sweeps lowered the calibration error further but measured +9.2%, so the Hessian's noise starts to
-show, and FP8 (W8A8) went +1.3% -> +1.6%, so its weights keep GPTQ's single pass (perf/RESULTS.md, session 11).
+show, and FP8 (W8A8) went +1.3% -> +1.6%, so its weights keep GPTQ's single pass. At groups of 128 AWQ went
++11.1% -> +8.9% but plain GPTQ +14.5% -> +15.8% (perf/RESULTS.md, session 11).
 
 Measured on SmolLM2-135M (held-out error of one projection's output, layers 1/8/15): with 4k calibration tokens
 the down_proj (K = 1536) Hessian overfits -- its held-out error was no better than round-to-nearest -- so the
