@@ -22,6 +22,7 @@ CUDA graph, launch gaps included. Variants:
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
   gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
     with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
+  dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def _patch(variant: str):
 
     original_ops, original_splits, original_sample = (triton_ops.TRITON_OPS, paged_attention.decode_num_splits,
                                                       Sampler.sample)
+    original_decode_tile = paged_attention.default_decode_tile
     original_argmax, original_preload = Sampler.greedy_argmax, _pdl.preload_first_tile
     original_w8_tile, original_fuse_silu = quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
@@ -98,6 +100,9 @@ def _patch(variant: str):
         Sampler.sample = _skip_sampling
     elif variant == "no_preload":  # the GEMVs load their first weight tile after the PDL wait, as before
         _pdl.preload_first_tile = False
+    elif variant.startswith("dtile="):  # the decode attention tile: dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]
+        tile = paged_attention.DecodeTile(*(int(v) for v in variant[6:].split(":")))
+        paged_attention.default_decode_tile = lambda block_d, num_seqs=0: tile
     elif variant.startswith("w8="):  # every INT8 GEMV with this tile: w8=BLOCK_N:WORDS:num_warps
         block_n, words, warps = (int(v) for v in variant[3:].split(":"))
         quant_matmul.w8_gemv_tile = lambda N, K, device: dict(BLOCK_N=block_n, WORDS=words, num_warps=warps)
@@ -114,6 +119,7 @@ def _patch(variant: str):
 
     def undo():
         triton_ops.TRITON_OPS, paged_attention.decode_num_splits = original_ops, original_splits
+        paged_attention.default_decode_tile = original_decode_tile
         Sampler.sample = original_sample
         Sampler.greedy_argmax, _pdl.preload_first_tile = original_argmax, original_preload
         quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul = original_w8_tile, original_fuse_silu

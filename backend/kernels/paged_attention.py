@@ -282,9 +282,15 @@ class PrefillTile:
     num_stages: int = 2
 
 
-def default_decode_tile(block_d: int) -> DecodeTile:
+def default_decode_tile(block_d: int, num_seqs: int = 0) -> DecodeTile:
     if block_d <= 64:
         return DecodeTile(block_n=128)
+    if block_d <= 128 and num_seqs == 1:
+        # Batch 1 is a chain of latency-bound kernels, with the context cut into 64 splits of at least a tile:
+        # 32-key tiles put a short context's keys on 4x the programs. In place in the 8B batch-1 step on an H100
+        # (perf/ablate_decode.py dtile=..., perf/RESULTS.md session 11): 5.404-5.406 -> 5.371-5.373 ms, where
+        # 64 keys gained nothing and 128 keys had won the standalone timing below.
+        return DecodeTile(block_n=32, num_stages=2)
     if block_d <= 128:
         # perf/tune_attention.py, H100, 32/8 x 128: 128 keys and 4 stages beat 64 keys and 3 stages by
         # 5.6% at 256 x 352 tokens and 3-5% at batch 1-128, within 1.3% elsewhere (best of 36 on average)
@@ -326,7 +332,7 @@ def launch_decode(q, kv_cache, meta, qk_scale, out, block_d, tile: DecodeTile | 
 
     num_seqs, hq, head_dim = meta.num_seqs, q.shape[1], q.shape[2]
     hkv = kv_cache.shape[3]
-    tile = tile or default_decode_tile(block_d)
+    tile = tile or default_decode_tile(block_d, meta.num_seqs)
     splits = decode_num_splits(num_seqs, hkv, q.device, tile.programs_per_sm)
     one_split = splits == 1
     if one_split:  # no partials: the workspace arguments are placeholders the kernel never touches
@@ -362,7 +368,8 @@ def _splits_pad(splits: int) -> int:
 
 def decode_variant_batch_sizes(num_kv_heads: int, device: torch.device) -> list[int]:
     """One batch size per decode kernel variant (each reduce width, and the one-split kernel), for warm-up
-    to compile them all before live traffic."""
+    to compile them all before live traffic. Batch 1, the only size with its own tile (default_decode_tile),
+    is always the first of its variant."""
     first_of_variant: dict[tuple[bool, int], int] = {}
     for num_seqs in range(1, 64 * 1024):
         splits = decode_num_splits(num_seqs, num_kv_heads, device)

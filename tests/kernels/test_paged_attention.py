@@ -110,6 +110,7 @@ def test_decode_variant_batch_sizes_cover_every_variant(device):
         return splits == 1, pa._splits_pad(splits)
     assert len({variant(n) for n in chosen}) == len(chosen)
     assert {variant(n) for n in chosen} == {variant(n) for n in range(1, 2049)}
+    assert 1 in chosen  # batch 1 has a tile of its own (default_decode_tile)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
