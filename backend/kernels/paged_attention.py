@@ -288,8 +288,9 @@ def default_decode_tile(block_d: int, num_seqs: int = 0) -> DecodeTile:
     if block_d <= 128 and num_seqs == 1:
         # Batch 1 is a chain of latency-bound kernels, with the context cut into 64 splits of at least a tile:
         # 32-key tiles put a short context's keys on 4x the programs. In place in the 8B batch-1 step on an H100
-        # (perf/ablate_decode.py dtile=..., perf/RESULTS.md session 11): 5.404-5.406 -> 5.371-5.373 ms, where
-        # 64 keys gained nothing and 128 keys had won the standalone timing below.
+        # (perf/ablate_decode.py dtile=..., perf/RESULTS.md session 11): 5.404-5.408 -> 5.371-5.377 ms (64 keys:
+        # no gain); the standalone timing agrees at 1 x 4,096 tokens (14.0 us against 14.5 for 128 keys,
+        # perf/results/h100-tune_attention.json).
         return DecodeTile(block_n=32, num_stages=2)
     if block_d <= 128:
         # perf/tune_attention.py, H100, 32/8 x 128: 128 keys and 4 stages beat 64 keys and 3 stages by
