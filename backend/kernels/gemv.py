@@ -152,9 +152,17 @@ class GemvLinear(torch.nn.Linear):
     def silu_and_mul_decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """SiLU-and-mul of this [gate; up] projection in the GEMV's epilogue for a decode row (one kernel less
         per layer); None where the GEMV does not apply."""
-        if not (fuse_silu_and_mul and is_decode_row(x) and self.bias is None):
-            return None
-        return gemv_triton(x.reshape(1, -1), self.weight, gated=True).reshape(*x.shape[:-1], -1)
+        return silu_and_mul_row(x, self.bias, lambda row: gemv_triton(row, self.weight, gated=True))
+
+
+def silu_and_mul_row(x: torch.Tensor, bias: torch.Tensor | None, gated_gemv) -> torch.Tensor | None:
+    """The gated GEMV `gated_gemv(row [1, K]) -> [1, N] or None` of a [gate; up] projection on a decode row, shaped
+    as x; None where it does not apply (turned off, not a decode row, a bias), so the caller runs the product and
+    SiLU-and-mul apart. Shared by GemvLinear and the quantized layers."""
+    if not (fuse_silu_and_mul and bias is None and is_decode_row(x)):
+        return None
+    y = gated_gemv(x.reshape(1, -1))
+    return None if y is None else y.reshape(*x.shape[:-1], -1)
 
 
 def use_gemv_for_decode(model: torch.nn.Module) -> int:

@@ -45,10 +45,7 @@ class QuantLinear(nn.Module):
     def silu_and_mul_decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """SiLU-and-mul of this [gate; up] projection in the batch-1 GEMV's epilogue (one kernel less per layer,
         as gemv.GemvLinear); None where no gated GEMV applies (CPU, several rows, a bias)."""
-        if not (self.use_triton and self.bias is None and gemv.fuse_silu_and_mul and gemv.is_decode_row(x)):
-            return None
-        y = self.gated_gemv(x.reshape(1, -1))
-        return None if y is None else y.reshape(*x.shape[:-1], -1)
+        return gemv.silu_and_mul_row(x, self.bias, self.gated_gemv) if self.use_triton else None
 
     def gated_gemv(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
