@@ -248,98 +248,99 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
              mask=mask)
 
 
-# Batch 1 (decode of one sequence) takes a GEMV over the group-planar words. A program owns two tiles of BLOCK_N
-# rows (rows r.. and r + BLOCK_N..), walked BLOCKS planar blocks at a time; both tiles have one register layout,
-# so each x value a thread loads and converts serves two rows. Per nibble the work is one lop3 (the nibble masked
-# in place and or-ed into the exponent of 2^23: 2^23 + q * 16^i exactly, with both constants in registers; as
-# plain Triton the and and the or stay two instructions), one subtraction of 2^23 + z * 16^i (exact: (q - z) *
-# 16^i), and one FMA with x * 16^-i. The nibbles i >= 4 take the same masks after one shift of the word by 16.
-# The scale multiplies each block's sum. (The 2^23 mantissa trick is FasterTransformer's and Marlin's; in place
-# of a shift per nibble, each nibble keeps its position and x carries the power of 16.)
-# Measured on an H100, from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json): gate_up
-# 45.2 -> 32.3 us, down 27.4 -> 21.3, qkv 11.9 -> 9.8, o 9.2 -> 7.9 against the packed-pair GEMV before it,
-# whose x loads went through shared memory; the conversion instruction in place of the lop3 was 15-25% slower.
-# The x loads stay in the words' layout only while a tile's x slice has fewer elements than the program has
-# threads (Triton rematerializes only such loads): BLOCKS * B / 8 < 32 * num_warps.
+# Batch 1 (decode of one sequence) takes a GEMV over the group-planar words. A program owns TILES tiles of BLOCK_N
+# rows, walked BLOCKS planar blocks at a time, in tensors [BLOCK_N, BLOCKS, TILES, WORDS]: Triton's layout puts the
+# tiles on its slowest axis, so a thread holds the same words of several tiles and each x value it loads and
+# converts serves that many rows. Per nibble the work is one lop3 (the nibble masked in place and or-ed into the
+# exponent of 2^(23 - 4i), which reads as 2^(23 - 4i) + q exactly; with both constants in registers: as plain
+# Triton the and and the or stay two instructions), one subtraction of 2^(23 - 4i) + z (exact), and one FMA with
+# x. The nibbles i >= 4 take the same masks after one shift of the word by 16. The scale multiplies each block's
+# sum. (The 2^23 mantissa trick is FasterTransformer's and Marlin's; giving each nibble position its own exponent
+# spares both the shift per nibble and a power of 16 on x.) When the blocks come in whole trips (EVEN_K) the loop
+# has no masks on K. The issue rate bounds this loop, so instructions per nibble are what count: compiled for
+# sm_90, the loop of session 7's form (two tiles, x scaled by 16^-i, zeroed block sums, K masks) took 5.6 per
+# nibble, this one 4.3-4.9. On an H100, from HBM, one run (perf/tune_quant_gemv.py, session 12): qkv 9.2 -> 8.0 us,
+# o 7.2 -> 6.5, gate_up 33.0 -> 30.3, down 21.8 -> 18.0 with one tile for all, outputs bit-identical.
+# Session 7's measurements of the earlier forms (perf/exp_w4_planar.py at dbaf188): the packed-pair GEMV, whose x
+# loads went through shared memory, took 45.2 us on gate_up; the conversion instruction in place of the lop3 was
+# 15-25% slower. The x loads stay in the words' layout only while a tile's x slice has fewer elements than the
+# program has threads (Triton rematerializes only such loads): BLOCKS * B / 8 < 32 * num_warps.
 LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
 
 
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
-                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCKS: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
+                       PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
-    if GATED:  # weight [gate; up], output silu(gate) * up: tile a takes gate rows, tile b the up rows they meet
-        rows_a = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_b = rows_a + N
-        ok_a = rows_a < N
-        ok_b = ok_a
+    tile = tl.arange(0, TILES)[None, :]
+    n = tl.arange(0, BLOCK_N)[:, None]
+    if GATED:  # weight [gate; up], output silu(gate) * up: even tiles take gate rows, odd tiles the up rows they meet
+        out_rows = tl.program_id(0) * (TILES // 2 * BLOCK_N) + tile // 2 * BLOCK_N + n
+        rows = out_rows + tile % 2 * N
     else:
-        rows_a = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)
-        rows_b = rows_a + BLOCK_N
-        ok_a, ok_b = rows_a < N, rows_b < N
-    words_a = w_ptr + rows_a.to(tl.int64)[:, None, None] * sw_n
-    words_b = w_ptr + rows_b.to(tl.int64)[:, None, None] * sw_n
-    sz_a = rows_a.to(tl.int64)[:, None] * ss_n
-    sz_b = rows_b.to(tl.int64)[:, None] * ss_n
-    acc_a = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
+        rows = tl.program_id(0) * (TILES * BLOCK_N) + tile * BLOCK_N + n
+        out_rows = rows
+    # Tensors are [BLOCK_N, BLOCKS, TILES, WORDS]: with the tiles the slowest axis of Triton's layout, a thread
+    # holds the same words of every tile, and each x value it converts serves TILES rows.
+    row_ok = out_rows < N  # [BLOCK_N, TILES or 1]
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, :, None] * sw_n
+    sz_rows = rows.to(tl.int64)[:, None, :] * ss_n
+    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS], dtype=tl.float32)
     j = tl.arange(0, WORDS)
-    exponent = tl.full([BLOCK_N, BLOCKS, WORDS], 0x4B000000, tl.int32)
     for b0 in range(0, num_blocks, BLOCKS):
         block = b0 + tl.arange(0, BLOCKS)
-        block_ok = block < num_blocks
-        word = (block[:, None] * WORDS + j[None, :])[None, :, :]
-        word_ok = block_ok[None, :, None]
-        packed_a = tl.load(words_a + word, mask=ok_a[:, None, None] & word_ok, other=0)
-        packed_b = tl.load(words_b + word, mask=ok_b[:, None, None] & word_ok, other=0)
-        group = ((block * BLOCK_K) // GROUP_SIZE)[None, :]
-        sz_ok_a, sz_ok_b = ok_a[:, None] & block_ok[None, :], ok_b[:, None] & block_ok[None, :]
-        z_a = tl.load(z_ptr + sz_a + group, mask=sz_ok_a, other=0).to(tl.float32)[:, :, None]
-        z_b = tl.load(z_ptr + sz_b + group, mask=sz_ok_b, other=0).to(tl.float32)[:, :, None]
-        high_a, high_b = packed_a >> 16, packed_b >> 16
+        word = (block[:, None] * WORDS + j[None, :])[None, :, None, :]
+        group = ((block * BLOCK_K) // GROUP_SIZE)[None, :, None]
+        if EVEN_K:  # whole trips of blocks and of x: only rows past N are masked
+            sz_ok = row_ok[:, None, :]
+            packed = tl.load(w_rows + word, mask=row_ok[:, None, :, None], other=0)
+        else:
+            sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
+            packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0)
+        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)[:, :, :, None]
+        high = packed >> 16
         column = block[:, None] * BLOCK_K + j[None, :]
-        dot_a = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
-        dot_b = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
         for i in tl.static_range(4):
-            unshift = 1.0 / (16.0 ** i)  # a power of two: exact
             lo = column + i * WORDS
             hi = column + (i + 4) * WORDS
-            x_lo = (tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32) * unshift)[None, :, :]
-            x_hi = (tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32) * unshift)[None, :, :]
-            mask = tl.full([BLOCK_N, BLOCKS, WORDS], 0xF << (4 * i), tl.int32)
-            bias_a = z_a * (16.0 ** i) + 8388608.0
-            bias_b = z_b * (16.0 ** i) + 8388608.0
+            if EVEN_K:
+                x_lo = tl.load(x_ptr + lo).to(tl.float32)[None, :, None, :]
+                x_hi = tl.load(x_ptr + hi).to(tl.float32)[None, :, None, :]
+            else:
+                x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32)[None, :, None, :]
+                x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32)[None, :, None, :]
+            # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh 2^-4i).
+            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
+            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
             if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
-                q_a_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed_a, mask, exponent], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
-                q_a_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high_a, mask, exponent], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
-                q_b_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed_b, mask, exponent], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
-                q_b_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high_b, mask, exponent], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
+                q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent], dtype=tl.int32,
+                                                 is_pure=True, pack=1)
+                q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent], dtype=tl.int32,
+                                                 is_pure=True, pack=1)
             else:  # the interpreter runs no PTX
-                q_a_lo, q_a_hi = (packed_a & mask) | exponent, (high_a & mask) | exponent
-                q_b_lo, q_b_hi = (packed_b & mask) | exponent, (high_b & mask) | exponent
-            dot_a += (q_a_lo.to(tl.float32, bitcast=True) - bias_a) * x_lo
-            dot_a += (q_a_hi.to(tl.float32, bitcast=True) - bias_a) * x_hi
-            dot_b += (q_b_lo.to(tl.float32, bitcast=True) - bias_b) * x_lo
-            dot_b += (q_b_hi.to(tl.float32, bitcast=True) - bias_b) * x_hi
-        s_a = tl.load(s_ptr + sz_a + group, mask=sz_ok_a, other=0.0).to(tl.float32)[:, :, None]
-        s_b = tl.load(s_ptr + sz_b + group, mask=sz_ok_b, other=0.0).to(tl.float32)[:, :, None]
-        acc_a += s_a * dot_a
-        acc_b += s_b * dot_b
+                q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
+            bias = z + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
+            term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo
+            if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
+                dot = term
+            else:
+                dot += term
+            dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi
+        s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)[:, :, :, None]
+        acc += s * dot
     if PDL:
         gdc_launch_dependents()
-    y_a, y_b = tl.sum(tl.sum(acc_a, axis=2), axis=1), tl.sum(tl.sum(acc_b, axis=2), axis=1)
+    y = tl.sum(tl.sum(acc, axis=3), axis=1)  # [BLOCK_N, TILES]
     if GATED:
-        tl.store(out_ptr + rows_a, (y_a * tl.sigmoid(y_a) * y_b).to(out_ptr.dtype.element_ty), mask=ok_a)
+        gate, up = tl.split(tl.reshape(y, [BLOCK_N, TILES // 2, 2]))
+        out_n = tl.program_id(0) * (TILES // 2 * BLOCK_N) + tl.arange(0, TILES // 2)[None, :] * BLOCK_N + n
+        tl.store(out_ptr + out_n, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=out_n < N)
     else:
-        tl.store(out_ptr + rows_a, y_a.to(out_ptr.dtype.element_ty), mask=ok_a)
-        tl.store(out_ptr + rows_b, y_b.to(out_ptr.dtype.element_ty), mask=ok_b)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 # Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
@@ -400,16 +401,20 @@ def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
 
 
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """Two tiles of BLOCK_N rows per program over BLOCKS planar blocks: 16 rows x 4 blocks x 4 warps for wide
-    products (gate_up), 8 x 8 x 8 warps otherwise. Best of 18 tiles on gate_up and qkv, within 1% of it on down
-    and o, on an H100 timed from HBM (perf/exp_w4_planar.py at dbaf188, perf/results/h100-exp_w4_planar.json).
+    """TILES row tiles of BLOCK_N rows per program over BLOCKS planar blocks: 4 tiles of 4 rows x 8 blocks x 8
+    warps (within 4% of the best of 45 tiles on each Llama-3-8B projection), with 4 blocks x 4 warps for wide
+    products (gate_up: 30.4 -> 29.2 us) and 8 tiles of 2 rows x 16 blocks x 16 warps for long rows (down_proj:
+    17.8 -> 16.6 us). Timed on an H100 from HBM (perf/tune_quant_gemv.py, session 12: 45 and then 42 tiles,
+    perf/results/h100-tune_w4_gemv-session12.json and -fine.json).
     Groups under 128 make planar blocks of the group's size, so a loop trip takes proportionally more of them
     (the same columns and x slice per trip as at 128): with 8 blocks of 32 columns an 8B batch-1 step ran at
     bf16's speed (perf/RESULTS.md, session 10)."""
     per_128 = 128 // planar_block(K, group_size)
     if N >= 16384:
-        return dict(BLOCK_N=16, BLOCKS=4 * per_128, num_warps=4)
-    return dict(BLOCK_N=8, BLOCKS=8 * per_128, num_warps=8)
+        return dict(TILES=4, BLOCK_N=4, BLOCKS=4 * per_128, num_warps=4)
+    if K >= 8192:
+        return dict(TILES=8, BLOCK_N=2, BLOCKS=16 * per_128, num_warps=16)
+    return dict(TILES=4, BLOCK_N=4, BLOCKS=8 * per_128, num_warps=8)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
@@ -719,10 +724,15 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     n_out = N // 2 if gated else N
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
+    if gated and tile["TILES"] % 2:
+        raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
-    _w4a16_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"] if gated else 2 * tile["BLOCK_N"]),)](
-        x.contiguous(), words, scales, zeros, out, n_out, K, triton.cdiv(K, block_k), words.stride(0),
-        scales.stride(0), GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
+    num_blocks = triton.cdiv(K, block_k)
+    rows_per_program = tile["TILES"] * tile["BLOCK_N"] // (2 if gated else 1)
+    _w4a16_gemv_kernel[(triton.cdiv(n_out, rows_per_program),)](
+        x.contiguous(), words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0),
+        GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
+        EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, num_warps=tile["num_warps"],
         **pdl_args(x.device))
     return out

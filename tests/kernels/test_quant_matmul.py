@@ -87,16 +87,35 @@ def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w4a16_matmul_triton(x, words, scales, zeros, group), got)  # the dispatch
 
 
-@pytest.mark.parametrize("tile", [dict(BLOCK_N=4, BLOCKS=2, num_warps=2), dict(BLOCK_N=16, BLOCKS=4, num_warps=4)])
+W4_GEMV_TILES = [dict(TILES=1, BLOCK_N=4, BLOCKS=2, num_warps=2), dict(TILES=2, BLOCK_N=16, BLOCKS=4, num_warps=4),
+                 dict(TILES=4, BLOCK_N=8, BLOCKS=8, num_warps=4)]
+
+
+@pytest.mark.parametrize("tile", W4_GEMV_TILES)
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
 def test_w4a16_gemv_tiles(N, K, group, tile, device):
-    # Tiles of several blocks: blocks past K (576 = 4.5 blocks of 128, the last one padded), blocks past the last
-    # (BLOCKS does not divide their count), blocks in different groups, and group == K (every block in group 0).
+    # Tiles of several blocks and row tiles: blocks past K (576 = 4.5 blocks of 128, the last one padded), blocks
+    # past the last (BLOCKS does not divide their count), whole trips (1024 / 32 = 32 blocks: no K masks), blocks
+    # in different groups, and group == K (every block in group 0).
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, tile=tile)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [t for t in W4_GEMV_TILES if t["TILES"] % 2 == 0])
+def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
+    # Two and four row tiles per program (one and two gate/up pairs), 37 output rows: the last program's pairs
+    # run past the rows.
+    N, K, group = 74, 576, 32
+    q4, s4, z4 = random_int4(N, K, group, device)
+    x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
+    want = _silu_and_mul(x.double() @ qm.dequantize_int4(q4, s4, z4, group).double().T)
+    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=tile, gated=True)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+    with pytest.raises(ValueError, match="TILES must be even"):
+        qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=dict(tile, TILES=1), gated=True)
 
 
 # W8A16's batch-1 GEMV: rows off its row tile, K not a multiple of its 512-byte chunk (576 = 1.125 chunks,
