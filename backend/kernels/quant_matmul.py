@@ -147,6 +147,11 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
         tl.store(dst, out, mask=mm[:, None] & nm[None, :])
 
 
+# (word & mask) | exponent in one instruction: the INT4 kernels' int -> float conversion (the GEMV's comment below
+# says why and how).
+LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
+
+
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
 # With blocks of 128 columns each nibble plane is one [BLOCK_N, 16] tile of contiguous columns, and a K tile is
 # eight tl.dot of depth 16 on contiguous x slices. Smaller blocks (groups of 32 or 64) have planes too thin for a
@@ -154,12 +159,14 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
 # tl.interleave) and x is gathered at the matching columns, (p % 8) * B / 8 + p // 8, for one dot of full depth.
 # (Gathering x for 128-column blocks made INT4 decode at batch 64 2.8x slower on an H100: 0.69x -> 0.25x bf16.)
 # The zero point is subtracted per weight (q - z is exact in bf16); folding it out as s * (x . q - z * sum(x))
-# measured ~20% slower (perf/results/h100-tune_w4_matmul.json).
+# measured ~20% slower (perf/results/h100-tune_w4_matmul.json). Codes become floats by the GEMV's exponent trick
+# (below), not by the conversion instruction, which runs at 16 per clock per SM and bounded this loop (SASS for
+# sm_90: one I2F per nibble).
 @lazy_jit(do_not_specialize=["M"])
 def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
                        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
-                       PDL: tl.constexpr):
+                       INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -186,13 +193,22 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
         words = tl.load(w_rows + (k0 // 8 + rw)[None, :], mask=nm[:, None], other=0)
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.int32)
+        z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.float32)[:, None]
         if WORDS >= 16:  # one dot per nibble plane
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            high = words >> 16
             for i in tl.static_range(8):
                 k = k0 + i * WORDS + rw
                 x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
-                q = ((words >> (4 * i)) & 0xF) - z[:, None]
+                # nibble i % 4 of the word or of its high half, in place under the exponent of 2^(23 - 4 (i % 4))
+                mask = tl.full([BLOCK_N, WORDS], 0xF << (4 * (i % 4)), tl.int32)
+                exponent = tl.full([BLOCK_N, WORDS], (150 - 4 * (i % 4)) << 23, tl.int32)
+                if INLINE_ASM:
+                    bits = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words if i < 4 else high, mask, exponent],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:  # the interpreter runs no PTX
+                    bits = ((words if i < 4 else high) & mask) | exponent
+                q = bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * (i % 4)))  # q - z, exact
                 part += tl.dot(x, tl.trans(q.to(x.dtype)))
         else:  # one dot over the tile in word-major order
             k = k0 + column
@@ -201,8 +217,8 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
                                   tl.interleave((words >> 8) & 0xF, (words >> 24) & 0xF))
             odds = tl.interleave(tl.interleave((words >> 4) & 0xF, (words >> 20) & 0xF),
                                  tl.interleave((words >> 12) & 0xF, (words >> 28) & 0xF))
-            q = tl.interleave(evens, odds)  # [BLOCK_N, BLOCK_K]
-            part = tl.dot(x, tl.trans((q - z[:, None]).to(x.dtype)))
+            q = tl.interleave(evens, odds) | 0x4B000000  # [BLOCK_N, BLOCK_K]: 2^23 + q
+            part = tl.dot(x, tl.trans((q.to(tl.float32, bitcast=True) - (z + 8388608.0)).to(x.dtype)))
         acc += part * s[None, :]
     if PDL:
         gdc_launch_dependents()
@@ -265,9 +281,6 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # loads went through shared memory, took 45.2 us on gate_up; the conversion instruction in place of the lop3 was
 # 15-25% slower. The x loads stay in the words' layout only while a tile's x slice has fewer elements than the
 # program has threads (Triton rematerializes only such loads): BLOCKS * B / 8 < 32 * num_warps.
-LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
-
-
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -649,7 +662,8 @@ def _w4a16_tiled(x2, words, scales, zeros, group_size: int, plan: dict | None) -
                          f"{planar_block(K, group_size)}")
     scales, zeros = _shared_strides(scales, zeros)
     args = (words, scales, zeros, (words.stride(0), scales.stride(0)))
-    return _launch(_w4a16_join_kernel, x2, N, K, plan, args, dict(GROUP_SIZE=group_size))
+    return _launch(_w4a16_join_kernel, x2, N, K, plan, args,
+                   dict(GROUP_SIZE=group_size, INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1"))
 
 
 W4_PATHS = ("auto", "join", "dequant")
