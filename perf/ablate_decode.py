@@ -20,6 +20,7 @@ CUDA graph, launch gaps included. Variants:
     (TRITIUM_GEMV_SILU=0; the same function, gate and up rounded to the model dtype first);
   no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
+  w8at=N:K:BLOCK_N:WORDS:num_warps: that tile for the INT8 GEMV of weight shape [N, K] only;
   gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
     with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
@@ -106,6 +107,10 @@ def _patch(variant: str):
     elif variant.startswith("w8="):  # every INT8 GEMV with this tile: w8=BLOCK_N:WORDS:num_warps
         block_n, words, warps = (int(v) for v in variant[3:].split(":"))
         quant_matmul.w8_gemv_tile = lambda N, K, device: dict(BLOCK_N=block_n, WORDS=words, num_warps=warps)
+    elif variant.startswith("w8at="):  # one INT8 GEMV shape with this tile: w8at=N:K:BLOCK_N:WORDS:num_warps
+        n, k, block_n, words, warps = (int(v) for v in variant[5:].split(":"))
+        quant_matmul.w8_gemv_tile = lambda N, K, device: (
+            dict(BLOCK_N=block_n, WORDS=words, num_warps=warps) if (N, K) == (n, k) else original_w8_tile(N, K, device))
     elif variant.startswith(("gated16=", "gated8=")):  # a tile for the gated gate_up GEMV only
         name, _, values = variant.partition("=")
         a, b, warps = (int(v) for v in values.split(":"))
