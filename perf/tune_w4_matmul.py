@@ -4,11 +4,11 @@
     TRITON_INTERPRET=1 python3 perf/tune_w4_matmul.py --smoke --out /tmp/tune_w4_matmul.json   # CPU check
 
 For each Llama-3-8B projection (group 128) and M in 2, 16, 64, 128, 256, 2048: cuBLAS bf16 (F.linear on the
-dequantized weight, the ceiling), the join kernel with its default plan, a few join plans (column tile 64/128/256 x K tile
-64/128 per row tile, then 3 and 4 pipeline stages for the two fastest; split-K as quant_matmul.split_k gives it),
-and dequantize + cuBLAS (also the dequantize kernel alone). Every product is timed inside a CUDA graph and checked
-against the float64 product of the dequantized weight. Prints a table last, then the join tiles and the
-DEQUANT_MIN_M the measurements favour, in the form quant_matmul.W4_JOIN_TILES takes.
+dequantized weight, the ceiling), the join kernel with its default plan, a few join plans (weight as the first
+operand, column tile 64/128/256 x K tile 64/128 per row tile, then 3 and 4 pipeline stages for the two fastest;
+split-K as quant_matmul.split_k gives it), and dequantize + cuBLAS (also the dequantize kernel alone). Every product
+is timed inside a CUDA graph and checked against the float64 product of the dequantized weight. Prints a table last,
+then the join tiles and the DEQUANT_MIN_M the measurements favour, in the form quant_matmul.W4_JOIN_TILES takes.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ ROWS = (2, 16, 64, 128, 256, 2048)
 # CPU smoke: K = 576 ends in a short group; 130 rows cross DEQUANT_MIN_M
 SMOKE_LINEARS = [("tiny_a", 96, 256), ("tiny_b", 72, 576)]
 SMOKE_ROWS = (2, 16, 130)
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SWAP_AB")
 
 
 def time_us(fn, rep_ms: int) -> float:
@@ -59,7 +59,7 @@ def row_tiles(M: int) -> list[int]:
 def join_plan(M: int, N: int, K: int, device, block_m: int, block_n: int, stages: int) -> dict:
     block_k = qm.planar_block(K, GROUP)  # the join kernel's K tile is one planar block
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=stages, SWAP_AB=True,
                 split=qm.split_k(M, N, K, block_m, block_n, block_k, device))
 
 

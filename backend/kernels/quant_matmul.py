@@ -166,7 +166,7 @@ LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None e
 def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n, ss_n, so_m,
                        GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
-                       INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
+                       SWAP_AB: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -188,14 +188,17 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * sx_m
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * sw_n
     sz_rows = rn.to(tl.int64) * ss_n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # SWAP_AB: the product is accumulated transposed, [BLOCK_N, BLOCK_M] = W x^T, so the dequantized weight is
+    # the dot's first operand (Hopper's wgmma reads that one from registers, and takes 64-row tiles of it even when M
+    # is small) and x^T the second.
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         words = tl.load(w_rows + (k0 // 8 + rw)[None, :], mask=nm[:, None], other=0)
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.float32)[:, None]
         if WORDS >= 16:  # one dot per nibble plane
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            part = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], dtype=tl.float32)
             high = words >> 16
             for i in tl.static_range(8):
                 k = k0 + i * WORDS + rw
@@ -208,8 +211,11 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
                                                      dtype=tl.int32, is_pure=True, pack=1)
                 else:  # the interpreter runs no PTX
                     bits = ((words if i < 4 else high) & mask) | exponent
-                q = bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * (i % 4)))  # q - z, exact
-                part += tl.dot(x, tl.trans(q.to(x.dtype)))
+                q = (bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * (i % 4)))).to(x.dtype)  # q - z, exact
+                if SWAP_AB:
+                    part += tl.dot(q, tl.trans(x))
+                else:
+                    part += tl.dot(x, tl.trans(q))
         else:  # one dot over the tile in word-major order
             k = k0 + column
             x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
@@ -218,11 +224,12 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
             odds = tl.interleave(tl.interleave((words >> 4) & 0xF, (words >> 20) & 0xF),
                                  tl.interleave((words >> 12) & 0xF, (words >> 28) & 0xF))
             q = tl.interleave(evens, odds) | 0x4B000000  # [BLOCK_N, BLOCK_K]: 2^23 + q
-            part = tl.dot(x, tl.trans((q.to(tl.float32, bitcast=True) - (z + 8388608.0)).to(x.dtype)))
-        acc += part * s[None, :]
+            q = (q.to(tl.float32, bitcast=True) - (z + 8388608.0)).to(x.dtype)
+            part = tl.dot(q, tl.trans(x)) if SWAP_AB else tl.dot(x, tl.trans(q))
+        acc += part * (s[:, None] if SWAP_AB else s[None, :])
     if PDL:
         gdc_launch_dependents()
-    out = acc.to(out_ptr.dtype.element_ty)
+    out = (tl.trans(acc) if SWAP_AB else acc).to(out_ptr.dtype.element_ty)
     dst = out_ptr + rm.to(tl.int64)[:, None] * so_m + rn[None, :]
     if ATOMIC:
         tl.atomic_add(dst, out, mask=mm[:, None] & nm[None, :], sem="relaxed")
@@ -544,10 +551,13 @@ DEQUANT_MIN_M = 128
 # derived per shape in w4_join_plan.
 # perf/tune_w4_matmul.py prints the plan with the lowest mean cost over the 8B projections per M in this form
 # (within 1-12% of each shape's best, perf/results/h100-tune_w4_matmul.json).
+# All take the weight as the dot's first operand (SWAP_AB): at M = 64 1.30-1.38x faster per 8B projection than the
+# best plans without it, at M = 2-16 0.96-1.23x (H100, CUDA graphs, best of 36 plans per shape and M, session 12:
+# perf/results/h100-w4-join-swap-session12.json).
 W4_JOIN_TILES = {
-    SMALL_M: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
-    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    DEQUANT_MIN_M - 1: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    SMALL_M: dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3, SWAP_AB=True),
+    MEDIUM_M: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SWAP_AB=True),
+    DEQUANT_MIN_M - 1: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SWAP_AB=True),
 }
 
 
@@ -663,7 +673,8 @@ def _w4a16_tiled(x2, words, scales, zeros, group_size: int, plan: dict | None) -
     scales, zeros = _shared_strides(scales, zeros)
     args = (words, scales, zeros, (words.stride(0), scales.stride(0)))
     return _launch(_w4a16_join_kernel, x2, N, K, plan, args,
-                   dict(GROUP_SIZE=group_size, INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1"))
+                   dict(GROUP_SIZE=group_size, SWAP_AB=plan.get("SWAP_AB", False),
+                        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1"))
 
 
 W4_PATHS = ("auto", "join", "dequant")

@@ -282,6 +282,21 @@ def test_w4a16_join_plans(plan, dtype, atol, rtol, device):
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("group", [128, 32])  # nibble planes, and the word-major tile of small groups
+@pytest.mark.parametrize("block_m,block_n,split", [(16, 64, 3), (32, 128, 1)])
+def test_w4a16_join_with_swapped_operands(group, block_m, block_n, split, dtype, atol, rtol, device):
+    # SWAP_AB accumulates W x^T: rows past M and N, and split-K partial sums, must land transposed back in place.
+    M, N, K = 21, 150, 736
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    plan = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=qm.planar_block(K, group), split=split, GROUP_M=8,
+                num_warps=4, num_stages=3, SWAP_AB=True)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, path="join", plan=plan)
+    want = float64_product(x, qweight, scales, zeros, group)
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
 def test_plan_whose_k_tile_straddles_groups_is_refused(device):
     qweight, scales, zeros = random_int4(16, 256, 32, device)
     with pytest.raises(ValueError, match="BLOCK_K"):
