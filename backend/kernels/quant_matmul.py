@@ -495,16 +495,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # (perf/results/h100-bench_quant-5-kernels.json): M = 256 tiled 433 us / dequantize 453; M = 512 609 / 548;
 # M = 2048 2,070 / 1,530 (bf16 1,290). Decode batches (at most 256 rows, inside CUDA graphs) stay below the
 # threshold, so the dense weight is an ordinary temporary from the caching allocator, never a graph's buffer.
+# Below it, from MEDIUM_M rows, narrow products dequantize too, into the shared scratch that W4A16 uses (so decode
+# graphs can take it): the tiled plan's 128 x 128 tiles without split-K leave them under one program per SM
+# (32 programs for N = 4096 at M = 128), and dequantize + cuBLAS measured 30-40% faster on o_proj and down_proj at
+# M = 128-256, equal on qkv, while gate_up's 224+ programs keep the tiled kernel ahead (H100, session 12,
+# perf/results/h100-w8-swap-session12.json).
 W8_DEQUANT_MIN_M = 512
 W8_PATHS = ("auto", "tiled", "dequant")
 
 
-def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Dense [N, K] weight in `dtype`; same values as dequantize_int8(...).to(dtype). qweight: unit stride along K."""
+def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense [N, K] weight in `dtype`, into `out` when given (any [N, K] tensor with unit stride along K); same
+    values as dequantize_int8(...).to(dtype). qweight: unit stride along K."""
     import triton
 
     N, K = qweight.shape
-    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    if out is None:
+        out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(N, 32), triton.cdiv(K, 128))
     _dequantize_int8_kernel[grid](qweight, scales, out, N, K, qweight.stride(0), out.stride(0),
                                   BLOCK_N=32, BLOCK_K=128, num_warps=4)
@@ -514,7 +522,8 @@ def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor, dtype: t
 def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         path: str = "auto") -> torch.Tensor:
     """Same contract as w8a16_matmul_ref. path "auto": one row takes the GEMV, W8_DEQUANT_MIN_M rows or more
-    dequantize + cuBLAS, the rest the tiled kernel ("tiled" and "dequant" force one, for tuning and tests).
+    dequantize + cuBLAS, from MEDIUM_M rows a product whose tiled grid is under one program per SM dequantizes
+    into the shared scratch, the rest the tiled kernel ("tiled" and "dequant" force one, for tuning and tests).
     Specializations of the tiled kernel: the plan's tile constexprs (three per shape: M <= 16, <= 64, larger),
     whether K is split, dtypes. qweight must have unit stride along K."""
     if path not in W8_PATHS:
@@ -528,6 +537,10 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         weight = dequantize_int8_triton(qweight, scales, x2.dtype)
         return torch.nn.functional.linear(x2, weight).view(*x.shape[:-1], N)
     plan = plan_launch(M, N, K, x.device)
+    if path == "auto" and M > MEDIUM_M and _programs(M, N, plan) < _num_sms(x.device):
+        out = _w8a16_dequant_scratch_matmul(x2, qweight, scales)
+        if out is not None:
+            return out.view(*x.shape[:-1], N)
     out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})
     return out.view(*x.shape[:-1], N)
 
@@ -651,6 +664,19 @@ def dequantize_int4_triton(words: torch.Tensor, scales: torch.Tensor, zeros: tor
                                   out.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
                                   num_warps=4)
     return out
+
+
+def _programs(M: int, N: int, plan: dict) -> int:
+    return -(-M // plan["BLOCK_M"]) * -(-N // plan["BLOCK_N"]) * plan["split"]
+
+
+def _w8a16_dequant_scratch_matmul(x2, qweight, scales) -> torch.Tensor | None:
+    """As _w4a16_dequant_matmul, for INT8 weights."""
+    N, K = qweight.shape
+    scratch = _DEQUANT_SCRATCH.take(N * K, x2.dtype, x2.device)
+    if scratch is None:
+        return None
+    return torch.nn.functional.linear(x2, dequantize_int8_triton(qweight, scales, x2.dtype, out=scratch.view(N, K)))
 
 
 def _w4a16_dequant_matmul(x2, words, scales, zeros, group_size: int) -> torch.Tensor | None:

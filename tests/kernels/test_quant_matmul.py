@@ -60,6 +60,21 @@ def test_w8a16(M, N, K, group, dtype, atol, rtol, device):
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_w8a16_narrow_product_dequantizes_into_the_shared_scratch(dtype, atol, rtol, device):
+    # 100 rows x 72 columns is one 128 x 128 tile of the tiled plan, under one program per SM on any device: the
+    # auto path dequantizes into the scratch buffer W4A16 shares, and its product matches the reference.
+    M, N, K = 100, 72, 256
+    qweight, scales = random_int8(N, K, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    got = qm.w8a16_matmul_triton(x, qweight, scales)
+    scratch = qm._DEQUANT_SCRATCH.take(N * K, dtype, x.device).view(N, K)
+    assert torch.equal(scratch, qm.dequantize_int8(qweight, scales).to(dtype))  # this product's dense weight
+    want = qm.w8a16_matmul_ref(x.float(), qweight, scales)
+    torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+    torch.testing.assert_close(got, qm.w8a16_matmul_triton(x, qweight, scales, path="dequant"))
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("M,N,K,group", SHAPES)
 def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)

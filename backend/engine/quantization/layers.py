@@ -215,10 +215,10 @@ def fuse_activation_quantization(model: nn.Module) -> int:
 
 def warmup(model: nn.Module, max_rows: int = 256) -> None:
     """Runs each distinct quantized layer shape once per launch plan (one row, M <= 16, <= 64, below
-    qm.DEQUANT_MIN_M, larger), so no Triton kernel compiles on live traffic. The max_rows run also allocates
-    W4A16's dequantize scratch (qm._DequantScratch) at its full size before any CUDA graph is captured: inside a
-    capture it cannot be allocated, and decode buckets of DEQUANT_MIN_M rows or more would fall back to the
-    slower tiled kernel."""
+    qm.DEQUANT_MIN_M, larger), so no Triton kernel compiles on live traffic. The max_rows run also allocates the
+    dequantize scratch (qm._DequantScratch: W4A16 from DEQUANT_MIN_M rows, narrow W8A16 products from MEDIUM_M)
+    at its full size before any CUDA graph is captured: inside a capture it cannot be allocated, and those decode
+    buckets would fall back to the slower tiled kernels."""
     seen = set()
     for module in model.modules():
         if not isinstance(module, QuantLinear) or not module.use_triton:
