@@ -123,7 +123,7 @@ def tune(case: Case, smoke: bool) -> dict:
         "dequant_cublas": case.measure(case.product("dequant")),
         "dequant_only": case.measure(lambda: qm.dequantize_int4_triton(w["words"], w["scales"], w["zeros"], GROUP, K,
                                                                        case.x.dtype), want=w["float64"]),
-        "auto_path": "dequant_cublas" if M >= qm.DEQUANT_MIN_M else "join_default",
+        "auto_path": "dequant_cublas" if qm.w4_takes_dequant(M, N, K, GROUP, case.x.device) else "join_default",
         "join_plans": join_sweep(case, smoke),
     }
     timed = [r for r in out["join_plans"] if "us" in r]
@@ -173,7 +173,7 @@ def print_table(results: dict) -> None:
     print(f"\n{'shape':8s} {'M':>5s} {'cuBLAS':>8s} {'join':>8s} {'join*':>8s} {'deq+mm':>8s} "
           f"{'deq':>7s} {'auto/bf16':>9s}  best join plan (M,N,warps,stages,split)  max rel err")
     for r in results.values():
-        auto = r["dequant_cublas"] if r["M"] >= qm.DEQUANT_MIN_M else r["join_default"]
+        auto = r[r["auto_path"]]
         best = r["join_best"] or {}
         plan = ",".join(str(best.get(k, "-")) for k in (*TILE_KEYS, "split"))
         errors = [e["rel_err"] for e in (r["cublas_bf16"], r["join_default"], r["dequant_cublas"], best)

@@ -714,12 +714,22 @@ def _check_planar(words: torch.Tensor, K: int, group_size: int) -> None:
                          f"(to_planar_int4); got {words.dtype} {tuple(words.shape)}")
 
 
+def w4_takes_dequant(M: int, N: int, K: int, group_size: int, device: torch.device, plan: dict | None = None) -> bool:
+    """From DEQUANT_MIN_M rows; and from MEDIUM_M rows when the join kernel's grid (no split-K there) is under one
+    program per SM, as for W8A16's narrow products. At M = 128 the join kernel took 41.9 / 170.8 us on o / down
+    (64 programs) against 30.6 / 118.8 dequantized, 42.7 against 48.4 on qkv (96 programs) and 126.2 against 218.2 on
+    gate_up (H100, perf/results/h100-tune_w4_matmul-session12-swap.json)."""
+    if M >= DEQUANT_MIN_M:
+        return True
+    return M > MEDIUM_M and _programs(M, N, plan or w4_join_plan(M, N, K, group_size, device)) < _num_sms(device)
+
+
 def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         group_size: int, path: str = "auto", plan: dict | None = None) -> torch.Tensor:
     """w4a16_matmul_ref's product with the weight as group-planar words (to_planar_int4 of its qweight).
     group_size: a power of two >= 32, or K itself.
 
-    path "auto": one row takes the GEMV, M >= DEQUANT_MIN_M dequantize + cuBLAS, the rest the join kernel. "join"
+    path "auto": one row takes the GEMV, dequantize + cuBLAS where w4_takes_dequant says, the rest the join kernel. "join"
     and "dequant" force one path (for tuning and tests); `plan` overrides the join kernel's launch (w4_join_plan's
     keys), and a plan's BLOCK_K must be the planar block (planar_block)."""
     if path not in W4_PATHS:
@@ -732,7 +742,7 @@ def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tens
         return w4a16_gemv_triton(x2, words, scales, zeros, group_size).view(*x.shape[:-1], N)
     _check_planar(words, K, group_size)
     out = None
-    if path == "dequant" or (path == "auto" and M >= DEQUANT_MIN_M):
+    if path == "dequant" or (path == "auto" and w4_takes_dequant(M, N, K, group_size, x2.device, plan)):
         out = _w4a16_dequant_matmul(x2, words, scales, zeros, group_size)
     if out is None:
         out = _w4a16_tiled(x2, words, scales, zeros, group_size, plan)

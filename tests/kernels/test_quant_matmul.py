@@ -75,6 +75,20 @@ def test_w8a16_narrow_product_dequantizes_into_the_shared_scratch(dtype, atol, r
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_w4a16_narrow_product_dequantizes_into_the_shared_scratch(dtype, atol, rtol, device):
+    # 100 rows x 72 columns: two join tiles, under one program per SM on any device, so the auto path dequantizes.
+    M, N, K, group = 100, 72, 256, 128
+    qweight, scales, zeros = random_int4(N, K, group, device)
+    x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
+    assert qm.w4_takes_dequant(M, N, K, group, x.device) and not qm.w4_takes_dequant(M, 4096 * 64, K, group, x.device)
+    got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group)
+    scratch = qm._DEQUANT_SCRATCH.take(N * K, dtype, x.device).view(N, K)
+    assert torch.equal(scratch, qm.dequantize_int4(qweight, scales, zeros, group).to(dtype))
+    want = float64_product(x, qweight, scales, zeros, group)
+    torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("M,N,K,group", SHAPES)
 def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     qweight, scales, zeros = random_int4(N, K, group, device)
@@ -320,6 +334,8 @@ def test_plan_whose_k_tile_straddles_groups_is_refused(device):
 
 
 def test_auto_path_by_row_count(monkeypatch, device):
+    # (with one SM, no join grid is narrow: narrow products are the test above)
+    monkeypatch.setattr(qm, "_num_sms", lambda device: 1)
     taken = []
     monkeypatch.setattr(qm, "_w4a16_dequant_matmul", lambda *a: taken.append("dequant"))  # returns None: falls back
     real_tiled = qm._w4a16_tiled
