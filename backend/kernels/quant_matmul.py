@@ -547,9 +547,9 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 # ---- W4A16 for M > 1 ------------------------------------------------------------------------------------------
 # Three paths: the batch-1 GEMV above; for 1 < M < DEQUANT_MIN_M the join kernel, which dequantizes tiles in
-# registers; from DEQUANT_MIN_M rows on, the whole weight is dequantized into a reused scratch buffer (decode
-# buckets of 128-256 rows run inside CUDA graphs, so unlike W8A16's path it cannot be a temporary) and multiplied
-# by cuBLAS. That last one is vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py,
+# registers; from DEQUANT_MIN_M rows on (and from MEDIUM_M rows for products too narrow to fill the GPU with join
+# tiles: w4_takes_dequant), the whole weight is dequantized into a reused scratch buffer (decode buckets of 96-256
+# rows run inside CUDA graphs, so unlike W8A16's large-M path it cannot be a temporary) and multiplied by cuBLAS. That last one is vLLM's AWQ choice for large batches (vllm/model_executor/layers/quantization/awq.py,
 # AWQLinearMethod.apply: awq_dequantize then torch.matmul from 256 tokens on).
 #
 # Why 128: the dequantize pass costs a fixed ~4.5 bytes of traffic per weight (read 0.5, write 2, cuBLAS reads 2
@@ -599,8 +599,9 @@ class _DequantScratch:
     Sharing is safe because the layers run one after another on one stream: a layer's cuBLAS product has read the
     buffer before the next layer's dequantize kernel overwrites it (work queued on one stream runs in order).
 
-    CUDA graphs (backend/engine/cuda_graphs.py captures decode batches up to 256, so buckets >= DEQUANT_MIN_M take
-    this path inside a graph): a captured graph bakes in the buffer's address, so
+    CUDA graphs (backend/engine/cuda_graphs.py captures decode batches up to 256, so buckets >= DEQUANT_MIN_M, and
+    narrow W4A16 and W8A16 products from MEDIUM_M rows, take this path inside a graph): a captured graph bakes in the
+    buffer's address, so
       - nothing is allocated during a capture (it would come from the graph's private pool, and its address would
         be handed out again once the graph's tensors are freed): take() returns None and the caller runs the tiled
         kernel instead, which is correct, only slower. The engine never hits this: quantization.layers.warmup runs
