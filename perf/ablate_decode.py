@@ -21,6 +21,7 @@ CUDA graph, launch gaps included. Variants:
   no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
   w8at=N:K:BLOCK_N:WORDS:num_warps: that tile for the INT8 GEMV of weight shape [N, K] only;
+  w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps: the same for the INT4 GEMV (TILES even for gate_up, which is gated);
   gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
     with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
@@ -86,6 +87,7 @@ def _patch(variant: str):
     original_decode_tile = paged_attention.default_decode_tile
     original_argmax, original_preload = Sampler.greedy_argmax, _pdl.preload_first_tile
     original_w8_tile, original_fuse_silu = quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul
+    original_w4_tile = quant_matmul.w4_gemv_tile
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -111,6 +113,11 @@ def _patch(variant: str):
         n, k, block_n, words, warps = (int(v) for v in variant[5:].split(":"))
         quant_matmul.w8_gemv_tile = lambda N, K, device: (
             dict(BLOCK_N=block_n, WORDS=words, num_warps=warps) if (N, K) == (n, k) else original_w8_tile(N, K, device))
+    elif variant.startswith("w4at="):  # one INT4 GEMV shape with this tile: w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps
+        n, k, tiles, block_n, blocks, warps = (int(v) for v in variant[5:].split(":"))
+        quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
+            dict(TILES=tiles, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps) if (N, K) == (n, k)
+            else original_w4_tile(N, K, group, device))
     elif variant.startswith(("gated16=", "gated8=")):  # a tile for the gated gate_up GEMV only
         name, _, values = variant.partition("=")
         a, b, warps = (int(v) for v in values.split(":"))
@@ -128,6 +135,7 @@ def _patch(variant: str):
         Sampler.sample = original_sample
         Sampler.greedy_argmax, _pdl.preload_first_tile = original_argmax, original_preload
         quant_matmul.w8_gemv_tile, gemv.fuse_silu_and_mul = original_w8_tile, original_fuse_silu
+        quant_matmul.w4_gemv_tile = original_w4_tile
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 
