@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -538,8 +539,8 @@ def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         weight = dequantize_int8_triton(qweight, scales, x2.dtype)
         return torch.nn.functional.linear(x2, weight).view(*x.shape[:-1], N)
     plan = plan_launch(M, N, K, x.device)
-    if path == "auto" and M > MEDIUM_M and _programs(M, N, plan) < _num_sms(x.device):
-        out = _w8a16_dequant_scratch_matmul(x2, qweight, scales)
+    if path == "auto" and _narrow_grid(M, N, plan, x.device):
+        out = _scratch_matmul(x2, N, K, lambda dense: dequantize_int8_triton(qweight, scales, x2.dtype, out=dense))
         if out is not None:
             return out.view(*x.shape[:-1], N)
     out = _launch(_w8a16_kernel, x2, N, K, plan, (qweight, scales, (qweight.stride(0),)), {})
@@ -668,33 +669,30 @@ def dequantize_int4_triton(words: torch.Tensor, scales: torch.Tensor, zeros: tor
     return out
 
 
-def _programs(M: int, N: int, plan: dict) -> int:
-    return -(-M // plan["BLOCK_M"]) * -(-N // plan["BLOCK_N"]) * plan["split"]
+def _narrow_grid(M: int, N: int, plan: dict, device: torch.device) -> bool:
+    """Beyond MEDIUM_M rows (no split-K there), a tiled plan with under one program per SM: the W8A16 and W4A16
+    products that dequantize into the shared scratch instead (see W8_DEQUANT_MIN_M and w4_takes_dequant)."""
+    programs = -(-M // plan["BLOCK_M"]) * -(-N // plan["BLOCK_N"]) * plan["split"]
+    return M > MEDIUM_M and programs < _num_sms(device)
 
 
-def _w8a16_dequant_scratch_matmul(x2, qweight, scales) -> torch.Tensor | None:
-    """As _w4a16_dequant_matmul, for INT8 weights."""
-    N, K = qweight.shape
+def _scratch_matmul(x2: torch.Tensor, N: int, K: int, dequantize_into: Callable) -> torch.Tensor | None:
+    """dequantize_into(out [N, K]) fills the shared scratch with the dense weight, then cuBLAS; None when no
+    scratch can be had (inside a CUDA-graph capture that needs a larger buffer than exists)."""
     scratch = _DEQUANT_SCRATCH.take(N * K, x2.dtype, x2.device)
     if scratch is None:
         return None
-    return torch.nn.functional.linear(x2, dequantize_int8_triton(qweight, scales, x2.dtype, out=scratch.view(N, K)))
+    return torch.nn.functional.linear(x2, dequantize_into(scratch.view(N, K)))
 
 
 def _w4a16_dequant_matmul(x2, words, scales, zeros, group_size: int) -> torch.Tensor | None:
-    """Dequantize into the shared scratch, then cuBLAS; None when no scratch can be had (inside a CUDA-graph
-    capture that needs a larger buffer than exists)."""
     N, K = words.shape[0], x2.shape[1]
-    scratch = _DEQUANT_SCRATCH.take(N * K, x2.dtype, x2.device)
-    if scratch is None:
-        return None
-    weight = dequantize_int4_triton(words, scales, zeros, group_size, K, x2.dtype, out=scratch.view(N, K))
-    return torch.nn.functional.linear(x2, weight)
+    return _scratch_matmul(x2, N, K, lambda out: dequantize_int4_triton(words, scales, zeros, group_size, K,
+                                                                        x2.dtype, out=out))
 
 
-def _w4a16_tiled(x2, words, scales, zeros, group_size: int, plan: dict | None) -> torch.Tensor:
+def _w4a16_tiled(x2, words, scales, zeros, group_size: int, plan: dict) -> torch.Tensor:
     N, K = words.shape[0], x2.shape[1]
-    plan = plan or w4_join_plan(x2.shape[0], N, K, group_size, x2.device)
     if plan["BLOCK_K"] != planar_block(K, group_size):
         raise ValueError(f"BLOCK_K {plan['BLOCK_K']} must be the planar block of K {K} and group {group_size}: "
                          f"{planar_block(K, group_size)}")
@@ -721,9 +719,7 @@ def w4_takes_dequant(M: int, N: int, K: int, group_size: int, device: torch.devi
     program per SM, as for W8A16's narrow products. At M = 128 the join kernel took 41.9 / 170.8 us on o / down
     (64 programs) against 30.6 / 118.8 dequantized, 42.7 against 48.4 on qkv (96 programs) and 126.2 against 218.2 on
     gate_up (H100, perf/results/h100-tune_w4_matmul-session12-swap.json)."""
-    if M >= DEQUANT_MIN_M:
-        return True
-    return M > MEDIUM_M and _programs(M, N, plan or w4_join_plan(M, N, K, group_size, device)) < _num_sms(device)
+    return M >= DEQUANT_MIN_M or _narrow_grid(M, N, plan or w4_join_plan(M, N, K, group_size, device), device)
 
 
 def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -743,6 +739,7 @@ def w4a16_matmul_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tens
     if path == "auto" and M == 1:  # the GEMV checks the words itself
         return w4a16_gemv_triton(x2, words, scales, zeros, group_size).view(*x.shape[:-1], N)
     _check_planar(words, K, group_size)
+    plan = plan or w4_join_plan(M, N, K, group_size, x2.device)
     out = None
     if path == "dequant" or (path == "auto" and w4_takes_dequant(M, N, K, group_size, x2.device, plan)):
         out = _w4a16_dequant_matmul(x2, words, scales, zeros, group_size)
