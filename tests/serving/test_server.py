@@ -111,6 +111,17 @@ def test_streaming_equality_with_chinese_emoji_and_accents(server, grpc, offline
         assert not any("\ufffd" in d for d in deltas[:-1])  # the last may end in a truncated character
 
 
+def test_text_output_is_one_string_per_response_as_nvidia_clients_read_it(grpc):
+    """Shape [1], as the TensorRT-LLM backend's postprocessing sends it: NVIDIA's end_to_end_grpc_client.py decodes
+    `as_numpy("text_output")[0]`, which failed on the [1, 1] array the ensemble returned before."""
+    for stream in (True, False):
+        result = grpc.generate(FRANCE, 12, chat=True, stream=stream)
+        assert result.error is None and "Paris" in result.text
+        texts = [r["text_output"] for r in result.responses if "text_output" in r]
+        assert {t.shape for t in texts} == {(1,)}
+        assert "".join(t[0].decode("utf-8") for t in texts) == result.text
+
+
 def test_eight_concurrent_streams_complete_in_shared_batches(server, offline):
     prompts = [f"Count from 1 to {n}." for n in range(3, 11)]
     lengths = [10 + 2 * i for i in range(8)]

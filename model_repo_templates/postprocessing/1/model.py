@@ -38,11 +38,19 @@ class TritonPythonModel:
         for name in self.names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
-                tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
+                tensors.append(pb_utils.Tensor(name, _as_sent(name, tensor.as_numpy())))
         if not any(t.name() == "text_output" for t in tensors):
             raise ValueError("the engine's response has no text_output")
         _check_utf8(next(t for t in tensors if t.name() == "text_output").as_numpy())
         return tensors
+
+
+def _as_sent(name: str, array: np.ndarray) -> np.ndarray:
+    """text_output leaves the ensemble one-dimensional, one string per request, as the TensorRT-LLM backend's
+    postprocessing sends it: NVIDIA's clients read `as_numpy("text_output")[0].decode()` and Triton's OpenAI
+    frontend `to_string_array()[0]`, which the engine's [batch, 1] array breaks. (The engine's own output keeps
+    [batch, 1]: the ensemble checks it against this model's input dims.) The other fields keep their shapes."""
+    return array.reshape(-1) if name == "text_output" else array
 
 
 def _check_utf8(text: np.ndarray) -> None:
