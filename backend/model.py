@@ -2,7 +2,8 @@
 
 Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
 `<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. It takes token ids from `preprocessing` (the
-ensemble path) or the ensemble's own text inputs when called directly. Decoupled: `execute` validates each
+ensemble path) or the ensemble's own text inputs when called directly; a request of several prompts (batch rows)
+becomes one engine request per row (backend/serving/batching.py). Decoupled: `execute` validates each
 request, hands it to the engine and returns at once; a few responder threads (backend/serving/responder.py)
 stream every request's responses (the final flag on the last data response), poll cancellation and abort the
 engine request when the client goes away.
@@ -26,6 +27,7 @@ from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import (declared_instances, engine_in_child, from_parameters,
                                              responder_threads, serving_settings)
+from backend.serving.batching import ResponseGroup, parse_rows, split_rows
 from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -110,22 +112,35 @@ class TritonPythonModel:
             time.sleep(HOLD_POLL_S)
 
     def _start(self, request) -> None:
+        """One engine request per prompt row (batching.py); every row is checked before any starts."""
         sender = request.get_response_sender()
         request_id = f"{self._prefix}-{next(self._ids)}"
+        started: list[str] = []
         try:
             parameters = _parameters(request)
-            inputs = tokenize_inputs(self._inputs(request), parameters, self.preprocessor)
-            parsed = parse_request(inputs, parameters, self.limits)
-            stream = self.engine.add_request(request_id, parsed.prompt_ids, parsed.params)
-        except (EngineError, ValueError) as exc:  # bad input names the field (400); overload/shutdown: 503
-            send_error(sender, str(exc), error_code_name(exc))
+            rows = parse_rows(split_rows(self._inputs(request)), lambda row: parse_request(
+                tokenize_inputs(row, parameters, self.preprocessor), parameters, self.limits))
+            ids = [request_id] if len(rows) == 1 else [f"{request_id}.{i}" for i in range(len(rows))]
+            streams = []
+            for row_id, parsed in zip(ids, rows):
+                streams.append(self.engine.add_request(row_id, parsed.prompt_ids, parsed.params))
+                started.append(row_id)
+        except Exception as exc:
+            self._abort(started)
+            if isinstance(exc, (EngineError, ValueError)):  # bad input names the field (400); overload/shutdown: 503
+                send_error(sender, str(exc), error_code_name(exc))
+            else:  # never leave a request without its final response
+                log.exception("request %s could not start", request_id)
+                send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
             return
-        except Exception as exc:  # never leave a request without its final response
-            log.exception("request %s could not start", request_id)
-            send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        self.responder.add(Session(self.engine, request_id, parsed, stream, TritonSink(request, sender),
-                                   self.block_size, self.metrics.observer()))
+        group = ResponseGroup(TritonSink(request, sender), len(rows), lambda: self._abort(ids))
+        for index, (row_id, parsed, stream) in enumerate(zip(ids, rows, streams)):
+            self.responder.add(Session(self.engine, row_id, parsed, stream, group.row(index), self.block_size,
+                                       self.metrics.observer()))
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
         inputs = {}

@@ -11,6 +11,7 @@ import numpy as np
 
 from backend.engine.errors import InvalidParameterError
 from backend.engine.sampling_params import MAX_STOP_SEQUENCES
+from backend.serving.batching import parse_rows
 from backend.serving.request_parser import MAX_STOP_WORD_BYTES, decode_text
 
 # Tokenizing is the one cost a request imposes before any limit on tokens can be checked: a prompt of 1 MiB
@@ -55,6 +56,57 @@ class Preprocessor:
         ends = np.cumsum([len(s) for s in sequences]).tolist() if sequences else []
         ends += [-1] * (len(flat) - len(ends))
         return np.array([[flat, ends]], dtype=np.int32)
+
+
+def preprocess_rows(pre: Preprocessor, text_input, bad_words=None, apply_chat_template: bool | None = None) -> dict:
+    """preprocessing's outputs for a request of B prompt rows (batching.py): input_ids [B, longest] with each row
+    padded by 0 after its input_lengths [B, 1], and bad_words_ids [B, 2, L] (each row's word list, padded)."""
+    prompts = prompt_texts(text_input)
+    words = word_rows(bad_words, len(prompts))
+    ids = [pre.encode(prompt, apply_chat_template) for prompt in prompts]
+    lists = [pre.word_list(row)[0] for row in words]
+    return {
+        "input_ids": _pad_right([np.array(row, dtype=np.int32) for row in ids], 0),
+        "input_lengths": np.array([[len(row)] for row in ids], dtype=np.int32),
+        "bad_words_ids": np.stack(_same_width(lists)),
+    }
+
+
+def _pad_right(rows: list[np.ndarray], fill: int, width: int | None = None) -> np.ndarray:
+    width = max(len(r) for r in rows) if width is None else width
+    out = np.full((len(rows), width), fill, dtype=np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def _same_width(lists: list[np.ndarray]) -> list[np.ndarray]:
+    """Word lists [2, L_i] padded to the longest L: ids with 0, end offsets with -1 (the format's 'no more')."""
+    width = max(w.shape[1] for w in lists)
+    return [np.stack([_pad_right([w[0]], 0, width)[0], _pad_right([w[1]], -1, width)[0]]) for w in lists]
+
+
+def prompt_texts(tensor) -> list[str]:
+    """The prompts of a text_input tensor, one per batch row ([B, 1]); each checked as prompt_text does."""
+    text = np.asarray(tensor)
+    rows = text.reshape(text.shape[0] if text.ndim else 1, -1)
+    if rows.shape[0] == 1:
+        return [prompt_text(text)]
+    if rows.shape[1] != 1:
+        raise InvalidParameterError("text_input", f"one prompt per batch row, got shape {list(text.shape)}")
+    return parse_rows(list(rows), prompt_text)
+
+
+def word_rows(tensor, num_rows: int) -> list[list[str]]:
+    """bad_words per prompt row: [B, N] strings ("" for none); absent means no words for any row."""
+    if tensor is None:
+        return [[] for _ in range(num_rows)]
+    words = np.asarray(tensor)
+    if num_rows == 1:
+        return [word_texts(words, "bad_words")]
+    if words.ndim < 1 or words.shape[0] != num_rows:
+        raise InvalidParameterError("bad_words", f"expected one row per prompt ({num_rows}), got shape {list(words.shape)}")
+    return [word_texts(row, "bad_words") for row in words]
 
 
 def tokenize_inputs(inputs: dict, parameters: dict, pre: Preprocessor) -> dict:

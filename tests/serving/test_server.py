@@ -122,6 +122,42 @@ def test_text_output_is_one_string_per_response_as_nvidia_clients_read_it(grpc):
         assert "".join(t[0].decode("utf-8") for t in texts) == result.text
 
 
+def batch_tensors(prompts: list[str], max_tokens: list[int], stream: bool, min_tokens: int = 0) -> list:
+    """One request carrying several prompts, stacked row by row as NVIDIA's end_to_end_grpc_client.py
+    --batch-inputs stacks them."""
+    rows = len(prompts)
+    arrays = {"text_input": (np.array([[p.encode()] for p in prompts], dtype=np.object_), "BYTES"),
+              "max_tokens": (np.array([[n] for n in max_tokens], dtype=np.int32), "INT32"),
+              "min_tokens": (np.full((rows, 1), min_tokens, dtype=np.int32), "INT32"),
+              "stream": (np.full((rows, 1), stream), "BOOL"),
+              "exclude_input_in_output": (np.full((rows, 1), True), "BOOL")}
+    tensors = []
+    for name, (array, datatype) in arrays.items():
+        tensors.append(grpcclient.InferInput(name, list(array.shape), datatype))
+        tensors[-1].set_data_from_numpy(array)
+    return tensors
+
+
+@pytest.mark.parametrize("model", ["ensemble", "llm"])
+def test_a_request_of_several_prompts_answers_each_with_its_batch_index(server, offline, model):
+    """As the TensorRT-LLM backend does: each row generates on its own (with its own max_tokens), each response
+    carries one row and its batch_index, and the last response is final; non-streamed, one response per row."""
+    prompts, lengths = [FRANCE, "Write a haiku about the sea.", "Name a colour."], [12, 6, 9]
+    expected = dict(enumerate(offline(prompts, lengths)))
+    for stream in (True, False):
+        texts: dict[int, str] = {}
+        with GrpcStreamClient(server.grpc_url, model=model) as client:
+            responses = list(client.stream_tensors(batch_tensors(prompts, lengths, stream),
+                                                   {"apply_chat_template": True}))
+        for outputs in responses:
+            assert outputs["batch_index"].shape == (1, 1) and outputs["text_output"].size == 1
+            index = int(outputs["batch_index"][0, 0])
+            texts[index] = texts.get(index, "") + text_of(outputs)
+        assert texts == expected, (stream, texts)
+        if not stream:
+            assert len(responses) == len(prompts)
+
+
 def test_eight_concurrent_streams_complete_in_shared_batches(server, offline):
     prompts = [f"Count from 1 to {n}." for n in range(3, 11)]
     lengths = [10 + 2 * i for i in range(8)]
@@ -202,16 +238,19 @@ def test_engine_model_called_directly_with_text_equals_the_ensemble(server, grpc
     assert result.error is None and result.text == grpc.generate(FRANCE, 16, chat=True, stop_words=["is Par"]).text
 
 
-def test_cancelled_grpc_stream_frees_its_kv_blocks(server):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_cancelled_grpc_stream_frees_its_kv_blocks(server, rows):
     """Cancellation reaches the engine on the engine model's own stream: tritonserver 2.51 does not propagate
-    a cancelled ensemble request into its running steps (see README)."""
+    a cancelled ensemble request into its running steps (see README). Every row of a request stops."""
     baseline = wait_for_metrics(server, lambda m: m["num_running"] == 0)
+    story = "Write a long story about a dragon."
     with GrpcStreamClient(server.grpc_url, model="llm") as client:
-        stream = client.stream("Write a long story about a dragon.", 400, chat=True, min_tokens=400)  # minutes
+        tensors = batch_tensors([story] * rows, [400] * rows, stream=True, min_tokens=400)  # minutes
+        stream = client.stream_tensors(tensors, {"apply_chat_template": True})
         for _ in range(3):
             next(stream)
-        busy = wait_for_metrics(server, lambda m: m["kv_blocks_used"] > baseline["kv_blocks_used"])
-        assert busy["num_running"] == 1 and busy["kv_blocks_used"] > baseline["kv_blocks_used"]
+        busy = wait_for_metrics(server, lambda m: m["num_running"] == rows)
+        assert busy["num_running"] == rows and busy["kv_blocks_used"] > baseline["kv_blocks_used"]
         client.cancel()
         after = wait_for_metrics(server, lambda m: m["num_running"] == 0 and m["kv_blocks_used"] == 0)
     assert after["num_running"] == 0 and after["kv_blocks_used"] == 0

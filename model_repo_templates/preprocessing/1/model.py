@@ -1,4 +1,4 @@
-"""preprocessing: text_input -> input_ids (chat template when asked), bad_words -> bad_words_ids.
+"""preprocessing: text_input -> input_ids and input_lengths (chat template when asked), bad_words -> bad_words_ids.
 
 The chat template applies when the model config's `apply_chat_template` parameter is true (set at generate
 time) or the request carries the parameter `apply_chat_template` (true/false), which wins. Bad input (empty
@@ -9,13 +9,12 @@ import json
 import logging
 import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from backend.engine.errors import InvalidParameterError
 from backend.serving.error_codes import triton_error
-from backend.serving.preprocess import Preprocessor, parse_bool_parameter, prompt_text, word_texts
+from backend.serving.preprocess import Preprocessor, parse_bool_parameter, preprocess_rows
 
 log = logging.getLogger("tritium.preprocessing")
 
@@ -42,15 +41,12 @@ class TritonPythonModel:
             return _error_response(f"preprocessing failed: {type(exc).__name__}: {exc}", "INTERNAL")
 
     def _process(self, request):
-        prompt = prompt_text(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy())
-        parameters = _parameters(request)
-        ids = self.pre.encode(prompt, parse_bool_parameter(parameters, "apply_chat_template"))
+        """A request may carry several prompts (one per batch row): each is tokenized on its own."""
+        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()
         bad = pb_utils.get_input_tensor_by_name(request, "bad_words")
-        words = [] if bad is None else word_texts(bad.as_numpy(), "bad_words")
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("input_ids", np.array([ids], dtype=np.int32)),
-            pb_utils.Tensor("bad_words_ids", self.pre.word_list(words)),
-        ])
+        chat = parse_bool_parameter(_parameters(request), "apply_chat_template")
+        outputs = preprocess_rows(self.pre, text, None if bad is None else bad.as_numpy(), chat)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
 def _parameters(request) -> dict:

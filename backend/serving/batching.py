@@ -1,0 +1,122 @@
+"""Requests that carry several prompts (a batch dimension above 1), as the TensorRT-LLM backend serves them.
+
+With `max_batch_size` > 0 a client may stack B prompts in one request (NVIDIA's end_to_end_grpc_client.py
+`--batch-inputs`, perf_analyzer `-b B`): every input then has B rows. As in the TensorRT-LLM backend, each row
+becomes its own engine request, each response carries one row's outputs (batch dimension 1) plus `batch_index`
+(sent only when B > 1), and the request's final flag rides on the response of the last row to finish, so a
+non-streamed request of B prompts ends after B responses. Triton-free, so it is unit-tested without a server.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+from backend.engine.errors import InvalidParameterError
+
+PROMPT_INPUTS = ("input_ids", "text_input")  # what sets the batch size: preprocessing's ids, or the text itself
+
+
+def split_rows(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One dict of inputs per prompt row, each with batch dimension 1. `input_lengths` (preprocessing pads the ids
+    of a batch to its longest prompt) trims each row's `input_ids` and is then dropped."""
+    prompt = next((name for name in PROMPT_INPUTS if name in inputs), None)
+    size = _batch_size(inputs[prompt]) if prompt else 1
+    for name, array in inputs.items():
+        if _batch_size(array) != size:
+            raise InvalidParameterError(
+                name, f"has batch size {_batch_size(array)}, but {prompt} has {size}: every input needs one row per prompt")
+    if size == 1:
+        return [_trim_ids(dict(inputs))]
+    return [_trim_ids({name: np.asarray(array)[row:row + 1] for name, array in inputs.items()})
+            for row in range(size)]
+
+
+def parse_rows(rows: list, parse: Callable) -> list:
+    """parse(row) for every row; when there are several, an error names its row: "max_tokens: row 1: ..."."""
+    if len(rows) == 1:
+        return [parse(rows[0])]
+    parsed = []
+    for index, row in enumerate(rows):
+        try:
+            parsed.append(parse(row))
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(exc.field, f"row {index}: {str(exc)[len(exc.field) + 2:]}") from None
+    return parsed
+
+
+def _batch_size(array) -> int:
+    array = np.asarray(array)
+    return array.shape[0] if array.ndim else 1
+
+
+def _trim_ids(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    lengths = row.pop("input_lengths", None)
+    if lengths is None or "input_ids" not in row:
+        return row
+    lengths = np.asarray(lengths)
+    ids = np.asarray(row["input_ids"])
+    if lengths.size != 1 or lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer):
+        raise InvalidParameterError("input_lengths", f"expected one integer per prompt, got {lengths.dtype} "
+                                                     f"of shape {list(lengths.shape)}")
+    length = int(lengths.reshape(-1)[0])
+    if not 1 <= length <= ids.shape[-1]:
+        raise InvalidParameterError("input_lengths", f"must be in [1, {ids.shape[-1]}] (the ids' length), got {length}")
+    row["input_ids"] = ids[..., :length]
+    return row
+
+
+class ResponseGroup:
+    """Shares one request's response sender between the sessions of its rows.
+
+    `sink` is the request's own sink (send / send_error / is_cancelled, see session.Sink); `abort_rows` stops every
+    row's engine request. An error in any row (or the client cancelling) fails the whole request: its error is the
+    final response, the other rows are aborted, and nothing is sent after it."""
+
+    def __init__(self, sink, size: int, abort_rows: Callable[[], None] = lambda: None):
+        self.sink = sink
+        self.size = size
+        self.abort_rows = abort_rows
+        self._unfinished = size
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def row(self, index: int) -> "RowSink":
+        return RowSink(self, index)
+
+    def send(self, index: int, outputs: dict[str, np.ndarray], final: bool) -> None:
+        if self.size > 1:
+            outputs = {**outputs, "batch_index": np.array([[index]], dtype=np.int32)}
+        with self._lock:
+            if self._closed:
+                return
+            self._unfinished -= int(final)
+            self._closed = self._unfinished == 0
+            self.sink.send(outputs, final=self._closed)
+
+    def send_error(self, message: str, code_name: str = "INTERNAL") -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.sink.send_error(message, code_name)
+        if self.size > 1:
+            self.abort_rows()
+
+
+class RowSink:
+    """One row's view of its request's ResponseGroup: what a Session sends to."""
+
+    def __init__(self, group: ResponseGroup, index: int):
+        self.group = group
+        self.index = index
+
+    def send(self, outputs: dict[str, np.ndarray], final: bool) -> None:
+        self.group.send(self.index, outputs, final)
+
+    def send_error(self, message: str, code_name: str = "INTERNAL") -> None:
+        self.group.send_error(message, code_name)
+
+    def is_cancelled(self) -> bool:
+        return self.group.sink.is_cancelled()
