@@ -3,10 +3,10 @@
 Models say `backend: "tritium"` and have no model.py; tools/serve.py lays this file out as
 `<backend_dir>/tritium/model.py` beside `<backend_dir>/python/`. It takes token ids from `preprocessing` (the
 ensemble path) or the ensemble's own text inputs when called directly; a request of several prompts (batch rows)
-becomes one engine request per row (backend/serving/batching.py). Decoupled: `execute` validates each
-request, hands it to the engine and returns at once; a few responder threads (backend/serving/responder.py)
-stream every request's responses (the final flag on the last data response), poll cancellation and abort the
-engine request when the client goes away.
+or several sequences per prompt becomes one engine request per sequence (backend/serving/batching.py).
+Decoupled: `execute` validates each request, hands it to the engine and returns at once; a few responder threads
+(backend/serving/responder.py) stream every request's responses (the final flag on the last data response), poll
+cancellation and abort the engine requests when the client goes away.
 Engine settings come from the model config's `parameters` (every EngineConfig field, written by
 tools/generate_repo.py).
 """
@@ -27,7 +27,7 @@ from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import (declared_instances, engine_in_child, from_parameters,
                                              responder_threads, serving_settings)
-from backend.serving.batching import ResponseGroup, parse_rows, split_rows
+from backend.serving.batching import ResponseGroup, members, parse_rows, sequence_params, split_rows
 from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -112,7 +112,8 @@ class TritonPythonModel:
             time.sleep(HOLD_POLL_S)
 
     def _start(self, request) -> None:
-        """One engine request per prompt row (batching.py); every row is checked before any starts."""
+        """One engine request per prompt row and returned sequence (batching.py); every row is checked before
+        any starts."""
         sender = request.get_response_sender()
         request_id = f"{self._prefix}-{next(self._ids)}"
         started: list[str] = []
@@ -120,11 +121,13 @@ class TritonPythonModel:
             parameters = _parameters(request)
             rows = parse_rows(split_rows(self._inputs(request)), lambda row: parse_request(
                 tokenize_inputs(row, parameters, self.preprocessor), parameters, self.limits))
-            ids = [request_id] if len(rows) == 1 else [f"{request_id}.{i}" for i in range(len(rows))]
+            plan = members([row.num_sequences for row in rows])
+            ids = [request_id] if len(plan) == 1 else [f"{request_id}.{m.row}.{m.sequence}" for m in plan]
             streams = []
-            for row_id, parsed in zip(ids, rows):
-                streams.append(self.engine.add_request(row_id, parsed.prompt_ids, parsed.params))
-                started.append(row_id)
+            for member_id, member in zip(ids, plan):
+                params = sequence_params(rows[member.row].params, member.sequence)
+                streams.append(self.engine.add_request(member_id, rows[member.row].prompt_ids, params))
+                started.append(member_id)
         except Exception as exc:
             self._abort(started)
             if isinstance(exc, (EngineError, ValueError)):  # bad input names the field (400); overload/shutdown: 503
@@ -133,10 +136,10 @@ class TritonPythonModel:
                 log.exception("request %s could not start", request_id)
                 send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
             return
-        group = ResponseGroup(TritonSink(request, sender), len(rows), lambda: self._abort(ids))
-        for index, (row_id, parsed, stream) in enumerate(zip(ids, rows, streams)):
-            self.responder.add(Session(self.engine, row_id, parsed, stream, group.row(index), self.block_size,
-                                       self.metrics.observer()))
+        group = ResponseGroup(TritonSink(request, sender), len(plan), lambda: self._abort(ids))
+        for member_id, member, stream in zip(ids, plan, streams):
+            self.responder.add(Session(self.engine, member_id, rows[member.row], stream, group.member(member.tags),
+                                       self.block_size, self.metrics.observer()))
 
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -7,7 +7,8 @@ import pytest
 
 from backend.engine.errors import InvalidParameterError
 from backend.engine.outputs import RequestOutput
-from backend.serving.batching import ResponseGroup, parse_rows, split_rows
+from backend.engine.sampling_params import MAX_SEED, SamplingParams
+from backend.serving.batching import ResponseGroup, members, parse_rows, sequence_params, split_rows
 from backend.serving.preprocess import Preprocessor, preprocess_rows
 from backend.serving.request_parser import parse_request
 from backend.serving.session import Session
@@ -73,13 +74,14 @@ def run_rows(row_tokens: list[list[int]], stream: bool, fail_row: int | None = N
     """Sessions of one request's rows, run one after another (row order reversed, so the first row finishes
     last), all sending through one ResponseGroup into one recording sink."""
     sink, engine, aborted = RecordingSink(), FakeEngine(), []
-    group = ResponseGroup(sink, len(row_tokens), lambda: aborted.append("all"))
-    for index in reversed(range(len(row_tokens))):
+    plan = members([1] * len(row_tokens))
+    group = ResponseGroup(sink, len(plan), lambda: aborted.append("all"))
+    for member in reversed(plan):
         request = parse_request(tensors(stream=stream, exclude_input_in_output=True))
-        outputs = engine_outputs(row_tokens[index])
-        if index == fail_row:
+        outputs = engine_outputs(row_tokens[member.row])
+        if member.row == fail_row:
             outputs = [RequestOutput("r", [], None, True, "error", error="engine step failed: boom")]
-        Session(engine, f"r.{index}", request, FakeStream(outputs), group.row(index), block_size=16).run()
+        Session(engine, f"r.{member.row}", request, FakeStream(outputs), group.member(member.tags), block_size=16).run()
     return sink, aborted
 
 
@@ -120,3 +122,28 @@ def test_a_bad_value_in_one_row_names_the_input_and_the_row():
     with pytest.raises(InvalidParameterError, match=r"^max_tokens: row 1: must be >= 1, got 0$"):
         parse_rows(rows, parse_request)
     assert [r.params.max_tokens for r in parse_rows(rows[:1], parse_request)] == [4]
+
+
+def test_members_are_tagged_as_tensorrt_llm_tags_them():
+    assert [(m.row, m.sequence, m.tags) for m in members([1])] == [(0, 0, {})]
+    assert [m.tags for m in members([1, 1])] == [{"batch_index": 0}, {"batch_index": 1}]
+    assert [m.tags for m in members([2])] == [{"sequence_index": 0}, {"sequence_index": 1}]
+    assert [m.tags for m in members([2, 1])] == [{"batch_index": 0, "sequence_index": 0},
+                                                 {"batch_index": 0, "sequence_index": 1}, {"batch_index": 1}]
+
+
+def test_each_sequence_of_a_seeded_row_gets_its_own_seed():
+    seeded = SamplingParams(max_tokens=4, temperature=1.0, seed=MAX_SEED - 1)
+    assert [sequence_params(seeded, i).seed for i in range(3)] == [MAX_SEED - 1, MAX_SEED, 0]
+    unseeded = SamplingParams(max_tokens=4, temperature=1.0)
+    assert sequence_params(unseeded, 2) is unseeded
+
+
+@pytest.mark.parametrize("count, ok", [(1, True), (3, True), (64, True), (0, False), (65, False)])
+def test_num_return_sequences_is_bounded(count, ok):
+    inputs = tensors(num_return_sequences=count)
+    if ok:
+        assert parse_request(inputs).num_sequences == count
+    else:
+        with pytest.raises(InvalidParameterError, match=r"num_return_sequences: must be in \[1, 64\]"):
+            parse_request(inputs)

@@ -31,8 +31,9 @@ INTERFACE_OUTPUTS = {
     "num_output_tokens": ("TYPE_INT32", "[ 1 ]"), "arrival_time_ns": ("TYPE_INT64", "[ 1 ]"),
     "first_token_time_ns": ("TYPE_INT64", "[ 1 ]"), "last_token_time_ns": ("TYPE_INT64", "[ 1 ]"),
     "kv_cache_alloc_new_blocks": ("TYPE_INT32", "[ 1 ]"), "kv_cache_reused_blocks": ("TYPE_INT32", "[ 1 ]"),
-    # the TensorRT-LLM ensemble's row of a request that carries several prompts (sent only then)
-    "batch_index": ("TYPE_INT32", "[ 1 ]"),
+    # the TensorRT-LLM ensemble's row of a request that carries several prompts, and sequence of a prompt that
+    # asks for several (num_return_sequences): each sent only then
+    "batch_index": ("TYPE_INT32", "[ 1 ]"), "sequence_index": ("TYPE_INT32", "[ 1 ]"),
 }
 
 

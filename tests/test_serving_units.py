@@ -59,7 +59,7 @@ def test_genai_perf_aliases():
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=1.5), "top_p"),
     (dict(beam_width=2), "beam_width"),
-    (dict(num_return_sequences=3), "num_return_sequences"),
+    (dict(num_return_sequences=65), "num_return_sequences"),
     (dict(return_context_logits=True), "return_context_logits"),
     (dict(return_generation_logits=True), "return_generation_logits"),
     (dict(embedding_bias_words=["foo"], embedding_bias_weights=np.array([[1.0]], dtype=np.float32)),

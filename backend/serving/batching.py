@@ -1,19 +1,25 @@
-"""Requests that carry several prompts (a batch dimension above 1), as the TensorRT-LLM backend serves them.
+"""Requests that carry several prompts (a batch dimension above 1) or ask for several sequences per prompt
+(`num_return_sequences`), as the TensorRT-LLM backend serves them.
 
 With `max_batch_size` > 0 a client may stack B prompts in one request (NVIDIA's end_to_end_grpc_client.py
-`--batch-inputs`, perf_analyzer `-b B`): every input then has B rows. As in the TensorRT-LLM backend, each row
-becomes its own engine request, each response carries one row's outputs (batch dimension 1) plus `batch_index`
-(sent only when B > 1), and the request's final flag rides on the response of the last row to finish, so a
-non-streamed request of B prompts ends after B responses. Triton-free, so it is unit-tested without a server.
+`--batch-inputs`, perf_analyzer `-b B`): every input then has B rows. As in the TensorRT-LLM backend, each row,
+and each of its sequences, becomes its own engine request (a member of the request); each response carries one
+member's outputs (batch dimension 1) tagged `batch_index` (sent only when B > 1) and `sequence_index` (only when
+that row asked for several sequences), and the request's final flag rides on the response of the last member to
+finish, so a non-streamed request ends after one response per member. Triton-free, so it is unit-tested without
+a server.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from backend.engine.errors import InvalidParameterError
+from backend.engine.sampling_params import MAX_SEED, SamplingParams
 
 PROMPT_INPUTS = ("input_ids", "text_input")  # what sets the batch size: preprocessing's ids, or the text itself
 
@@ -67,27 +73,53 @@ def _trim_ids(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return row
 
 
+@dataclass(frozen=True)
+class Member:
+    """One engine request of a Triton request: its prompt row, its sequence in the row, and the tags (output
+    name -> value) its responses carry."""
+
+    row: int
+    sequence: int
+    tags: dict
+
+
+def members(sequences_per_row: list[int]) -> list[Member]:
+    """Every (row, sequence) of a request, with TensorRT-LLM's tags: batch_index when there are several rows,
+    sequence_index when the row asked for several sequences."""
+    several_rows = len(sequences_per_row) > 1
+    return [Member(row, sequence, {**({"batch_index": row} if several_rows else {}),
+                                   **({"sequence_index": sequence} if count > 1 else {})})
+            for row, count in enumerate(sequences_per_row) for sequence in range(count)]
+
+
+def sequence_params(params: SamplingParams, sequence: int) -> SamplingParams:
+    """The sampling parameters of a row's sequence: a seeded row gives sequence i the seed + i, so sequence 0
+    equals the same request asking for one sequence and the others differ; unseeded, the engine draws each."""
+    if sequence == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + sequence) % (MAX_SEED + 1))
+
+
 class ResponseGroup:
-    """Shares one request's response sender between the sessions of its rows.
+    """Shares one request's response sender between the sessions of its members.
 
-    `sink` is the request's own sink (send / send_error / is_cancelled, see session.Sink); `abort_rows` stops every
-    row's engine request. An error in any row (or the client cancelling) fails the whole request: its error is the
-    final response, the other rows are aborted, and nothing is sent after it."""
+    `sink` is the request's own sink (send / send_error / is_cancelled, see session.Sink); `abort_members` stops
+    every member's engine request. An error in any member (or the client cancelling) fails the whole request: its
+    error is the final response, the other members are aborted, and nothing is sent after it."""
 
-    def __init__(self, sink, size: int, abort_rows: Callable[[], None] = lambda: None):
+    def __init__(self, sink, size: int, abort_members: Callable[[], None] = lambda: None):
         self.sink = sink
         self.size = size
-        self.abort_rows = abort_rows
+        self.abort_members = abort_members
         self._unfinished = size
         self._closed = False
         self._lock = threading.Lock()
 
-    def row(self, index: int) -> "RowSink":
-        return RowSink(self, index)
+    def member(self, tags: dict) -> "MemberSink":
+        return MemberSink(self, tags)
 
-    def send(self, index: int, outputs: dict[str, np.ndarray], final: bool) -> None:
-        if self.size > 1:
-            outputs = {**outputs, "batch_index": np.array([[index]], dtype=np.int32)}
+    def send(self, tags: dict, outputs: dict[str, np.ndarray], final: bool) -> None:
+        outputs = {**outputs, **{name: np.array([[value]], dtype=np.int32) for name, value in tags.items()}}
         with self._lock:
             if self._closed:
                 return
@@ -102,18 +134,18 @@ class ResponseGroup:
             self._closed = True
             self.sink.send_error(message, code_name)
         if self.size > 1:
-            self.abort_rows()
+            self.abort_members()
 
 
-class RowSink:
-    """One row's view of its request's ResponseGroup: what a Session sends to."""
+class MemberSink:
+    """One member's view of its request's ResponseGroup: what a Session sends to."""
 
-    def __init__(self, group: ResponseGroup, index: int):
+    def __init__(self, group: ResponseGroup, tags: dict):
         self.group = group
-        self.index = index
+        self.tags = tags
 
     def send(self, outputs: dict[str, np.ndarray], final: bool) -> None:
-        self.group.send(self.index, outputs, final)
+        self.group.send(self.tags, outputs, final)
 
     def send_error(self, message: str, code_name: str = "INTERNAL") -> None:
         self.group.send_error(message, code_name)

@@ -22,6 +22,8 @@ IGNORED_INPUTS = ("pad_id", "length_penalty")
 UNSUPPORTED_FLAGS = ("return_context_logits", "return_generation_logits")
 # A stop string is matched against the tail of the text at every step: its length bounds that work.
 MAX_STOP_WORD_BYTES = 256
+# Each returned sequence is an engine request of its own (batching.py): this bounds what one prompt can start.
+MAX_RETURN_SEQUENCES = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class GenerationRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
     return_perf_metrics: bool = False
+    num_sequences: int = 1  # num_return_sequences: each sampled on its own, its responses tagged sequence_index
 
 
 def parse_request(inputs: dict[str, np.ndarray], parameters: dict | None = None,
@@ -76,6 +79,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict | None = None,
         return_num_input_tokens=_bool(inputs, "return_num_input_tokens", False),
         return_num_output_tokens=_bool(inputs, "return_num_output_tokens", False),
         return_perf_metrics=_bool(inputs, "return_perf_metrics", False),
+        num_sequences=_num_sequences(inputs),
     )
 
 
@@ -98,8 +102,14 @@ def _sampling_params(inputs: dict[str, np.ndarray], parameters: dict, vocab_size
         bad_token_sequences=_word_list(inputs, "bad_words_ids", vocab_size),
         logprobs=_bool(inputs, "return_log_probs", False),
         beam_width=_int(inputs, "beam_width", 1),
-        n=_int(inputs, "num_return_sequences", 1),
     )
+
+
+def _num_sequences(inputs: dict[str, np.ndarray]) -> int:
+    count = _int(inputs, "num_return_sequences", 1)
+    if not 1 <= count <= MAX_RETURN_SEQUENCES:
+        raise InvalidParameterError("num_return_sequences", f"must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
+    return count
 
 
 def _check_context(prompt_field: str, num_prompt_tokens: int, max_tokens: int, limits: RequestLimits) -> None:

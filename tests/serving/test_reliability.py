@@ -142,7 +142,7 @@ BAD_REQUESTS = [
     Bad("frequency_penalty too small", {"frequency_penalty": -3.0}, "frequency_penalty"),
     Bad("length_penalty NaN", {"length_penalty": float("nan")}, "length_penalty", http=False),
     Bad("beam search", {"beam_width": 2}, "beam_width"),
-    Bad("several sequences", {"num_return_sequences": 2}, "num_return_sequences"),
+    Bad("too many sequences", {"num_return_sequences": 65}, "num_return_sequences"),
     Bad("end_id negative", {"end_id": -1}, "end_id"),
     Bad("end_id outside the vocabulary", {"end_id": 10_000_000}, "end_id"),
     Bad("text empty", {"text_input": ""}, "text_input"),

@@ -158,6 +158,36 @@ def test_a_request_of_several_prompts_answers_each_with_its_batch_index(server, 
             assert len(responses) == len(prompts)
 
 
+def test_several_sequences_per_prompt_are_tagged_and_seeded_apart(server, grpc):
+    """num_return_sequences as the TensorRT-LLM backend serves it: responses tagged sequence_index; a seeded
+    request gives sequence i the seed + i, so each sequence equals a one-sequence request with that seed. With
+    two prompts, each response carries both tags."""
+    prompts, seed = ["Tell me a joke.", "Name a fruit."], 1234
+    sampled = dict(temperature=1.0, chat=True, stream=False)
+    alone = {(row, i): grpc.generate(p, 10, seed=seed + i, **sampled).text for row, p in enumerate(prompts)
+             for i in range(3)}
+    assert len(set(alone.values())) > 3  # the seeds give different answers, so the test can tell them apart
+    for stream in (True, False):
+        result = grpc.generate(prompts[0], 10, seed=seed, num_return_sequences=3, **{**sampled, "stream": stream})
+        texts: dict[int, str] = {}
+        for outputs in result.responses:
+            assert "batch_index" not in outputs
+            index = int(outputs["sequence_index"][0, 0])
+            texts[index] = texts.get(index, "") + text_of(outputs)
+        assert result.error is None and texts == {i: alone[0, i] for i in range(3)}, stream
+    tensors = batch_tensors(prompts, [10, 10], stream=True)
+    for name, array, datatype in (("num_return_sequences", np.array([[3], [3]], dtype=np.int32), "INT32"),
+                                  ("temperature", np.array([[1.0], [1.0]], dtype=np.float32), "FP32"),
+                                  ("seed", np.array([[seed], [seed]], dtype=np.uint64), "UINT64")):
+        tensors.append(grpcclient.InferInput(name, list(array.shape), datatype))
+        tensors[-1].set_data_from_numpy(array)
+    both: dict[tuple[int, int], str] = {}
+    for outputs in grpc.stream_tensors(tensors, {"apply_chat_template": True}):
+        key = int(outputs["batch_index"][0, 0]), int(outputs["sequence_index"][0, 0])
+        both[key] = both.get(key, "") + text_of(outputs)
+    assert both == alone
+
+
 def test_eight_concurrent_streams_complete_in_shared_batches(server, offline):
     prompts = [f"Count from 1 to {n}." for n in range(3, 11)]
     lengths = [10 + 2 * i for i in range(8)]
