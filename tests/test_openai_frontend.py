@@ -116,6 +116,30 @@ def test_seeded_sampling_with_penalties_repeats(client):
     assert first == second and first
 
 
+def test_n_choices_are_the_sequences_of_one_request_seeded_apart(client):
+    """n > 1 runs as num_return_sequences; with a seed, choice i equals a one-choice request seeded seed + i.
+    Usage counts the prompt once and every choice's tokens; streamed chunks carry their choice's index."""
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a joke."}], max_tokens=10, temperature=1.0)
+    alone = [client.chat.completions.create(**chat, seed=77 + i) for i in range(3)]
+    texts = [out.choices[0].message.content for out in alone]
+    assert len(set(texts)) > 1  # the seeds give different answers, so the test can tell them apart
+    out = client.chat.completions.create(**chat, seed=77, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2] and [c.message.content for c in out.choices] == texts
+    assert [c.finish_reason for c in out.choices] == [a.choices[0].finish_reason for a in alone]
+    assert out.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert out.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(**chat, seed=77, n=3, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                           seed=5, n=2, echo=True)
+    single = [client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                        seed=5 + i, echo=True).choices[0].text for i in range(2)]
+    assert [c.text for c in completion.choices] == single and single[0].startswith("Once upon a time")
+
+
 def test_bad_requests_get_openai_errors(client, frontend):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=CHAT, temperature=-1)
@@ -125,7 +149,7 @@ def test_bad_requests_get_openai_errors(client, frontend):
     with pytest.raises(openai.BadRequestError, match="min_tokens: must be <= max_tokens"):  # refused by the backend
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"min_tokens": 8})
     with pytest.raises(openai.BadRequestError, match="n"):
-        client.completions.create(model=MODEL, prompt="Hi", n=2)
+        client.completions.create(model=MODEL, prompt="Hi", n=65)
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4", messages=CHAT)
     assert info.value.body["code"] == "model_not_found"

@@ -26,7 +26,8 @@ def sse(body: dict) -> str:
 
 
 class Generation:
-    """prompt_ids given: the request goes to the engine model with those ids; else to the ensemble as text."""
+    """prompt_ids given: the request goes to the engine model with those ids; else to the ensemble as text.
+    n choices are n sequences of one Triton request (num_return_sequences), told apart by sequence_index."""
 
     def __init__(self, client: TritonClient, model: ServedModel, request: SamplingFields, prompt: str,
                  max_tokens: int, chat: bool, prompt_ids: list[int] | None = None):
@@ -40,7 +41,7 @@ class Generation:
         inputs = ensemble_inputs(request, prompt, max_tokens, request.stream, self.want_logprobs, prompt_ids)
         target = model.name if prompt_ids is None else model.engine
         self.call: TritonCall = client.call(build_request(target, self.id, inputs, request_parameters(request)))
-        self.acc = R.Accumulated()
+        self.choices = [R.Accumulated() for _ in range(request.n)]
         self.echo = "" if chat or not request.echo else prompt
 
     # ---- non-streamed ----
@@ -53,7 +54,10 @@ class Generation:
         return self._body()
 
     def _fold(self, response: TritonResponse) -> None:
-        acc = self.acc
+        if not 0 <= response.index < len(self.choices):
+            raise OpenAIError(502, f"the server answered sequence {response.index} of {len(self.choices)}",
+                              "server_error")
+        acc = self.choices[response.index]
         acc.text += response.text
         acc.logprobs += response.logprobs or []
         acc.prompt_tokens = response.num_input_tokens if response.num_input_tokens is not None else acc.prompt_tokens
@@ -62,21 +66,28 @@ class Generation:
         acc.finish_reason = response.finish_reason or acc.finish_reason
 
     def _usage(self) -> dict:
-        prompt_tokens = self.acc.prompt_tokens
+        """The prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+        prompt_tokens = next((a.prompt_tokens for a in self.choices if a.prompt_tokens is not None), None)
         if prompt_tokens is None:  # the server did not say: count as preprocessing does
             prompt_tokens = len(self.model.tokenizer(self.prompt, add_special_tokens=not self.chat)["input_ids"])
-        return R.usage(prompt_tokens, self.acc.completion_tokens or 0)
+        return R.usage(prompt_tokens, sum(a.completion_tokens or 0 for a in self.choices))
 
-    def _reason(self) -> str:
-        return R.finish_reason(self.acc.finish_reason, self.acc.completion_tokens, self.max_tokens)
+    def _reason(self, acc: R.Accumulated) -> str:
+        return R.finish_reason(acc.finish_reason, acc.completion_tokens, self.max_tokens)
 
     def _body(self) -> dict:
-        text, tok = self.acc.text, self.model.tokenizer
+        tok, choices = self.model.tokenizer, []
+        for index, acc in enumerate(self.choices):
+            if self.chat:
+                logprobs = R.chat_logprobs(tok, acc.text, acc.logprobs) if self.want_logprobs else None
+                choices.append(R.chat_choice(index, acc.text, self._reason(acc), logprobs))
+            else:
+                logprobs = (R.completion_logprobs(tok, acc.text, acc.logprobs, len(self.echo)) if self.want_logprobs
+                            else None)
+                choices.append(R.completion_choice(index, self.echo + acc.text, self._reason(acc), logprobs))
         if self.chat:
-            logprobs = R.chat_logprobs(tok, text, self.acc.logprobs) if self.want_logprobs else None
-            return R.chat_body(self.id, self.model.name, text, self._reason(), logprobs, self._usage())
-        logprobs = R.completion_logprobs(tok, text, self.acc.logprobs, len(self.echo)) if self.want_logprobs else None
-        return R.completion_body(self.id, self.model.name, self.echo + text, self._reason(), logprobs, self._usage())
+            return R.chat_body(self.id, self.model.name, choices, self._usage())
+        return R.completion_body(self.id, self.model.name, choices, self._usage())
 
     # ---- streamed ----
     async def start_stream(self) -> AsyncIterator[str]:
@@ -112,37 +123,40 @@ class Generation:
         yield DONE
 
     def _opening(self) -> list[str]:
+        name, indices = self.model.name, range(len(self.choices))
         if self.chat:
-            return [sse(R.chat_chunk(self.id, self.model.name, {"role": "assistant", "content": ""}))]
+            return [sse(R.chat_chunk(self.id, name, {"role": "assistant", "content": ""}, index=i)) for i in indices]
         if self.echo:
-            return [sse(R.completion_body(self.id, self.model.name, self.echo, None, None, None, chunk=True))]
+            return [sse(R.completion_body(self.id, name, [R.completion_choice(i, self.echo, None, None)], None,
+                                          chunk=True)) for i in indices]
         return []
 
     def _delta_events(self, response: TritonResponse) -> list[str]:
         logprobs = response.logprobs or []
         if not response.text and not logprobs:
             return []
-        tok, name = self.model.tokenizer, self.model.name
+        tok, name, index = self.model.tokenizer, self.model.name, response.index
         if self.chat:
             lp = R.chat_logprobs(tok, response.text, logprobs) if self.want_logprobs else None
-            return [sse(R.chat_chunk(self.id, name, {"content": response.text}, None, lp))]
-        offset = len(self.echo) + len(self.acc.text) - len(response.text)
+            return [sse(R.chat_chunk(self.id, name, {"content": response.text}, None, lp, index=index))]
+        offset = len(self.echo) + len(self.choices[index].text) - len(response.text)
         lp = R.completion_logprobs(tok, response.text, logprobs, offset) if self.want_logprobs else None
-        return [sse(R.completion_body(self.id, name, response.text, None, lp, None, chunk=True))]
+        choice = R.completion_choice(index, response.text, None, lp)
+        return [sse(R.completion_body(self.id, name, [choice], None, chunk=True))]
 
     def _closing(self) -> list[str]:
-        name, reason = self.model.name, self._reason()
+        name = self.model.name
         usage = self._usage() if self.request.include_usage() else None
+        reasons = [(i, self._reason(acc)) for i, acc in enumerate(self.choices)]
         if self.chat:
-            events = [sse(R.chat_chunk(self.id, name, {}, reason))]
+            events = [sse(R.chat_chunk(self.id, name, {}, reason, index=i)) for i, reason in reasons]
             if usage:
                 events.append(sse(R.chat_chunk(self.id, name, {}, usage_=usage, empty=True)))
             return events
-        events = [sse(R.completion_body(self.id, name, "", reason, None, None, chunk=True))]
+        events = [sse(R.completion_body(self.id, name, [R.completion_choice(i, "", reason, None)], None, chunk=True))
+                  for i, reason in reasons]
         if usage:
-            body = R.completion_body(self.id, name, "", None, None, usage, chunk=True)
-            body["choices"] = []
-            events.append(sse(body))
+            events.append(sse(R.completion_body(self.id, name, [], usage, chunk=True)))
         return events
 
 

@@ -14,6 +14,7 @@ from .errors import invalid
 
 MAX_STOP = 16  # OpenAI allows 4; the engine allows 64 token sequences (each stop string may need 2)
 MAX_SEED = 2**64 - 1
+MAX_CHOICES = 64  # the backend's num_return_sequences bound (request_parser.MAX_RETURN_SEQUENCES)
 
 
 class StreamOptions(BaseModel):
@@ -35,7 +36,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request: the engine has no n > 1")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices: num_return_sequences of one request")
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extensions
@@ -163,6 +164,7 @@ def ensemble_inputs(request: SamplingFields, prompt: str, max_tokens: int, strea
         "return_log_probs": logprobs or None,
         "return_num_input_tokens": True,
         "return_num_output_tokens": True,
+        "num_return_sequences": request.n if request.n > 1 else None,
     }
 
 

@@ -67,27 +67,34 @@ def chat_logprobs(tokenizer, text: str, logprobs: list[float]) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_body(request_id: str, model: str, text: str, reason: str | None, logprobs: dict | None,
-                    usage_: dict | None, chunk: bool = False) -> dict:
+def completion_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], usage_: dict | None,
+                    chunk: bool = False) -> dict:
     body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}],
-            "system_fingerprint": None}
+            "choices": choices, "system_fingerprint": None}
     if usage_ is not None or not chunk:
         body["usage"] = usage_
     return body
 
 
-def chat_body(request_id: str, model: str, text: str, reason: str, logprobs: dict | None, usage_: dict) -> dict:
+def chat_choice(index: int, text: str, reason: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": reason}
+
+
+def chat_body(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": logprobs, "finish_reason": reason}],
-            "usage": usage_, "system_fingerprint": None}
+            "choices": choices, "usage": usage_, "system_fingerprint": None}
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, reason: str | None = None, logprobs: dict | None = None,
-               usage_: dict | None = None, empty: bool = False) -> dict:
-    """A chat.completion.chunk; `empty` makes the usage-only last chunk (no choices), as OpenAI sends it."""
-    choices = [] if empty else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
+               usage_: dict | None = None, empty: bool = False, index: int = 0) -> dict:
+    """A chat.completion.chunk of choice `index`; `empty` makes the usage-only last chunk (no choices), as OpenAI
+    sends it."""
+    choices = [] if empty else [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
     body = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices, "system_fingerprint": None}
     if usage_ is not None:

@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from .errors import OpenAIError, from_triton_message
 
 MAX_MESSAGE_BYTES = 64 << 20
-INT32 = ("max_tokens", "top_k", "min_tokens")
+INT32 = ("max_tokens", "top_k", "min_tokens", "num_return_sequences")
 FP32 = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 BOOL = ("stream", "exclude_input_in_output", "return_log_probs", "return_num_input_tokens",
         "return_num_output_tokens")
@@ -39,6 +39,7 @@ class TritonResponse:
     num_output_tokens: int | None = None
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    index: int = 0  # sequence_index: which of the request's num_return_sequences this response belongs to
 
 
 def build_request(model: str, request_id: str, inputs: dict, parameters: dict) -> service_pb2.ModelInferRequest:
@@ -91,6 +92,7 @@ def parse_response(message: service_pb2.ModelStreamInferResponse) -> TritonRespo
         num_output_tokens=_scalar(arrays.get("num_output_tokens")),
         logprobs=None if "output_log_probs" not in arrays else [float(x) for x in arrays["output_log_probs"]],
         finish_reason=_finish_reason(arrays.get("finish_reason")),
+        index=_scalar(arrays.get("sequence_index")) or 0,
     )
 
 
