@@ -27,7 +27,8 @@ from backend.engine.errors import EngineError
 from backend.engine.parallel.placement import GROUPS_KEY, instance_device_ids
 from backend.serving.engine_settings import (declared_instances, engine_in_child, from_parameters,
                                              responder_threads, serving_settings)
-from backend.serving.batching import ResponseGroup, members, parse_rows, sequence_params, split_rows
+from backend.serving.batching import (ResponseGroup, RunningRequests, is_stop_request, members, parse_rows,
+                                      sequence_params, split_rows)
 from backend.serving.error_codes import error_code_name, triton_error
 from backend.serving.metrics import ServingMetrics
 from backend.serving.preprocess import Preprocessor, tokenize_inputs
@@ -87,6 +88,7 @@ class TritonPythonModel:
         instance = instance_label(args)
         self._prefix = f"{args['model_name']}-{instance}"
         self.responder = Responder(responder_threads(serving))
+        self.running = RunningRequests()
         self.capacity = config.max_num_seqs
         self.hold_when_full = declared_instances(model_config) > 1
         self._stopping = False
@@ -113,13 +115,17 @@ class TritonPythonModel:
 
     def _start(self, request) -> None:
         """One engine request per prompt row and returned sequence (batching.py); every row is checked before
-        any starts."""
+        any starts. A request with `stop` true aborts the running request of the same request id."""
         sender = request.get_response_sender()
         request_id = f"{self._prefix}-{next(self._ids)}"
         started: list[str] = []
         try:
+            inputs = self._inputs(request)
+            if is_stop_request(inputs):
+                self._stop(request.request_id(), sender)
+                return
             parameters = _parameters(request)
-            rows = parse_rows(split_rows(self._inputs(request)), lambda row: parse_request(
+            rows = parse_rows(split_rows(inputs), lambda row: parse_request(
                 tokenize_inputs(row, parameters, self.preprocessor), parameters, self.limits))
             plan = members([row.num_sequences for row in rows])
             ids = [request_id] if len(plan) == 1 else [f"{request_id}.{m.row}.{m.sequence}" for m in plan]
@@ -136,7 +142,10 @@ class TritonPythonModel:
                 log.exception("request %s could not start", request_id)
                 send_error(sender, f"internal error: {type(exc).__name__}: {exc}")
             return
-        group = ResponseGroup(TritonSink(request, sender), len(plan), lambda: self._abort(ids))
+        client_id = request.request_id()
+        self.running.add(client_id, ids)
+        group = ResponseGroup(TritonSink(request, sender), len(plan), lambda: self._abort(ids),
+                              on_close=lambda: self.running.remove(client_id, ids))
         for member_id, member, stream in zip(ids, plan, streams):
             self.responder.add(Session(self.engine, member_id, rows[member.row], stream, group.member(member.tags),
                                        self.block_size, self.metrics.observer()))
@@ -144,6 +153,15 @@ class TritonPythonModel:
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.engine.abort(request_id)
+
+    def _stop(self, client_id: str, sender) -> None:
+        """Aborts the engine requests started for client_id (their own streams end with an error response) and
+        answers the stop request with an empty final response."""
+        if not client_id:
+            send_error(sender, "stop: needs the request id of the request to stop", "INVALID_ARG")
+            return
+        self._abort(self.running.engine_ids(client_id))
+        sender.send(flags=FINAL)
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
         inputs = {}

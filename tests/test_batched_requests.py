@@ -8,7 +8,8 @@ import pytest
 from backend.engine.errors import InvalidParameterError
 from backend.engine.outputs import RequestOutput
 from backend.engine.sampling_params import MAX_SEED, SamplingParams
-from backend.serving.batching import ResponseGroup, members, parse_rows, sequence_params, split_rows
+from backend.serving.batching import (ResponseGroup, RunningRequests, is_stop_request, members, parse_rows,
+                                      sequence_params, split_rows)
 from backend.serving.preprocess import Preprocessor, preprocess_rows
 from backend.serving.request_parser import parse_request
 from backend.serving.session import Session
@@ -147,3 +148,18 @@ def test_num_return_sequences_is_bounded(count, ok):
     else:
         with pytest.raises(InvalidParameterError, match=r"num_return_sequences: must be in \[1, 64\]"):
             parse_request(inputs)
+
+
+def test_running_requests_are_found_by_client_id_until_their_group_closes():
+    running = RunningRequests()
+    running.add("client-1", ["r.0.0", "r.0.1"])
+    running.add("", ["anonymous"])  # no request id: nothing to stop it by
+    assert running.engine_ids("client-1") == ["r.0.0", "r.0.1"] and running.engine_ids("") == []
+    sink, closed = RecordingSink(), []
+    group = ResponseGroup(sink, 2, on_close=lambda: (closed.append(True), running.remove("client-1", ["r.0.0", "r.0.1"])))
+    group.send({"sequence_index": 0}, {"text_output": np.array([[b"a"]], dtype=np.object_)}, final=True)
+    assert not closed and running.engine_ids("client-1")
+    group.send({"sequence_index": 1}, {"text_output": np.array([[b"b"]], dtype=np.object_)}, final=True)
+    assert closed == [True] and running.engine_ids("client-1") == []
+    assert is_stop_request({"stop": np.array([[True]])}) and not is_stop_request({"stop": np.array([[False]])})
+    assert not is_stop_request({"text_input": np.array([[b"x"]], dtype=np.object_)})

@@ -119,7 +119,7 @@ def test_generated_repository(tmp_path):
     out = tmp_path / "repo"
     assert gen.main(["--output-dir", str(out), "--quiet", "--max-batch-size", "8", "--max-seq-len", "1024",
                      "--kv-cache-mb", "64", "--apply-chat-template", "--no-enable-prefix-caching"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ensemble", "llm", "postprocessing", "preprocessing"]
+    assert sorted(p.name for p in out.iterdir()) == ["ensemble", "llm", "postprocessing", "preprocessing", "vllm_model"]
     engine_config = (out / "llm" / "config.pbtxt").read_text()
     assert 'backend: "tritium"' in engine_config and "decoupled: true" in engine_config
     for key, value in [("max_num_seqs", "8"), ("max_model_len", "1024"), ("kv_cache_memory_mb", "64.0"),
@@ -132,6 +132,18 @@ def test_generated_repository(tmp_path):
     assert 'string_value: "true"' in (out / "preprocessing" / "config.pbtxt").read_text()
     assert "${" not in "".join(p.read_text() for p in out.glob("*/config.pbtxt"))
     assert "max_batch_size: 8" in (out / "ensemble" / "config.pbtxt").read_text()
+    vllm = (out / "vllm_model" / "config.pbtxt").read_text()  # the vLLM backend's interface: no batch dimension
+    assert "max_batch_size: 0" in vllm and 'string_value: "llm"' in vllm and "decoupled: true" in vllm
+
+
+def test_engine_model_name_is_followed_by_the_models_that_call_it(tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert gen.main(["--output-dir", str(out), "--quiet", "--kv-cache-mb", "64", "--engine-model-name", "engine"]) == 0
+    assert (out / "engine" / "config.pbtxt").is_file() and not (out / "llm").exists()
+    assert 'model_name: "engine"' in (out / "ensemble" / "config.pbtxt").read_text()
+    assert 'string_value: "engine"' in (out / "vllm_model" / "config.pbtxt").read_text()
+    code, err = run_cli(["--output-dir", str(tmp_path / "other"), "--engine-model-name", "vllm_model"], capsys)
+    assert code == 2 and "--engine-model-name" in err
 
 
 def test_generated_engine_parameters_load_back(tmp_path):
@@ -167,7 +179,7 @@ def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_ch
     size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
     assert size(checkpoint) < size(Path(source))
     assert not list(out.glob(".quantizing-*"))  # the scratch folder is gone; only the four models remain
-    assert sorted(p.name for p in out.iterdir()) == ["ensemble", "llm", "postprocessing", "preprocessing"]
+    assert sorted(p.name for p in out.iterdir()) == ["ensemble", "llm", "postprocessing", "preprocessing", "vllm_model"]
     engine = LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_mb=16))
     assert len(engine.generate([[1, 5, 9, 3]], SamplingParams(max_tokens=6, min_tokens=6))[0]) == 6
 

@@ -5,8 +5,8 @@
         --max-seq-len 4096 --kv-cache-mb 2048 --instances 1 --apply-chat-template
 
 The repository holds `ensemble` (the TensorRT-LLM backend's interface), `preprocessing`, the engine model
-(`llm`, backend "tritium") with the checkpoint copied under `llm/1/checkpoint/` (safetensors only) and
-`postprocessing`. Templates in model_repo_templates/ use ${name} variables: a missing or unknown variable,
+(`llm`, backend "tritium") with the checkpoint copied under `llm/1/checkpoint/` (safetensors only),
+`postprocessing`, and `vllm_model` (the vLLM backend's interface, forwarding to the engine model). Templates in model_repo_templates/ use ${name} variables: a missing or unknown variable,
 or an invalid option, is an error here, naming it, not at server start.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from backend.serving.engine_settings import DEFAULT_RESPONDER_THREADS, to_parame
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "model_repo_templates"
-TEMPLATE_MODELS = ("ensemble", "preprocessing", "llm", "postprocessing")
+TEMPLATE_MODELS = ("ensemble", "preprocessing", "llm", "postprocessing", "vllm_model")
 CHECKPOINT_SUBDIR = "1/checkpoint"  # relative to the engine model's directory
 TOKENIZER_SUBDIR = "1/tokenizer"  # relative to preprocessing's directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -284,7 +284,8 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for name in ("instances", "preprocessing_instances", "postprocessing_instances"):
         if getattr(args, name) < 1:
             parser.error(f"argument {_flag(name)}: must be a positive integer, got {getattr(args, name)}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.engine_model_name) or args.engine_model_name in TEMPLATE_MODELS[:2]:
+    others = set(TEMPLATE_MODELS) - {"llm"}
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.engine_model_name) or args.engine_model_name in others:
         parser.error(f"argument --engine-model-name: invalid model name {args.engine_model_name!r}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():

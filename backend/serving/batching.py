@@ -100,6 +100,38 @@ def sequence_params(params: SamplingParams, sequence: int) -> SamplingParams:
     return dataclasses.replace(params, seed=(params.seed + sequence) % (MAX_SEED + 1))
 
 
+class RunningRequests:
+    """The engine requests of each running Triton request, by the client's request id: a `stop` request with the
+    same id aborts them (the TensorRT-LLM backend's way to cancel; a BLS caller such as vllm_model has no other,
+    since tritonserver 2.51 does not pass a cancelled BLS request on)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_client: dict[str, list[str]] = {}
+
+    def add(self, client_id: str, engine_ids: list[str]) -> None:
+        if client_id:
+            with self._lock:
+                self._by_client.setdefault(client_id, []).extend(engine_ids)
+
+    def remove(self, client_id: str, engine_ids: list[str]) -> None:
+        with self._lock:
+            left = [i for i in self._by_client.get(client_id, []) if i not in engine_ids]
+            if left:
+                self._by_client[client_id] = left
+            else:
+                self._by_client.pop(client_id, None)
+
+    def engine_ids(self, client_id: str) -> list[str]:
+        with self._lock:
+            return list(self._by_client.get(client_id, []))
+
+
+def is_stop_request(inputs: dict[str, np.ndarray]) -> bool:
+    stop = inputs.get("stop")
+    return stop is not None and np.asarray(stop).size == 1 and bool(np.asarray(stop).reshape(-1)[0])
+
+
 class ResponseGroup:
     """Shares one request's response sender between the sessions of its members.
 
@@ -107,10 +139,12 @@ class ResponseGroup:
     every member's engine request. An error in any member (or the client cancelling) fails the whole request: its
     error is the final response, the other members are aborted, and nothing is sent after it."""
 
-    def __init__(self, sink, size: int, abort_members: Callable[[], None] = lambda: None):
+    def __init__(self, sink, size: int, abort_members: Callable[[], None] = lambda: None,
+                 on_close: Callable[[], None] = lambda: None):
         self.sink = sink
         self.size = size
         self.abort_members = abort_members
+        self.on_close = on_close  # once, after the final response
         self._unfinished = size
         self._closed = False
         self._lock = threading.Lock()
@@ -126,6 +160,9 @@ class ResponseGroup:
             self._unfinished -= int(final)
             self._closed = self._unfinished == 0
             self.sink.send(outputs, final=self._closed)
+            closed = self._closed
+        if closed:
+            self.on_close()
 
     def send_error(self, message: str, code_name: str = "INTERNAL") -> None:
         with self._lock:
@@ -135,6 +172,7 @@ class ResponseGroup:
             self.sink.send_error(message, code_name)
         if self.size > 1:
             self.abort_members()
+        self.on_close()
 
 
 class MemberSink:

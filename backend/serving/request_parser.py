@@ -53,6 +53,7 @@ class GenerationRequest:
     return_num_output_tokens: bool = False
     return_perf_metrics: bool = False
     num_sequences: int = 1  # num_return_sequences: each sampled on its own, its responses tagged sequence_index
+    return_output_ids: bool = False  # each response's new token ids (output_ids), for the vLLM adapter's logprobs
 
 
 def parse_request(inputs: dict[str, np.ndarray], parameters: dict | None = None,
@@ -80,6 +81,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: dict | None = None,
         return_num_output_tokens=_bool(inputs, "return_num_output_tokens", False),
         return_perf_metrics=_bool(inputs, "return_perf_metrics", False),
         num_sequences=_num_sequences(inputs),
+        return_output_ids=_bool(inputs, "return_output_ids", False),
     )
 
 

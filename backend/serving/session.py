@@ -77,6 +77,7 @@ class Session:
         self.state = SessionState(num_input_tokens=len(request.prompt_ids))
         self._text: list[str] = [request.echo_text] if request.echo_text else []
         self._logprobs: list[float] = []
+        self._token_ids: list[int] = []  # since the last response, when the client asked for output_ids
         self.observer = observer or NoObserver()
         self._outcome: str | None = None
 
@@ -153,6 +154,8 @@ class Session:
             return True
         token_ids = [t for out in outputs for t in out.new_token_ids]
         self._update_state(outputs, token_ids)
+        if self.request.return_output_ids:
+            self._token_ids += token_ids
         delta = self.detok.add(token_ids)
         if self.detok.stopped:
             self.engine.abort(self.request_id)  # frees the KV blocks now; the stream's abort output is dropped
@@ -197,7 +200,7 @@ class Session:
             return final
         if delta or final:
             self.sink.send(self._outputs(delta, self._logprobs), final=final)
-            self._logprobs = []
+            self._logprobs, self._token_ids = [], []
         return final
 
     def _cancel(self) -> bool:
@@ -208,7 +211,10 @@ class Session:
         return True
 
     def _outputs(self, text: str, logprobs: list[float]) -> dict[str, np.ndarray]:
-        return build_outputs(text, logprobs, self.state, self.request, self.block_size)
+        outputs = build_outputs(text, logprobs, self.state, self.request, self.block_size)
+        if self.request.return_output_ids:
+            outputs["output_ids"] = np.array([self._token_ids], dtype=np.int32).reshape(1, len(self._token_ids))
+        return outputs
 
 
 def build_outputs(text: str, logprobs: list[float], state: SessionState, request: GenerationRequest,

@@ -74,7 +74,7 @@ def all_modes(server, grpc, prompt: str, max_tokens: int) -> dict[str, str]:
 
 
 def test_repository_loads_and_admin_apis_are_restricted(server):
-    for model in ("ensemble", "preprocessing", "llm", "postprocessing"):
+    for model in ("ensemble", "preprocessing", "llm", "postprocessing", "vllm_model"):
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/ready") as response:
             assert response.status == 200
     index = f"http://{server.http_url}/v2/repository/index"
