@@ -155,8 +155,8 @@ class TritonPythonModel:
             self.engine.abort(request_id)
 
     def _stop(self, client_id: str, sender) -> None:
-        """Aborts the engine requests started for client_id (their own streams end with an error response) and
-        answers the stop request with an empty final response."""
+        """Aborts the engine requests started for client_id (their streams end with a final response whose
+        finish_reason is "abort") and answers the stop request with an empty final response."""
         if not client_id:
             send_error(sender, "stop: needs the request id of the request to stop", "INVALID_ARG")
             return
