@@ -3,6 +3,7 @@
     .venv/bin/python -m perf.perf_analyzer --url localhost:8001 --concurrency 1,4,16 --max-tokens 64
     .venv/bin/python -m perf.perf_analyzer --tool genai-perf --url localhost:8001 --concurrency 4 \\
         --tokenizer <checkpoint dir with tokenizer.json>
+    .venv/bin/python -m perf.perf_analyzer --interface vllm --concurrency 4   # vllm_model, as genai-perf --backend vllm
     .venv/bin/python -m perf.perf_analyzer --setup-only          # fetch perf_analyzer and print where it is
 
 perf_analyzer streams over gRPC (`--streaming`, decoupled model) with the inputs TensorRT-LLM's backend takes
@@ -10,7 +11,9 @@ and genai-perf `--service-kind triton --backend tensorrtllm` sends: text_input, 
 exclude_input_in_output=true, plus min_length (the old name of min_tokens, as those clients send it for
 fixed-length outputs) and return_num_output_tokens. From its --profile-export-file (per-request send and
 response timestamps, response outputs) we compute what genai-perf reports: time to first token,
-inter-token latency, request latency percentiles, output tokens/s and requests/s.
+inter-token latency, request latency percentiles, output tokens/s and requests/s. `--interface vllm` sends
+vllm_model what genai-perf `--backend vllm` sends instead: text_input, stream, exclude_input_in_output and
+sampling_parameters {"max_tokens": "N", "min_tokens": "N"} (string values, as genai-perf writes them).
 
 Finding perf_analyzer: $PERF_ANALYZER, `perf_analyzer` on PATH (the GPU bundle's .device/unpack.sh puts it
 there), $TRITONSERVER_ROOT/bin, else a cache (~/.cache/tritium/perf_analyzer) filled on first use from the
@@ -111,11 +114,19 @@ def _environment(cache: Path) -> dict[str, str]:
 
 # ---- perf_analyzer ----
 
-def input_data(prompts: list[str], max_tokens: int, fixed_length: bool = True) -> dict:
-    """perf_analyzer --input-data: one entry per prompt, TensorRT-LLM backend inputs (dims without batch)."""
+INTERFACES = ("trtllm", "vllm")  # the ensemble's inputs, or vllm_model's (README: clients of the vLLM backend)
+
+
+def input_data(prompts: list[str], max_tokens: int, fixed_length: bool = True, interface: str = "trtllm") -> dict:
+    """perf_analyzer --input-data: one entry per prompt (dims without batch), with the TensorRT-LLM backend's inputs
+    or, for interface "vllm", those genai-perf --backend vllm sends (sampling_parameters with string values)."""
     def entry(prompt: str) -> dict:
-        values = {"text_input": [prompt], "max_tokens": [max_tokens], "stream": [True],
-                  "exclude_input_in_output": [True], "return_num_output_tokens": [True]}
+        values = {"text_input": [prompt], "stream": [True], "exclude_input_in_output": [True],
+                  "return_num_output_tokens": [True]}
+        if interface == "vllm":
+            sampling = {"max_tokens": str(max_tokens), **({"min_tokens": str(max_tokens)} if fixed_length else {})}
+            return {**values, "sampling_parameters": [json.dumps(sampling)]}
+        values["max_tokens"] = [max_tokens]
         if fixed_length:
             values["min_length"] = [max_tokens]
         return values
@@ -134,12 +145,12 @@ def perf_analyzer_command(binary: Path, url: str, model: str, data_file: Path, c
 
 def run_perf_analyzer(url: str, model: str, concurrency: int, prompts: list[str], max_tokens: int,
                       requests_per_window: int, workdir: Path, fixed_length: bool = True,
-                      timeout: float = 600) -> dict:
+                      timeout: float = 600, interface: str = "trtllm") -> dict:
     """One concurrency level: perf_analyzer's exit code and output, plus the LLM metrics of its export."""
     binary, env = find_perf_analyzer()
     workdir.mkdir(parents=True, exist_ok=True)
     data_file, export = workdir / "input_data.json", workdir / f"profile_c{concurrency}.json"
-    data_file.write_text(json.dumps(input_data(prompts, max_tokens, fixed_length)))
+    data_file.write_text(json.dumps(input_data(prompts, max_tokens, fixed_length, interface)))
     export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite its export
     command = perf_analyzer_command(binary, url, model, data_file, concurrency, export, requests_per_window)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -147,7 +158,7 @@ def run_perf_analyzer(url: str, model: str, concurrency: int, prompts: list[str]
               "output": done.stdout + done.stderr}
     if done.returncode == 0 and export.is_file():
         parsed, complete = load_export(export.read_text())
-        result.update(llm_metrics(parsed))
+        result.update(llm_metrics(parsed, cumulative_counts=interface == "trtllm"))
         if not complete:
             result["export_note"] = (f"perf_analyzer's export was not valid JSON past some point; the "
                                      f"{result['requests']} requests before it were used")
@@ -181,13 +192,14 @@ def load_export(text: str) -> tuple[dict, bool]:
     return {"experiments": [{"requests": requests}]}, False
 
 
-def llm_metrics(export: dict) -> dict:
-    """genai-perf's LLM metrics from a perf_analyzer profile export (its first experiment)."""
+def llm_metrics(export: dict, cumulative_counts: bool = True) -> dict:
+    """genai-perf's LLM metrics from a perf_analyzer profile export (its first experiment). cumulative_counts:
+    num_output_tokens counts the whole request so far (the ensemble), else this response's tokens (vLLM's)."""
     requests = export["experiments"][0]["requests"]
     done = [r for r in requests if r.get("response_timestamps")]
     ttft = [(r["response_timestamps"][0] - r["timestamp"]) / 1e9 for r in done]
     latency = [(r["response_timestamps"][-1] - r["timestamp"]) / 1e9 for r in done]
-    tokens = [output_tokens(r) for r in done]
+    tokens = [output_tokens(r, cumulative_counts) for r in done]
     itl = [(r["response_timestamps"][-1] - r["response_timestamps"][0]) / 1e9 / (n - 1)
            for r, n in zip(done, tokens) if n > 1]
     span = (max(r["response_timestamps"][-1] for r in done) - min(r["timestamp"] for r in done)) / 1e9 if done else 0
@@ -198,12 +210,13 @@ def llm_metrics(export: dict) -> dict:
             "output_tokens_per_request": percentiles([float(n) for n in tokens])}
 
 
-def output_tokens(request: dict) -> int:
-    """The last response's num_output_tokens (cumulative), else the number of responses."""
-    for output in reversed(request.get("response_outputs") or []):
-        count = output.get("num_output_tokens")
-        if isinstance(count, (int, float)) and count > 0:
-            return int(count)
+def output_tokens(request: dict, cumulative: bool = True) -> int:
+    """The last response's num_output_tokens (cumulative), or the sum over responses (per response), else the
+    number of responses."""
+    counts = [output.get("num_output_tokens") for output in request.get("response_outputs") or []]
+    counts = [int(c) for c in counts if isinstance(c, (int, float)) and c > 0]
+    if counts:
+        return counts[-1] if cumulative else sum(counts)
     return len(request["response_timestamps"])
 
 
@@ -236,10 +249,12 @@ def find_genai_perf(cache: Path = CACHE, setup: bool = True) -> Path:
 
 
 def genai_perf_command(binary: Path, url: str, model: str, concurrency: int, max_tokens: int, tokenizer: str,
-                       prompt_tokens: int, num_prompts: int, artifact_dir: Path, request_count: int) -> list[str]:
-    """genai-perf as a TensorRT-LLM user runs it; --tokenizer takes a local checkpoint directory. 0.0.16 spells
-    the older `--service-kind triton` as `--endpoint-type kserve` (the older flag is rejected)."""
-    return [str(binary), "profile", "-m", model, "--endpoint-type", "kserve", "--backend", "tensorrtllm",
+                       prompt_tokens: int, num_prompts: int, artifact_dir: Path, request_count: int,
+                       interface: str = "trtllm") -> list[str]:
+    """genai-perf as a TensorRT-LLM (or vLLM backend) user runs it; --tokenizer takes a local checkpoint directory.
+    0.0.16 spells the older `--service-kind triton` as `--endpoint-type kserve` (the older flag is rejected)."""
+    backend = "vllm" if interface == "vllm" else "tensorrtllm"
+    return [str(binary), "profile", "-m", model, "--endpoint-type", "kserve", "--backend", backend,
             "--streaming", "-u", url, "--concurrency", str(concurrency), "--tokenizer", tokenizer,
             "--synthetic-input-tokens-mean", str(prompt_tokens), "--synthetic-input-tokens-stddev", "0",
             "--output-tokens-mean", str(max_tokens), "--output-tokens-stddev", "0", "--output-tokens-mean-deterministic",
@@ -255,7 +270,7 @@ def run_genai_perf(args) -> int:
     for concurrency in args.concurrency:
         command = genai_perf_command(binary, args.url, args.model, concurrency, args.max_tokens, args.tokenizer,
                                      args.prompt_tokens, len(DEFAULT_PROMPTS), Path(args.workdir) / "genai-perf",
-                                     args.requests_per_window * 3)
+                                     args.requests_per_window * 3, args.interface)
         print("+", " ".join(command), flush=True)
         code = code or subprocess.run(command, env=env).returncode
     return code
@@ -268,7 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tool", choices=("perf_analyzer", "genai-perf"), default="perf_analyzer")
     parser.add_argument("--url", default="localhost:8001", help="tritonserver gRPC address")
-    parser.add_argument("--model", default="ensemble")
+    parser.add_argument("--model", default=None, help="default: ensemble, or vllm_model with --interface vllm")
+    parser.add_argument("--interface", choices=INTERFACES, default="trtllm",
+                        help="the inputs sent: the TensorRT-LLM backend's (ensemble) or the vLLM backend's (vllm_model)")
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-fixed-length", action="store_true", help="do not send min_length = max_tokens")
@@ -284,6 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.model = args.model or ("vllm_model" if args.interface == "vllm" else "ensemble")
     if args.setup_only:
         binary, env = find_perf_analyzer()
         print(f"{binary}\nLD_LIBRARY_PATH={env['LD_LIBRARY_PATH']}")
@@ -294,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_genai_perf(args)
     results = [run_perf_analyzer(args.url, args.model, c, list(DEFAULT_PROMPTS), args.max_tokens,
-                                 args.requests_per_window, Path(args.workdir), not args.no_fixed_length)
+                                 args.requests_per_window, Path(args.workdir), not args.no_fixed_length,
+                                 interface=args.interface)
                for c in args.concurrency]
     for result in results:
         print_summary(result)

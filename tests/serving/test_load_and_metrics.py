@@ -185,3 +185,20 @@ def test_perf_analyzer_drives_the_ensemble_with_trtllm_inputs(server, tmp_path):
     # min_length (the old name of min_tokens, as TensorRT-LLM clients send it) fixes every output's length.
     assert result["output_tokens"] == 6 * result["completed"]
     assert result["ttft_s"]["p50"] > 0 and result["itl_s"]["p50"] > 0
+
+
+def test_perf_analyzer_drives_vllm_model_as_genai_perf_backend_vllm_does(server, tmp_path):
+    """The inputs genai-perf --backend vllm sends (sampling_parameters with string values), to vllm_model."""
+    from perf.perf_analyzer import find_perf_analyzer, run_perf_analyzer
+
+    try:
+        find_perf_analyzer()
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError, StopIteration) as exc:
+        pytest.skip(f"perf_analyzer could not be set up here (needs PyPI for tritonclient==2.51.0): {exc}")
+    result = run_perf_analyzer(server.grpc_url, "vllm_model", 2, ["What is ML?", "Name three colors."],
+                               max_tokens=6, requests_per_window=2, workdir=tmp_path, timeout=240, interface="vllm")
+    assert result["returncode"] == 0, result["output"][-3000:]
+    assert "error" not in result["output"].lower(), result["output"][-3000:]
+    assert result["completed"] == result["requests"] >= 6
+    assert result["output_tokens"] == 6 * result["completed"]  # min_tokens = max_tokens, summed over responses
+    assert result["ttft_s"]["p50"] > 0 and result["itl_s"]["p50"] > 0
