@@ -288,6 +288,22 @@ def test_cancelled_grpc_stream_frees_its_kv_blocks(server, rows):
         assert "Paris" in client.generate(FRANCE, 16, chat=True).text
 
 
+def test_a_stop_request_aborts_the_running_request_with_its_id(server):
+    """The TensorRT-LLM backend's stop input, on the engine model: what vllm_model cancels with."""
+    wait_for_metrics(server, lambda m: m["num_running"] == 0)
+    stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
+    stop.set_data_from_numpy(np.array([[True]]))
+    with GrpcStreamClient(server.grpc_url, model="llm") as client, \
+            GrpcStreamClient(server.grpc_url, model="llm") as stopper:
+        stream = client.stream("Write a long story about a dragon.", 400, chat=True, min_tokens=400,
+                               request_id="story-1")
+        next(stream)
+        assert list(stopper.stream_tensors(build_inputs("", 1) + [stop], request_id="story-1")) == []
+        rest = list(stream)
+    assert rest[-1]["finish_reason"][0, 0] == b"abort"
+    assert wait_for_metrics(server, lambda m: m["num_running"] == 0)["num_running"] == 0
+
+
 def test_shutdown_under_load_is_bounded_and_clients_do_not_hang(server):
     """Last: SIGTERM with streams in flight. tritonserver 2.51 refuses new requests while it drains, and that
     includes the ensemble's own postprocessing steps, so an in-flight ensemble stream cannot finish: the drain
