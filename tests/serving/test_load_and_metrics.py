@@ -170,35 +170,21 @@ def test_short_locust_run_succeeds_and_reports_ttft(server, tmp_path, locustfile
     assert 0 < ttft_mean < latency_mean
 
 
-def test_perf_analyzer_drives_the_ensemble_with_trtllm_inputs(server, tmp_path):
+@pytest.mark.parametrize("model, interface", [("ensemble", "trtllm"), ("vllm_model", "vllm")])
+def test_perf_analyzer_drives_each_interface_as_its_clients_do(server, tmp_path, model, interface):
+    """The ensemble with the TensorRT-LLM backend's inputs, and vllm_model with those genai-perf --backend vllm
+    sends (sampling_parameters with string values)."""
     from perf.perf_analyzer import find_perf_analyzer, run_perf_analyzer
 
     try:
         find_perf_analyzer()
     except (OSError, subprocess.CalledProcessError, FileNotFoundError, StopIteration) as exc:
         pytest.skip(f"perf_analyzer could not be set up here (needs PyPI for tritonclient==2.51.0): {exc}")
-    result = run_perf_analyzer(server.grpc_url, "ensemble", 2, ["What is ML?", "Name three colors."],
-                               max_tokens=6, requests_per_window=2, workdir=tmp_path, timeout=240)
+    result = run_perf_analyzer(server.grpc_url, model, 2, ["What is ML?", "Name three colors."], max_tokens=6,
+                               requests_per_window=2, workdir=tmp_path, timeout=240, interface=interface)
     assert result["returncode"] == 0, result["output"][-3000:]
     assert "error" not in result["output"].lower(), result["output"][-3000:]
     assert result["completed"] == result["requests"] >= 6
-    # min_length (the old name of min_tokens, as TensorRT-LLM clients send it) fixes every output's length.
+    # min_length / min_tokens (= max_tokens, as those clients send it for fixed lengths) fixes every output's length
     assert result["output_tokens"] == 6 * result["completed"]
-    assert result["ttft_s"]["p50"] > 0 and result["itl_s"]["p50"] > 0
-
-
-def test_perf_analyzer_drives_vllm_model_as_genai_perf_backend_vllm_does(server, tmp_path):
-    """The inputs genai-perf --backend vllm sends (sampling_parameters with string values), to vllm_model."""
-    from perf.perf_analyzer import find_perf_analyzer, run_perf_analyzer
-
-    try:
-        find_perf_analyzer()
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError, StopIteration) as exc:
-        pytest.skip(f"perf_analyzer could not be set up here (needs PyPI for tritonclient==2.51.0): {exc}")
-    result = run_perf_analyzer(server.grpc_url, "vllm_model", 2, ["What is ML?", "Name three colors."],
-                               max_tokens=6, requests_per_window=2, workdir=tmp_path, timeout=240, interface="vllm")
-    assert result["returncode"] == 0, result["output"][-3000:]
-    assert "error" not in result["output"].lower(), result["output"][-3000:]
-    assert result["completed"] == result["requests"] >= 6
-    assert result["output_tokens"] == 6 * result["completed"]  # min_tokens = max_tokens, summed over responses
     assert result["ttft_s"]["p50"] > 0 and result["itl_s"]["p50"] > 0
