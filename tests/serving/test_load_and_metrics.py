@@ -1,6 +1,6 @@
 """Load tests and metrics against a real tritonserver on CPU with the bundled SmolLM2: a short locust run over
 HTTP (SSE) and gRPC streaming, the Prometheus metrics moving by exactly what was sent, and perf_analyzer
-driving the ensemble with the TensorRT-LLM backend's inputs.
+driving the ensemble with the TensorRT-LLM backend's inputs and vllm_model with the vLLM backend's.
 """
 from __future__ import annotations
 
