@@ -86,7 +86,6 @@ class TritonPythonModel:
         elif not folded.finished:  # the engine ended without finishing every sequence: still end the request
             sender.send(flags=FINAL)
 
-
     def _stop(self, engine_id: str) -> None:
         """Stops the engine request with the engine model's `stop` request (tritonserver 2.51 has no way to cancel
         a BLS request), as the TensorRT-LLM backend's BLS model stops its engine requests."""
