@@ -12,7 +12,7 @@ import numpy as np
 from backend.engine.errors import InvalidParameterError
 from backend.engine.sampling_params import MAX_STOP_SEQUENCES
 from backend.serving.batching import parse_rows
-from backend.serving.request_parser import MAX_STOP_WORD_BYTES, decode_text
+from backend.serving.request_parser import MAX_STOP_WORD_BYTES, decode_text, parse_bool_parameter
 
 # Tokenizing is the one cost a request imposes before any limit on tokens can be checked: a prompt of 1 MiB
 # takes ~0.3 s in the fast tokenizer here, and no supported context holds that many characters.
@@ -165,17 +165,3 @@ def _messages(text: str) -> list[dict]:
                 isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             return messages
     return [{"role": "user", "content": text}]
-
-
-def parse_bool_parameter(parameters: dict, name: str) -> bool | None:
-    """A Triton request parameter as a bool (clients send true, "true" or 1), None when absent."""
-    if name not in parameters:
-        return None
-    value = parameters[name]
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise InvalidParameterError(name, f"must be true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    raise InvalidParameterError(name, f"must be true or false, got {value!r}")

@@ -290,7 +290,15 @@ def _word_list(inputs, name: str, vocab_size: int | None) -> list[list[int]]:
 
 
 def _parameter_bool(parameters: dict, name: str, default: bool) -> bool:
-    value = parameters.get(name, default)
+    value = parse_bool_parameter(parameters, name)
+    return default if value is None else value
+
+
+def parse_bool_parameter(parameters: dict, name: str) -> bool | None:
+    """A Triton request parameter as a bool (clients send true, "true" or 1), None when absent."""
+    if name not in parameters:
+        return None
+    value = parameters[name]
     if isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
             raise InvalidParameterError(name, f"must be true or false, got {value!r}")

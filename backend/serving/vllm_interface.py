@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.engine.errors import InvalidParameterError
+from backend.serving.request_parser import parse_bool_parameter
 
 DEFAULT_MAX_TOKENS = 16  # vLLM SamplingParams' default
 DEFAULT_TEMPERATURE = 1.0
@@ -143,15 +144,9 @@ def _plain(value):
 
 def _converted(value, kind, name: str):
     """vLLM's backend converts string values to the field's type; so does this (and checks the result)."""
+    if kind is bool:
+        return parse_bool_parameter({name: value.strip() if isinstance(value, str) else value}, name)
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.strip().lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.strip().lower() in ("true", "1")
-            if isinstance(value, bool) or value in (0, 1):
-                return bool(value)
-            raise ValueError(value)
         if isinstance(value, bool):
             raise ValueError(value)
         if kind is int:
@@ -161,7 +156,7 @@ def _converted(value, kind, name: str):
             return int(number)
         return float(value)
     except (TypeError, ValueError, OverflowError):
-        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        expected = "an integer" if kind is int else "a number"
         raise InvalidParameterError(name, f"must be {expected}, got {value!r}") from None
 
 
