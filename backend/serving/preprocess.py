@@ -66,24 +66,21 @@ def preprocess_rows(pre: Preprocessor, text_input, bad_words=None, apply_chat_te
     ids = [pre.encode(prompt, apply_chat_template) for prompt in prompts]
     lists = [pre.word_list(row)[0] for row in words]
     return {
-        "input_ids": _pad_right([np.array(row, dtype=np.int32) for row in ids], 0),
+        "input_ids": _pad_right([np.array(row, dtype=np.int32)[None] for row in ids], fill=(0,)),
         "input_lengths": np.array([[len(row)] for row in ids], dtype=np.int32),
-        "bad_words_ids": np.stack(_same_width(lists)),
+        # word lists [2, L_i]: ids padded with 0, end offsets with -1 (the format's 'no more')
+        "bad_words_ids": _pad_right(lists, fill=(0, -1)),
     }
 
 
-def _pad_right(rows: list[np.ndarray], fill: int, width: int | None = None) -> np.ndarray:
-    width = max(len(r) for r in rows) if width is None else width
-    out = np.full((len(rows), width), fill, dtype=np.int32)
+def _pad_right(rows: list[np.ndarray], fill: tuple[int, ...]) -> np.ndarray:
+    """Rows [len(fill), L_i] stacked into [B, len(fill), max L], line j padded with fill[j]; one line: [B, max L]."""
+    width = max(r.shape[-1] for r in rows)
+    out = np.empty((len(rows), len(fill), width), dtype=np.int32)
+    out[:] = np.array(fill, dtype=np.int32)[:, None]
     for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
-
-
-def _same_width(lists: list[np.ndarray]) -> list[np.ndarray]:
-    """Word lists [2, L_i] padded to the longest L: ids with 0, end offsets with -1 (the format's 'no more')."""
-    width = max(w.shape[1] for w in lists)
-    return [np.stack([_pad_right([w[0]], 0, width)[0], _pad_right([w[1]], -1, width)[0]]) for w in lists]
+        out[i, :, :row.shape[-1]] = row
+    return out[:, 0] if len(fill) == 1 else out
 
 
 def prompt_texts(tensor) -> list[str]:
