@@ -9,7 +9,10 @@ Variants (a copy of the kernel with switches; PDL off in all, as in a standalone
   pipeline     the next chunk's weights loaded before this chunk's products (a register double buffer)
   persistent   a grid of at most PROGRAMS_PER_SM programs per SM, each walking row tiles pid, pid + grid, ...
                (fewer block launches, an even tail)
-Each against the default tile's kernel on the same weights and x, checked against a float64 product.
+  words512     2 KB of each row per chunk instead of the tile's 1 KB
+"copy" is the loop unchanged, the baseline of the variants (the product kernel, timed too as "default", launches
+with PDL, which overlaps back-to-back launches). Also the bf16 GEMV (backend/kernels/gemv.py) on the same weights
+and a copy of it with the same double buffer. Every variant is checked against a float64 product.
 """
 from __future__ import annotations
 
