@@ -6,8 +6,9 @@
 
 The repository holds `ensemble` (the TensorRT-LLM backend's interface), `preprocessing`, the engine model
 (`llm`, backend "tritium") with the checkpoint copied under `llm/1/checkpoint/` (safetensors only),
-`postprocessing`, and `vllm_model` (the vLLM backend's interface, forwarding to the engine model). Templates in model_repo_templates/ use ${name} variables: a missing or unknown variable,
-or an invalid option, is an error here, naming it, not at server start.
+`postprocessing`, and `vllm_model` (the vLLM backend's interface, forwarding to the engine model). Templates in
+model_repo_templates/ use ${name} variables: a missing or unknown variable, or an invalid option, is an error
+here, naming it, not at server start.
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def _engine_inputs(prompt: str, settings: dict, stop: list[str], request: VllmRe
     inputs = {"text_input": np.array([[prompt.encode("utf-8")]], dtype=np.object_),
               "stream": np.array([[True]]), "exclude_input_in_output": np.array([[True]]),
               "return_num_input_tokens": np.array([[True]]), "return_num_output_tokens": np.array([[True]]),
-              "return_log_probs": np.array([[needs_logprobs]]), "return_output_ids": np.array([[request.want_logprobs]])}
+              "return_log_probs": np.array([[needs_logprobs]]),
+              "return_output_ids": np.array([[request.want_logprobs]])}
     for key, value in settings.items():
         name, kind = ENGINE_FIELDS[key]
         dtype = np.uint64 if name == "seed" and value >= 0 else np.int32 if kind is int else np.float32
