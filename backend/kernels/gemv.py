@@ -22,6 +22,9 @@ from backend.kernels._pdl import pdl_args
 
 # Batch-1 gate_up products apply SiLU-and-mul in their epilogue (TRITIUM_GEMV_SILU=0: a separate kernel).
 fuse_silu_and_mul = os.environ.get("TRITIUM_GEMV_SILU", "1") != "0"
+# The weight loads' L2 eviction policy: "" (the default) or "evict_first" (quant_matmul.w8_weight_eviction says
+# why); perf/ablate_decode.py's gemvevict times it in place.
+weight_eviction = ""
 
 try:
     import triton
@@ -42,7 +45,7 @@ if triton is not None:
     @lazy_jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRELOAD: tl.constexpr,
-                     GATED: tl.constexpr, PDL: tl.constexpr):
+                     GATED: tl.constexpr, EVICTION: tl.constexpr, PDL: tl.constexpr):
         # BLOCK_N weight rows per program. GATED: the weight is [gate; up] (2N rows) and the output N values of
         # silu(gate) * up; the program's rows alternate gate row i, up row i, so each pair meets in its sum.
         r = tl.arange(0, BLOCK_N)
@@ -57,7 +60,7 @@ if triton is not None:
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if PRELOAD:  # the first tile before the wait (_pdl.preload_first_tile says why); BLOCK_K <= K here
-            w_first = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
+            w_first = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0, eviction_policy=EVICTION)
         if PDL:  # see _pdl.py
             gdc_wait()
         if PRELOAD:  # used at once: held through the loop, preloaded registers made every GEMV slower
@@ -65,11 +68,12 @@ if triton is not None:
         for k0 in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
             if EVEN_K:
                 x = tl.load(x_ptr + k0 + cols)
-                w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0, eviction_policy=EVICTION)
             else:
                 col_ok = k0 + cols < K
                 x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
-                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                            eviction_policy=EVICTION)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if PDL:
             gdc_launch_dependents()
@@ -120,7 +124,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     _gemv_kernel[(triton.cdiv(n_out, block_n // 2 if gated else block_n),)](
         x.contiguous(), weight, out, n_out, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        PRELOAD=_pdl.preload_first_tile and block_k <= K, GATED=gated, num_warps=warps, **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile and block_k <= K, GATED=gated, EVICTION=weight_eviction, num_warps=warps,
+        **pdl_args(x.device))
     return out
 
 

@@ -371,7 +371,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
 def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       PRELOAD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                       PRELOAD: tl.constexpr, GATED: tl.constexpr, EVICTION: tl.constexpr, PDL: tl.constexpr):
+    # EVICTION: the weight loads' L2 eviction policy (w8_weight_eviction says why)
     r = tl.arange(0, BLOCK_N)
     if GATED:  # weight [gate; up], output silu(gate) * up: rows pair up as in gemv.py's kernel
         out_rows = tl.program_id(0) * (BLOCK_N // 2) + r // 2
@@ -385,7 +386,7 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     num_words = K // 4
     if PRELOAD:  # the first tile and the scales before the wait, as gemv.py's kernel (_pdl.preload_first_tile)
         first_ok = row_ok[:, None] & (words < num_words)[None, :]
-        packed_first = tl.load(w_rows + words[None, :], mask=first_ok, other=0)
+        packed_first = tl.load(w_rows + words[None, :], mask=first_ok, other=0, eviction_policy=EVICTION)
     s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if PDL:  # see _pdl.py
         gdc_wait()
@@ -397,7 +398,8 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     for k0 in range(WORDS if PRELOAD else 0, num_words, WORDS):
         word = k0 + words
         word_ok = word < num_words
-        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
+        packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0,
+                         eviction_policy=EVICTION)
         for i in tl.static_range(4):
             x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
             acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
@@ -409,6 +411,20 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
         y = gate * tl.sigmoid(gate) * up
         out_rows = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(out_ptr + out_rows, y.to(out_ptr.dtype.element_ty), mask=out_rows < N)
+
+
+# The INT8 GEMV's weight loads: "" (the default policy) or "evict_first", which streams each weight row through
+# L2 without displacing what the step reuses (activations, KV, scales). From HBM it took down_proj 25.65 -> 23.41
+# us on an H100 (perf/exp_w8_gemv.py, session 15); perf/ablate_decode.py's w8evict times it in place.
+w8_weight_eviction = ""
+
+
+def _register_cap(tile: dict) -> dict:
+    """A tile's optional "maxnreg" (registers per thread, for occupancy) as a launch option; the interpreter
+    takes none."""
+    if "maxnreg" not in tile or os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    return {"maxnreg": tile["maxnreg"]}
 
 
 def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
@@ -765,7 +781,8 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tile = tile or w8_gemv_tile(N, K, x.device)
     _w8a16_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"] // 2 if gated else tile["BLOCK_N"]),)](
         x.contiguous(), words, scales, out, n_out, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        PRELOAD=_pdl.preload_first_tile, GATED=gated, num_warps=tile["num_warps"], **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile, GATED=gated, EVICTION=w8_weight_eviction, num_warps=tile["num_warps"],
+        **_register_cap(tile), **pdl_args(x.device))
     return out
 
 

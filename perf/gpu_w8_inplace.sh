@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU call for issue 5's INT8 batch-1 work: the loop changes perf/exp_w8_gemv.py found from HBM (session 15),
+# timed in place in the 8B batch-1 step (perf/ablate_decode.py), bf16's GEMV with the same load policy beside
+# them, then the quantization GPU tests. On the GPU machine: `bash perf/gpu_w8_inplace.sh`; every part's log and
+# exit code land in $OUT (perf/device_steps.sh), and a part that fails or runs out of time does not stop the rest.
+set -uo pipefail
+source perf/device_steps.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-570}
+HEAD=128256:4096:8:512:4   # the INT8 LM head with 2 KB chunks (512 words) per row
+QKV=6144:4096:8:512:4      # the same for qkv
+INT8_VARIANTS=${INT8_VARIANTS:-base,w8evict,w8maxnreg=40,w8maxnreg=32,w8at=$HEAD,w8at=$QKV,gated8=8:512:4,w8evict+w8at=$HEAD+w8at=$QKV,base}
+BF16_VARIANTS=${BF16_VARIANTS:-base,gemvevict,base,gemvevict}
+
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+step ablate_int8 300 python3 perf/ablate_decode.py --quant int8_wo+head --variants "$INT8_VARIANTS" \
+  --out "$OUT/ablate_int8.json"
+step ablate_bf16 120 python3 perf/ablate_decode.py --variants "$BF16_VARIANTS" --out "$OUT/ablate_bf16.json"
+step quant_tests 400 python3 -m pytest -q -x tests/kernels/test_quant_scaled_matmul.py tests/kernels/test_gemv.py \
+  tests/test_gptq.py tests/test_quant_foreign.py tests/test_quant.py -k "not gguf"
+echo "== summary"
+for f in "$OUT"/ablate_*.log; do echo "-- $f"; grep -E "tok/s|^\{" "$f"; done
+tail -n 2 "$OUT/quant_tests.log"
