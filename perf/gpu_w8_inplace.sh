@@ -11,13 +11,20 @@ HEAD=128256:4096:8:512:4   # the INT8 LM head with 2 KB chunks (512 words) per r
 QKV=6144:4096:8:512:4      # the same for qkv
 INT8_VARIANTS=${INT8_VARIANTS:-base,w8evict,w8maxnreg=40,w8maxnreg=32,w8at=$HEAD,w8at=$QKV,gated8=8:512:4,w8evict+w8at=$HEAD+w8at=$QKV,base}
 BF16_VARIANTS=${BF16_VARIANTS:-base,gemvevict,base,gemvevict}
+INT4_VARIANTS=${INT4_VARIANTS:-base,w4evict,w4evict+w8evict,base}
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 step ablate_int8 300 python3 perf/ablate_decode.py --quant int8_wo+head --variants "$INT8_VARIANTS" \
   --out "$OUT/ablate_int8.json"
 step ablate_bf16 120 python3 perf/ablate_decode.py --variants "$BF16_VARIANTS" --out "$OUT/ablate_bf16.json"
+step ablate_int4 100 python3 perf/ablate_decode.py --quant int4_wo+head --variants "$INT4_VARIANTS" \
+  --out "$OUT/ablate_int4.json"
 step quant_tests 400 python3 -m pytest -q -x tests/kernels/test_quant_scaled_matmul.py tests/kernels/test_gemv.py \
+  tests/kernels/test_quant_matmul.py \
   tests/test_gptq.py tests/test_quant_foreign.py tests/test_quant.py -k "not gguf"
 echo "== summary"
 for f in "$OUT"/ablate_*.log; do echo "-- $f"; grep -E "tok/s|^\{" "$f"; done
 tail -n 2 "$OUT/quant_tests.log"
+# $OUT brings back at most 8 files: the exit codes in one, the ablation logs in one
+for f in "$OUT"/*.rc; do echo "$(basename "$f" .rc) $(cat "$f")"; done >"$OUT/exit_codes.txt" && rm -f "$OUT"/*.rc
+for f in "$OUT"/ablate_*.log; do echo "== $f"; cat "$f"; done >"$OUT/ablate.txt" && rm -f "$OUT"/ablate_*.log

@@ -293,7 +293,8 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                       PDL: tl.constexpr):
+                       EVICTION: tl.constexpr, PDL: tl.constexpr):
+    # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -318,10 +319,10 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         group = ((block * BLOCK_K) // GROUP_SIZE)[None, :, None]
         if EVEN_K:  # whole trips of blocks and of x: only rows past N are masked
             sz_ok = row_ok[:, None, :]
-            packed = tl.load(w_rows + word, mask=row_ok[:, None, :, None], other=0)
+            packed = tl.load(w_rows + word, mask=row_ok[:, None, :, None], other=0, eviction_policy=EVICTION)
         else:
             sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
-            packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0)
+            packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)[:, :, :, None]
         high = packed >> 16
         column = block[:, None] * BLOCK_K + j[None, :]
@@ -417,6 +418,7 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
 # L2 without displacing what the step reuses (activations, KV, scales). From HBM it took down_proj 25.65 -> 23.41
 # us on an H100 (perf/exp_w8_gemv.py, session 15); perf/ablate_decode.py's w8evict times it in place.
 w8_weight_eviction = ""
+w4_weight_eviction = ""  # the same for the INT4 GEMV (perf/ablate_decode.py's w4evict)
 
 
 def _register_cap(tile: dict) -> dict:
@@ -810,8 +812,8 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         x.contiguous(), words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
-        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, num_warps=tile["num_warps"],
-        **pdl_args(x.device))
+        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
+        num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 
