@@ -151,6 +151,8 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
 # (word & mask) | exponent in one instruction: the INT4 kernels' int -> float conversion (the GEMV's comment below
 # says why and how).
 LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
+# b ? a ^ c : c, bit by bit: the INT8 GEMV's byte -> float conversion with the sign flip folded in (its MAGIC)
+LOP3_MUX_XOR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0x6A;") if tl is not None else None
 
 
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
@@ -372,8 +374,13 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # conversion here on an H100, changed nothing: the loads bound this kernel, not the conversion.)
 @lazy_jit
 def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                       PRELOAD: tl.constexpr, GATED: tl.constexpr, EVICTION: tl.constexpr, PDL: tl.constexpr):
-    # EVICTION: the weight loads' L2 eviction policy (w8_weight_eviction says why)
+                       PRELOAD: tl.constexpr, GATED: tl.constexpr, EVICTION: tl.constexpr, X_WORDS: tl.constexpr,
+                       MAGIC: tl.constexpr, INLINE_ASM: tl.constexpr, PDL: tl.constexpr):
+    # EVICTION: the weight loads' L2 eviction policy (w8_weight_eviction says why). X_WORDS: x_ptr points at x
+    # as int64 words, the 4 activations of one weight word each: one load and one layout change per chunk
+    # instead of four (each of Triton's layout changes for x here is a round trip through shared memory with
+    # two barriers). MAGIC: bytes become floats by placing them under a float exponent (one lop3, as the INT4
+    # kernels do) instead of a bit-field extract and an int -> float conversion (a quarter-rate instruction).
     r = tl.arange(0, BLOCK_N)
     if GATED:  # weight [gate; up], output silu(gate) * up: rows pair up as in gemv.py's kernel
         out_rows = tl.program_id(0) * (BLOCK_N // 2) + r // 2
@@ -382,6 +389,8 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
         out_rows = tl.program_id(0) * BLOCK_N + r
         rows = out_rows
     words = tl.arange(0, WORDS)
+    if X_WORDS:  # 8-byte weight loads: the weights' layout is then x's (2 words a thread), with no change between
+        words = tl.max_contiguous(words, 2)
     row_ok = out_rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * sw_n
     num_words = K // 4
@@ -393,17 +402,51 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
         gdc_wait()
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     if PRELOAD:  # used at once, as in gemv.py
+        if X_WORDS:
+            x_first = tl.load(x_ptr + words, mask=words < num_words, other=0)
         for i in tl.static_range(4):
-            x_i = tl.load(x_ptr + 4 * words + i, mask=words < num_words, other=0.0).to(tl.float32)
-            acc += ((packed_first << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]
+            if X_WORDS:
+                x_i = (x_first >> (16 * i)).to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            else:
+                x_i = tl.load(x_ptr + 4 * words + i, mask=words < num_words, other=0.0).to(tl.float32)
+            if MAGIC:  # bytes 0 and 2 under 2^23, 1 and 3 under 2^15; the flipped sign bit adds 128
+                half = packed_first if i < 2 else packed_first >> 16
+                mask = tl.full(half.shape, 0xFF << (8 * (i % 2)), tl.int32)
+                exponent = tl.full(half.shape, ((150 - 8 * (i % 2)) << 23) | (0x80 << (8 * (i % 2))), tl.int32)
+                if INLINE_ASM:
+                    bits = tl.inline_asm_elementwise(LOP3_MUX_XOR, "=r,r,r,r", [half, mask, exponent], dtype=tl.int32,
+                                                     is_pure=True, pack=1)
+                else:  # the interpreter runs no PTX
+                    bits = (mask & (half ^ exponent)) | (~mask & exponent)
+                q = bits.to(tl.float32, bitcast=True) - (2.0 ** (23 - 8 * (i % 2)) + 128.0)
+            else:
+                q = ((packed_first << (24 - 8 * i)) >> 24).to(tl.float32)
+            acc += q * x_i[None, :]
     for k0 in range(WORDS if PRELOAD else 0, num_words, WORDS):
         word = k0 + words
         word_ok = word < num_words
         packed = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0,
                          eviction_policy=EVICTION)
+        if X_WORDS:
+            x_words = tl.load(x_ptr + word, mask=word_ok, other=0)
         for i in tl.static_range(4):
-            x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
-            acc += ((packed << (24 - 8 * i)) >> 24).to(tl.float32) * x_i[None, :]  # byte i, sign-extended
+            if X_WORDS:  # activation i of each word: its 16 bits, as the activations' type
+                x_i = (x_words >> (16 * i)).to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            else:
+                x_i = tl.load(x_ptr + 4 * word + i, mask=word_ok, other=0.0).to(tl.float32)
+            if MAGIC:  # bytes 0 and 2 under 2^23, 1 and 3 under 2^15; the flipped sign bit adds 128
+                half = packed if i < 2 else packed >> 16
+                mask = tl.full(half.shape, 0xFF << (8 * (i % 2)), tl.int32)
+                exponent = tl.full(half.shape, ((150 - 8 * (i % 2)) << 23) | (0x80 << (8 * (i % 2))), tl.int32)
+                if INLINE_ASM:
+                    bits = tl.inline_asm_elementwise(LOP3_MUX_XOR, "=r,r,r,r", [half, mask, exponent], dtype=tl.int32,
+                                                     is_pure=True, pack=1)
+                else:  # the interpreter runs no PTX
+                    bits = (mask & (half ^ exponent)) | (~mask & exponent)
+                q = bits.to(tl.float32, bitcast=True) - (2.0 ** (23 - 8 * (i % 2)) + 128.0)
+            else:
+                q = ((packed << (24 - 8 * i)) >> 24).to(tl.float32)  # byte i, sign-extended
+            acc += q * x_i[None, :]
     if PDL:
         gdc_launch_dependents()
     y = tl.sum(acc, axis=1) * s
@@ -419,6 +462,10 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
 # us on an H100 (perf/exp_w8_gemv.py, session 15); perf/ablate_decode.py's w8evict times it in place.
 w8_weight_eviction = ""
 w4_weight_eviction = ""  # the same for the INT4 GEMV (perf/ablate_decode.py's w4evict)
+# The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel; perf/ablate_decode.py's w8xwords)
+w8_x_words = False
+# The INT8 GEMV converts bytes to floats with the exponent trick (MAGIC in its kernel; ablate variant w8magic)
+w8_magic = False
 
 
 def _register_cap(tile: dict) -> dict:
@@ -781,10 +828,13 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     n_out = N // 2 if gated else N
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w8_gemv_tile(N, K, x.device)
+    x = x.contiguous()
+    x_words = w8_x_words and x.element_size() == 2 and x.data_ptr() % 8 == 0
     _w8a16_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"] // 2 if gated else tile["BLOCK_N"]),)](
-        x.contiguous(), words, scales, out, n_out, K, words.stride(0), BLOCK_N=tile["BLOCK_N"], WORDS=tile["WORDS"],
-        PRELOAD=_pdl.preload_first_tile, GATED=gated, EVICTION=w8_weight_eviction, num_warps=tile["num_warps"],
-        **_register_cap(tile), **pdl_args(x.device))
+        x.view(torch.int64) if x_words else x, words, scales, out, n_out, K, words.stride(0), BLOCK_N=tile["BLOCK_N"],
+        WORDS=tile["WORDS"], PRELOAD=_pdl.preload_first_tile, GATED=gated, EVICTION=w8_weight_eviction,
+        X_WORDS=x_words, MAGIC=w8_magic, INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1",
+        num_warps=tile["num_warps"], **_register_cap(tile), **pdl_args(x.device))
     return out
 
 

@@ -164,6 +164,30 @@ def test_w8a16_batch_one_gemv(N, K, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w8a16_matmul_triton(x, qweight, scales), got)  # the dispatch
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("x_words,magic,eviction", [(True, False, ""), (False, True, ""), (True, True, "evict_first")])
+@pytest.mark.parametrize("gated", [False, True])
+def test_w8a16_gemv_loop_options_give_the_same_product(x_words, magic, eviction, gated, dtype, atol, rtol, device,
+                                                        monkeypatch):
+    # The INT8 GEMV's alternative loops (activations read as int64 words, bytes converted by the exponent trick,
+    # evict-first weight loads) against the float64 product, with the extremes -128 and 127, a first chunk taken
+    # before the PDL wait and one after it, and K off the chunk.
+    monkeypatch.setattr(qm, "w8_x_words", x_words)
+    monkeypatch.setattr(qm, "w8_magic", magic)
+    monkeypatch.setattr(qm, "w8_weight_eviction", eviction)
+    N, K = 24, 1552
+    qweight, scales = random_int8(N, K, device)
+    qweight[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    x = torch.randn(1, K, device=device).to(dtype) / K ** 0.5
+    want = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    if gated:
+        want = _silu_and_mul(want)
+    for preload in (False, True):
+        monkeypatch.setattr(qm._pdl, "preload_first_tile", preload)
+        got = qm.w8a16_gemv_triton(x, qweight, scales, tile=dict(BLOCK_N=4, WORDS=128, num_warps=4), gated=gated)
+        torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
