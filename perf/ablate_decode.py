@@ -27,7 +27,8 @@ CUDA graph, launch gaps included. Variants:
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
   w8evict, w4evict, gemvevict: the INT8, INT4 or bf16 GEMVs' weight loads with L2 policy evict_first (the same values);
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
-  w8xwords, w8magic: the INT8 GEMV reading activations as int64 words, or converting bytes by the exponent trick.
+  w8xwords, w8magic: the INT8 GEMV reading activations as int64 words, or converting bytes by the exponent trick;
+  gemvnarrow: the bf16 GEMV's weights in 8-byte loads, in x's layout (the same values).
 Variants joined by "+" (w8evict+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -95,6 +96,7 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
+    original_narrow = gemv.narrow_loads
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -139,6 +141,8 @@ def _patch(variant: str):
         quant_matmul.w8_x_words = True
     elif variant == "w8magic":
         quant_matmul.w8_magic = True
+    elif variant == "gemvnarrow":
+        gemv.narrow_loads = True
     elif variant == "gemvevict":
         gemv.weight_eviction = "evict_first"
     elif variant.startswith("w8maxnreg="):
@@ -158,6 +162,7 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
+        gemv.narrow_loads = original_narrow
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

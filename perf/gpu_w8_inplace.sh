@@ -11,7 +11,7 @@ HEAD=128256:4096:8:512:4   # the INT8 LM head with 2 KB chunks (512 words) per r
 QKV=6144:4096:8:512:4      # the same for qkv
 E8=w8evict
 INT8_VARIANTS=${INT8_VARIANTS:-base,$E8,$E8+w8xwords,$E8+w8magic,$E8+w8xwords+w8magic,w8xwords+w8magic,$E8+w8xwords+w8magic+w8at=$HEAD,base,$E8+w8xwords+w8magic}
-BF16_VARIANTS=${BF16_VARIANTS:-base,gemvevict,base,gemvevict}
+BF16_VARIANTS=${BF16_VARIANTS:-base,gemvevict,gemvnarrow,gemvevict+gemvnarrow,base,gemvevict,gemvevict+gemvnarrow}
 INT4_VARIANTS=${INT4_VARIANTS:-base,w4evict,w4evict+w8evict+w8xwords+w8magic,base}
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
