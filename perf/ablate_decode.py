@@ -25,11 +25,11 @@ CUDA graph, launch gaps included. Variants:
   gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
     with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
-  w8evict, w4evict, gemvevict: the INT8, INT4 or bf16 GEMVs' weight loads with L2 policy evict_first (the same values);
+  noevict: the GEMVs' weight loads with the default L2 policy instead of evict-first (the same values);
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
   w8xwords, w8magic: the INT8 GEMV reading activations as int64 words, or converting bytes by the exponent trick;
   gemvnarrow: the bf16 GEMV's weights in 8-byte loads, in x's layout (the same values).
-Variants joined by "+" (w8evict+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
+Variants joined by "+" (w8magic+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
 from __future__ import annotations
@@ -133,18 +133,14 @@ def _patch(variant: str):
         module, attr, tile = ((gemv, "gemv_triton", (a, b, warps)) if name == "gated16" else
                               (quant_matmul, "w8a16_gemv_triton", dict(BLOCK_N=a, WORDS=b, num_warps=warps)))
         setattr(module, attr, _with_gated_tile(getattr(module, attr), tile))
-    elif variant == "w8evict":
-        quant_matmul.w8_weight_eviction = "evict_first"
-    elif variant == "w4evict":
-        quant_matmul.w4_weight_eviction = "evict_first"
+    elif variant == "noevict":  # every GEMV's weight loads with the default L2 policy, as before session 16
+        quant_matmul.w8_weight_eviction = quant_matmul.w4_weight_eviction = gemv.weight_eviction = ""
     elif variant == "w8xwords":
         quant_matmul.w8_x_words = True
     elif variant == "w8magic":
         quant_matmul.w8_magic = True
     elif variant == "gemvnarrow":
         gemv.narrow_loads = True
-    elif variant == "gemvevict":
-        gemv.weight_eviction = "evict_first"
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}

@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# One GPU call for issue 5's INT8 batch-1 work: the loop changes perf/exp_w8_gemv.py found from HBM (session 15),
-# timed in place in the 8B batch-1 step (perf/ablate_decode.py), bf16's GEMV with the same load policy beside
-# them, then the quantization GPU tests. On the GPU machine: `bash perf/gpu_w8_inplace.sh`; every part's log and
-# exit code land in $OUT (perf/device_steps.sh), and a part that fails or runs out of time does not stop the rest.
+# One GPU call for issue 5's INT8 batch-1 work: the GEMV loop options timed in place in the 8B batch-1 step
+# (perf/ablate_decode.py), bf16's GEMV with its own beside them, then the GEMV kernels' GPU tests. On the GPU
+# machine: `bash perf/gpu_w8_inplace.sh`; every part's log and exit code land in $OUT (perf/device_steps.sh), and
+# a part that fails or runs out of time does not stop the rest.
 set -uo pipefail
 source perf/device_steps.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-570}
 HEAD=128256:4096:8:512:4   # the INT8 LM head with 2 KB chunks (512 words) per row
-QKV=6144:4096:8:512:4      # the same for qkv
-E8=w8evict
-INT8_VARIANTS=${INT8_VARIANTS:-base,$E8,$E8+w8xwords,$E8+w8magic,$E8+w8xwords+w8magic,w8xwords+w8magic,$E8+w8xwords+w8magic+w8at=$HEAD,base,$E8+w8xwords+w8magic}
-BF16_VARIANTS=${BF16_VARIANTS:-base,gemvevict,gemvnarrow,gemvevict+gemvnarrow,base,gemvevict,gemvevict+gemvnarrow}
-INT4_VARIANTS=${INT4_VARIANTS:-base,w4evict,w4evict+w8evict+w8xwords+w8magic,base}
+INT8_VARIANTS=${INT8_VARIANTS:-base,w8xwords,w8magic,w8xwords+w8magic,noevict,w8xwords+w8magic+w8at=$HEAD,base,w8xwords+w8magic}
+BF16_VARIANTS=${BF16_VARIANTS:-base,gemvnarrow,noevict,base,gemvnarrow}
+INT4_VARIANTS=${INT4_VARIANTS:-base,noevict,w8xwords+w8magic,base}
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 step ablate_int8 300 python3 perf/ablate_decode.py --quant int8_wo+head --variants "$INT8_VARIANTS" \

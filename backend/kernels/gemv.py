@@ -22,9 +22,9 @@ from backend.kernels._pdl import pdl_args
 
 # Batch-1 gate_up products apply SiLU-and-mul in their epilogue (TRITIUM_GEMV_SILU=0: a separate kernel).
 fuse_silu_and_mul = os.environ.get("TRITIUM_GEMV_SILU", "1") != "0"
-# The weight loads' L2 eviction policy: "" (the default) or "evict_first" (quant_matmul.w8_weight_eviction says
-# why); perf/ablate_decode.py's gemvevict times it in place.
-weight_eviction = ""
+# The weight loads' L2 eviction policy: evict-first (quant_matmul.w8_weight_eviction says why) took 83 us off the
+# 8B bf16 batch-1 step on an H100 (5.375 -> 5.289 ms; perf/RESULTS.md, session 16); "" is the default policy.
+weight_eviction = "evict_first"
 # 8-byte weight loads in x's layout (NARROW in the kernel; perf/ablate_decode.py's gemvnarrow)
 narrow_loads = False
 

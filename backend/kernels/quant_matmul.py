@@ -457,11 +457,12 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
     tl.store(out_ptr + out_rows, y.to(out_ptr.dtype.element_ty), mask=out_rows < N)
 
 
-# The INT8 GEMV's weight loads: "" (the default policy) or "evict_first", which streams each weight row through
-# L2 without displacing what the step reuses (activations, KV, scales). From HBM it took down_proj 25.65 -> 23.41
-# us on an H100 (perf/exp_w8_gemv.py, session 15); perf/ablate_decode.py's w8evict times it in place.
-w8_weight_eviction = ""
-w4_weight_eviction = ""  # the same for the INT4 GEMV (perf/ablate_decode.py's w4evict)
+# The GEMVs' weight loads are marked evict-first: each weight line is read once per step, so it should leave L2
+# before what the step reuses (activations, KV, scales). From HBM it took down_proj 25.65 -> 23.41 us on an H100
+# (perf/exp_w8_gemv.py, session 15); in the 8B batch-1 step on an H100, INT8 + INT8 head 3.223 -> 3.147 ms and
+# INT4 + INT8 head 2.447 -> 2.435 ms (perf/ablate_decode.py, perf/RESULTS.md session 16). "" is the default policy.
+w8_weight_eviction = "evict_first"
+w4_weight_eviction = "evict_first"
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel; perf/ablate_decode.py's w8xwords)
 w8_x_words = False
 # The INT8 GEMV converts bytes to floats with the exponent trick (MAGIC in its kernel; ablate variant w8magic)
