@@ -28,7 +28,8 @@ CUDA graph, launch gaps included. Variants:
   noevict: the GEMVs' weight loads with the default L2 policy instead of evict-first (the same values);
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
   w8xwords, w8magic: the INT8 GEMV reading activations as int64 words, or converting bytes by the exponent trick;
-  gemvnarrow: the bf16 GEMV's weights in 8-byte loads, in x's layout (the same values).
+  gemvnarrow: the bf16 GEMV's weights in 8-byte loads, in x's layout (the same values);
+  w4pairs: the INT4 GEMV multiplying two nibbles per instruction in bf16x2 arithmetic (products rounded to bf16).
 Variants joined by "+" (w8magic+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -96,6 +97,7 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
+    original_w4_pairs = quant_matmul.w4_bf16_pairs
     original_narrow = gemv.narrow_loads
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
@@ -139,6 +141,8 @@ def _patch(variant: str):
         quant_matmul.w8_x_words = True
     elif variant == "w8magic":
         quant_matmul.w8_magic = True
+    elif variant == "w4pairs":
+        quant_matmul.w4_bf16_pairs = True
     elif variant == "gemvnarrow":
         gemv.narrow_loads = True
     elif variant.startswith("w8maxnreg="):
@@ -158,6 +162,7 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
+        quant_matmul.w4_bf16_pairs = original_w4_pairs
         gemv.narrow_loads = original_narrow
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo

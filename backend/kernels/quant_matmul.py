@@ -153,6 +153,12 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split, sx_m, sw_n
 LOP3_AND_OR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;") if tl is not None else None  # (a & b) | c
 # b ? a ^ c : c, bit by bit: the INT8 GEMV's byte -> float conversion with the sign flip folded in (its MAGIC)
 LOP3_MUX_XOR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0x6A;") if tl is not None else None
+# Packed bf16 pairs (sm_90 for sub and mul): the INT4 GEMV's PAIRS loop
+SUB_BF16X2 = tl.constexpr("sub.rn.bf16x2 $0, $1, $2;") if tl is not None else None
+MUL_BF16X2 = tl.constexpr("mul.rn.bf16x2 $0, $1, $2;") if tl is not None else None
+FMA_BF16X2 = tl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;") if tl is not None else None
+# (lo0, hi0) and (lo1, hi1) from registers holding (lo0, lo1) and (hi0, hi1): halves gathered by byte permutes
+PAIR_HALVES = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;") if tl is not None else None
 
 
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
@@ -295,8 +301,9 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                       EVICTION: tl.constexpr, PDL: tl.constexpr):
-    # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why)
+                       EVICTION: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr):
+    # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
+    # nibbles per instruction in bf16x2 arithmetic (_w4_pair_dot says how)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -325,35 +332,83 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         else:
             sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
             packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
-        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.float32)[:, :, :, None]
-        high = packed >> 16
+        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
         column = block[:, None] * BLOCK_K + j[None, :]
-        for i in tl.static_range(4):
-            lo = column + i * WORDS
-            hi = column + (i + 4) * WORDS
-            if EVEN_K:
-                x_lo = tl.load(x_ptr + lo).to(tl.float32)[None, :, None, :]
-                x_hi = tl.load(x_ptr + hi).to(tl.float32)[None, :, None, :]
-            else:
-                x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32)[None, :, None, :]
-                x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32)[None, :, None, :]
-            # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh 2^-4i).
-            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
-            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
-            if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
-                q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
-                q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
-            else:  # the interpreter runs no PTX
-                q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
-            bias = z + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
-            term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo
-            if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
-                dot = term
-            else:
-                dot += term
-            dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi
+        if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
+            z_pair = (z + 0x4300) * 0x10001  # bf16 128 + z in both halves
+            for i in tl.static_range(4):
+                lo = column + i * WORDS
+                hi = column + (i + 4) * WORDS
+                if EVEN_K:
+                    x_lo = tl.load(x_ptr + lo)
+                    x_hi = tl.load(x_ptr + hi)
+                else:
+                    x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0)
+                    x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0)
+                if INLINE_ASM:  # two columns' pairs from two registers of two bf16 each: one prmt a pair
+                    x_pair = tl.inline_asm_elementwise(PAIR_HALVES, "=r,=r,r,r", [x_lo, x_hi], dtype=tl.int32,
+                                                       is_pure=True, pack=2)[None, :, None, :]
+                else:
+                    x_pair = ((x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+                              | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))[None, :, None, :]
+                nibbles = packed >> (4 * i) if i > 0 else packed
+                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
+                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
+                if INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and their sums
+                    q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
+                                                       dtype=tl.int32, is_pure=True, pack=1)
+                    w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
+                                                       is_pure=True, pack=1)
+                    if i == 0:
+                        pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_pair], dtype=tl.int32,
+                                                             is_pure=True, pack=1)
+                    else:
+                        pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_pair, pair_dot],
+                                                             dtype=tl.int32, is_pure=True, pack=1)
+                else:  # the interpreter runs no PTX: the same halves, summed in float32
+                    q_pair = (nibbles & mask) | exponent
+                    q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
+                    q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32,
+                                                                                                 bitcast=True)
+                    term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
+                        + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
+                    if i == 0:
+                        dot = term
+                    else:
+                        dot += term
+            if INLINE_ASM:  # the two halves' sums, in float32 from here on
+                dot = (pair_dot << 16).to(tl.float32, bitcast=True) + \
+                    (pair_dot & -65536).to(tl.float32, bitcast=True)
+        else:
+            high = packed >> 16
+            zf = z.to(tl.float32)
+            for i in tl.static_range(4):
+                lo = column + i * WORDS
+                hi = column + (i + 4) * WORDS
+                if EVEN_K:
+                    x_lo = tl.load(x_ptr + lo).to(tl.float32)[None, :, None, :]
+                    x_hi = tl.load(x_ptr + hi).to(tl.float32)[None, :, None, :]
+                else:
+                    x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32)[None, :, None, :]
+                    x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32)[None, :, None, :]
+                # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh
+                # 2^-4i).
+                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
+                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
+                if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
+                    q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                    q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
+                                                     dtype=tl.int32, is_pure=True, pack=1)
+                else:  # the interpreter runs no PTX
+                    q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
+                bias = zf + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
+                term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo
+                if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
+                    dot = term
+                else:
+                    dot += term
+                dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi
         s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)[:, :, :, None]
         acc += s * dot
     if PDL:
@@ -463,6 +518,8 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
 # INT4 + INT8 head 2.447 -> 2.435 ms (perf/ablate_decode.py, perf/RESULTS.md session 16). "" is the default policy.
 w8_weight_eviction = "evict_first"
 w4_weight_eviction = "evict_first"
+# The INT4 GEMV multiplies bf16 activations two nibbles per instruction (PAIRS in its kernel; ablate variant w4pairs)
+w4_bf16_pairs = False
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel; perf/ablate_decode.py's w8xwords)
 w8_x_words = False
 # The INT8 GEMV converts bytes to floats with the exponent trick (MAGIC in its kernel; ablate variant w8magic)
@@ -864,6 +921,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
+        PAIRS=w4_bf16_pairs and x.dtype == torch.bfloat16,
         num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 

@@ -147,6 +147,23 @@ def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
         qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=dict(tile, TILES=1), gated=True)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
+def test_w4a16_gemv_bf16_pairs_give_the_product(N, K, group, gated, device, monkeypatch):
+    # The INT4 GEMV's bf16x2 loop (nibbles i and i + 4 of a word as one pair, their activations gathered into
+    # pairs) against the float64 product: a pair in the wrong half or column is off by whole weights. Its
+    # products are rounded to bf16 and summed four to a pair before float32 takes over, so the tolerance is a
+    # few bf16 roundings of the largest output.
+    monkeypatch.setattr(qm, "w4_bf16_pairs", True)
+    qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
+    x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.bfloat16)
+    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+    if gated:
+        want = _silu_and_mul(want)
+    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, gated=gated)
+    torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+
+
 # W8A16's batch-1 GEMV: rows off its row tile, K not a multiple of its 512-byte chunk (576 = 1.125 chunks,
 # 1540 = 385 words), and the extremes -128 and 127.
 W8_GEMV_SHAPES = [(37, 576), (8, 1024), (130, 1540), (16, 96)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else [])
