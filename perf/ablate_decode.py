@@ -27,10 +27,9 @@ CUDA graph, launch gaps included. Variants:
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
   noevict: the GEMVs' weight loads with the default L2 policy instead of evict-first (the same values);
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
-  w8xwords, w8magic: the INT8 GEMV reading activations as int64 words, or converting bytes by the exponent trick;
-  gemvnarrow: the bf16 GEMV's weights in 8-byte loads, in x's layout (the same values);
-  w4pairs: the INT4 GEMV multiplying two nibbles per instruction in bf16x2 arithmetic (products rounded to bf16).
-Variants joined by "+" (w8magic+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
+  w8plain: the INT8 GEMV's loop without its int64 activation words and exponent-trick bytes (the same values);
+  w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
+Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
 from __future__ import annotations
@@ -98,7 +97,6 @@ def _patch(variant: str):
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
     original_w4_pairs = quant_matmul.w4_bf16_pairs
-    original_narrow = gemv.narrow_loads
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -137,14 +135,10 @@ def _patch(variant: str):
         setattr(module, attr, _with_gated_tile(getattr(module, attr), tile))
     elif variant == "noevict":  # every GEMV's weight loads with the default L2 policy, as before session 16
         quant_matmul.w8_weight_eviction = quant_matmul.w4_weight_eviction = gemv.weight_eviction = ""
-    elif variant == "w8xwords":
-        quant_matmul.w8_x_words = True
-    elif variant == "w8magic":
-        quant_matmul.w8_magic = True
-    elif variant == "w4pairs":
-        quant_matmul.w4_bf16_pairs = True
-    elif variant == "gemvnarrow":
-        gemv.narrow_loads = True
+    elif variant == "w8plain":  # the INT8 GEMV's loop before session 17: x loaded per activation, bytes by cvt
+        quant_matmul.w8_x_words = quant_matmul.w8_magic = False
+    elif variant == "w4fp32":  # the INT4 GEMV's float32 loop, as before session 17
+        quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}
@@ -163,7 +157,6 @@ def _patch(variant: str):
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
         quant_matmul.w4_bf16_pairs = original_w4_pairs
-        gemv.narrow_loads = original_narrow
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

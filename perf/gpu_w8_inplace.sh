@@ -7,10 +7,9 @@ set -uo pipefail
 source perf/device_steps.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-570}
-HEAD=128256:4096:8:512:4   # the INT8 LM head with 2 KB chunks (512 words) per row
-INT8_VARIANTS=${INT8_VARIANTS:-base,w8xwords,w8magic,w8xwords+w8magic,noevict,w8xwords+w8magic+w8at=$HEAD,base,w8xwords+w8magic}
-BF16_VARIANTS=${BF16_VARIANTS:-base,gemvnarrow,noevict,base,gemvnarrow}
-INT4_VARIANTS=${INT4_VARIANTS:-base,w4pairs,w4pairs+w8xwords+w8magic,base,w4pairs}
+INT8_VARIANTS=${INT8_VARIANTS:-base,w8plain,base,w8plain}
+BF16_VARIANTS=${BF16_VARIANTS:-base,noevict,base}
+INT4_VARIANTS=${INT4_VARIANTS:-base,w4fp32,base,w4fp32}
 
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 step ablate_int4 130 python3 perf/ablate_decode.py --quant int4_wo+head --variants "$INT4_VARIANTS" \

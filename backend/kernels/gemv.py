@@ -25,8 +25,6 @@ fuse_silu_and_mul = os.environ.get("TRITIUM_GEMV_SILU", "1") != "0"
 # The weight loads' L2 eviction policy: evict-first (quant_matmul.w8_weight_eviction says why) took 83 us off the
 # 8B bf16 batch-1 step on an H100 (5.375 -> 5.289 ms; perf/RESULTS.md, session 16); "" is the default policy.
 weight_eviction = "evict_first"
-# 8-byte weight loads in x's layout (NARROW in the kernel; perf/ablate_decode.py's gemvnarrow)
-narrow_loads = False
 
 try:
     import triton
@@ -47,7 +45,7 @@ if triton is not None:
     @lazy_jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRELOAD: tl.constexpr,
-                     GATED: tl.constexpr, EVICTION: tl.constexpr, NARROW: tl.constexpr, PDL: tl.constexpr):
+                     GATED: tl.constexpr, EVICTION: tl.constexpr, PDL: tl.constexpr):
         # BLOCK_N weight rows per program. GATED: the weight is [gate; up] (2N rows) and the output N values of
         # silu(gate) * up; the program's rows alternate gate row i, up row i, so each pair meets in its sum.
         r = tl.arange(0, BLOCK_N)
@@ -58,8 +56,6 @@ if triton is not None:
             out_rows = tl.program_id(0) * BLOCK_N + r
             rows = out_rows
         cols = tl.arange(0, BLOCK_K)
-        if NARROW:  # 8-byte loads: a layout whose columns are x's, so x needs no trip through shared memory
-            cols = tl.max_contiguous(cols, 4)
         row_ok = out_rows < N
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -128,8 +124,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, int
     _gemv_kernel[(triton.cdiv(n_out, block_n // 2 if gated else block_n),)](
         x.contiguous(), weight, out, n_out, K, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        PRELOAD=_pdl.preload_first_tile and block_k <= K, GATED=gated, EVICTION=weight_eviction,
-        NARROW=narrow_loads, num_warps=warps, **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile and block_k <= K, GATED=gated, EVICTION=weight_eviction, num_warps=warps,
+        **pdl_args(x.device))
     return out
 
 

@@ -526,12 +526,14 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, sw_n, BLOCK_N: tl.con
 # INT4 + INT8 head 2.447 -> 2.435 ms (perf/ablate_decode.py, perf/RESULTS.md session 16). "" is the default policy.
 w8_weight_eviction = "evict_first"
 w4_weight_eviction = "evict_first"
-# The INT4 GEMV multiplies bf16 activations two nibbles per instruction (PAIRS in its kernel; ablate variant w4pairs)
-w4_bf16_pairs = False
-# The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel; perf/ablate_decode.py's w8xwords)
-w8_x_words = False
-# The INT8 GEMV converts bytes to floats with the exponent trick (MAGIC in its kernel; ablate variant w8magic)
-w8_magic = False
+# The INT4 GEMV multiplies bf16 activations two nibbles per instruction (PAIRS in its kernel): INT4 + INT8 head
+# 2.436 -> 2.310 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py, whose w4fp32 turns it off; session 17).
+w4_bf16_pairs = True
+# The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
+# trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
+# alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
+w8_x_words = True
+w8_magic = True
 
 
 def _register_cap(tile: dict) -> dict:

@@ -25,15 +25,13 @@ def test_gemv_matches_float64(shape, tile, dtype, atol, rtol, device):
 
 
 @pytest.mark.parametrize("preload", [False, True])
-@pytest.mark.parametrize("narrow,eviction", [(False, ""), (True, "evict_first")])
+@pytest.mark.parametrize("eviction", ["", "evict_first"])
 @pytest.mark.parametrize("shape", [(37, 100), (130, 1536), (64, 1000)])
-def test_gemv_with_and_without_the_first_tile_loaded_before_the_wait(preload, narrow, eviction, shape, monkeypatch,
-                                                                      device):
-    # also the loop's options: 8-byte loads in x's layout, evict-first weight loads
+def test_gemv_with_and_without_the_first_tile_loaded_before_the_wait(preload, eviction, shape, monkeypatch, device):
+    # also with and without evict-first weight loads
     from backend.kernels import _pdl, gemv
 
     monkeypatch.setattr(_pdl, "preload_first_tile", preload)
-    monkeypatch.setattr(gemv, "narrow_loads", narrow)
     monkeypatch.setattr(gemv, "weight_eviction", eviction)
     weight = torch.randn(*shape, device=device) / 40
     x = torch.randn(1, shape[1], device=device)

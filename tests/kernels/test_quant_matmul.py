@@ -147,14 +147,15 @@ def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
         qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=dict(tile, TILES=1), gated=True)
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_bf16_pairs_give_the_product(N, K, group, gated, device, monkeypatch):
-    # The INT4 GEMV's bf16x2 loop (nibbles i and i + 4 of a word as one pair, their activations gathered into
-    # pairs) against the float64 product: a pair in the wrong half or column is off by whole weights. Its
-    # products are rounded to bf16 and summed four to a pair before float32 takes over, so the tolerance is a
-    # few bf16 roundings of the largest output.
-    monkeypatch.setattr(qm, "w4_bf16_pairs", True)
+def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, device, monkeypatch):
+    # Both INT4 GEMV loops on bf16 activations against the float64 product. The bf16x2 loop (nibbles i and i + 4
+    # of a word as one pair, their activations gathered into pairs) is off by whole weights if a pair lands in the
+    # wrong half or column; its products are rounded to bf16 and summed four to a pair before float32 takes over,
+    # so the tolerance is a few bf16 roundings of the largest output.
+    monkeypatch.setattr(qm, "w4_bf16_pairs", pairs)
     qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
     x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.bfloat16)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
