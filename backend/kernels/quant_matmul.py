@@ -555,21 +555,20 @@ def w8_gemv_tile(N: int, K: int, device: torch.device) -> dict:
 
 
 def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """TILES row tiles of BLOCK_N rows per program over BLOCKS planar blocks: 4 tiles of 4 rows x 8 blocks x 8
-    warps (within 4% of the best of 45 tiles on each Llama-3-8B projection), with 4 blocks x 4 warps for wide
-    products (gate_up: 30.4 -> 29.2 us) and 8 tiles of 2 rows x 16 blocks x 16 warps for long rows and narrow
-    products (down_proj 17.8 -> 16.6 us, o_proj 6.5 -> 6.3). Timed on an H100 from HBM (perf/tune_quant_gemv.py,
-    session 12: 45 and then 42 tiles, perf/results/h100-tune_w4_gemv-session12.json and -fine.json); o_proj's tile
-    also in place, 17-31 us off the 8B batch-1 step (perf/ablate_decode.py w4at=..., session 12).
+    """TILES row tiles of BLOCK_N rows per program over BLOCKS planar blocks: 8 tiles of 2 rows, over 16 blocks
+    with 16 warps for long rows and narrow products (down_proj, o_proj), over 8 blocks with 8 warps otherwise
+    (qkv, gate_up). With the bf16x2 loop these were the best of 45 tiles from HBM for qkv, gate_up and down and
+    within 2% for o (perf/tune_quant_gemv.py --bits 4 on an H100, session 17,
+    perf/results/h100-tune_w4_gemv-session17-pairs.json: gate_up 26.9 -> 24.9 us against session 12's 4 x 4 x 4
+    x 4 tile), and in place they took int4_wo batch-1 decode 411.7 -> 415.0 tok/s in the same run. More tiles a
+    program means more rows share each activation pair a thread builds.
     Groups under 128 make planar blocks of the group's size, so a loop trip takes proportionally more of them
     (the same columns and x slice per trip as at 128): with 8 blocks of 32 columns an 8B batch-1 step ran at
     bf16's speed (perf/RESULTS.md, session 10)."""
     per_128 = 128 // planar_block(K, group_size)
-    if N >= 16384:
-        return dict(TILES=4, BLOCK_N=4, BLOCKS=4 * per_128, num_warps=4)
     if K >= 8192 or N <= 4096:
         return dict(TILES=8, BLOCK_N=2, BLOCKS=16 * per_128, num_warps=16)
-    return dict(TILES=4, BLOCK_N=4, BLOCKS=8 * per_128, num_warps=8)
+    return dict(TILES=8, BLOCK_N=2, BLOCKS=8 * per_128, num_warps=8)
 
 
 SMALL_M = 16  # up to here: the decode (split-K) launch
