@@ -28,7 +28,7 @@ from backend.kernels import quant_matmul as qm  # noqa: E402
 from perf.bench_quant import LINEARS, bench_ms, engine_run  # noqa: E402
 
 # W4: TILES row tiles of BLOCK_N rows over BLOCKS planar blocks (16 words each); BLOCKS * 16 < 32 * num_warps keeps the x
-# loads in the words' layout (backend/kernels/quant_matmul.py). The grid holds w4_gemv_tile's three choices.
+# loads in the words' layout (backend/kernels/quant_matmul.py). The grid holds w4_gemv_tile's choices.
 W4_TILES = [dict(TILES=t, BLOCK_N=b, BLOCKS=bl, num_warps=w) for t in (2, 4, 8) for b in (2, 4, 8)
             for bl, w in ((4, 4), (4, 8), (8, 8), (8, 16), (16, 16))]
 W8_TILES = [dict(BLOCK_N=b, WORDS=words, num_warps=w) for b in (4, 8, 16, 32) for words in (32, 64, 128, 256)

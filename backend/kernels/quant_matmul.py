@@ -311,7 +311,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
-    # nibbles per instruction in bf16x2 arithmetic (_w4_pair_dot says how)
+    # nibbles per instruction in bf16x2 arithmetic (the comment above says how)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
