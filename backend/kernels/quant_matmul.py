@@ -344,15 +344,19 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         column = block[:, None] * BLOCK_K + j[None, :]
         if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
             z_pair = (z + 0x4300) * 0x10001  # bf16 128 + z in both halves
-            for i in tl.static_range(4):
-                lo = column + i * WORDS
-                hi = column + (i + 4) * WORDS
-                if EVEN_K:
-                    x_lo = tl.load(x_ptr + lo)
-                    x_hi = tl.load(x_ptr + hi)
-                else:
-                    x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0)
-                    x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0)
+        else:
+            high = packed >> 16
+            zf = z.to(tl.float32)
+        for i in tl.static_range(4):
+            lo = column + i * WORDS
+            hi = column + (i + 4) * WORDS
+            if EVEN_K:
+                x_lo = tl.load(x_ptr + lo)
+                x_hi = tl.load(x_ptr + hi)
+            else:
+                x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0)
+                x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0)
+            if PAIRS:
                 if INLINE_ASM:  # two columns' pairs from two registers of two bf16 each: one prmt a pair
                     x_pair = tl.inline_asm_elementwise(PAIR_HALVES, "=r,=r,r,r", [x_lo, x_hi], dtype=tl.int32,
                                                        is_pure=True, pack=2)[None, :, None, :]
@@ -384,21 +388,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                         dot = term
                     else:
                         dot += term
-            if INLINE_ASM:  # the two halves' sums, in float32 from here on
-                dot = (pair_dot << 16).to(tl.float32, bitcast=True) + \
-                    (pair_dot & -65536).to(tl.float32, bitcast=True)
-        else:
-            high = packed >> 16
-            zf = z.to(tl.float32)
-            for i in tl.static_range(4):
-                lo = column + i * WORDS
-                hi = column + (i + 4) * WORDS
-                if EVEN_K:
-                    x_lo = tl.load(x_ptr + lo).to(tl.float32)[None, :, None, :]
-                    x_hi = tl.load(x_ptr + hi).to(tl.float32)[None, :, None, :]
-                else:
-                    x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0).to(tl.float32)[None, :, None, :]
-                    x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0).to(tl.float32)[None, :, None, :]
+            else:
                 # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh
                 # 2^-4i).
                 mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
@@ -411,12 +401,14 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                 else:  # the interpreter runs no PTX
                     q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
                 bias = zf + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
-                term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo
+                term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo.to(tl.float32)[None, :, None, :]
                 if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
                     dot = term
                 else:
                     dot += term
-                dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi
+                dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi.to(tl.float32)[None, :, None, :]
+        if PAIRS and INLINE_ASM:  # the two halves' sums, in float32 from here on
+            dot = (pair_dot << 16).to(tl.float32, bitcast=True) + (pair_dot & -65536).to(tl.float32, bitcast=True)
         s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)[:, :, :, None]
         acc += s * dot
     if PDL:
