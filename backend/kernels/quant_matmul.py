@@ -31,15 +31,25 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 
 
 # Group-planar INT4 (the kernels' layout): K is cut into blocks of B = planar_block(K, G) columns (a block never
-# straddles two groups), each row of a block is B / 8 int32 words, and word j holds at nibble i (bits 4i..4i+3)
-# the code of the block's column i * B / 8 + j. Columns past K (when B does not divide K) hold code 0.
-# Why: a GEMV thread holding some words of a row meets, for each nibble i, one contiguous slice of x, which it
-# loads with vector loads in the words' own register layout. With packed pairs (word j = columns 8j..8j+7) it
-# meets x at stride 8, and Triton stages those loads through shared memory with a barrier per nibble. (Marlin
-# and TensorRT-LLM likewise reorder 4-bit weights at load for their GEMM kernels.)
+# straddles two groups), each row of a block is W = B / 8 int32 words, and word j holds at nibbles i and i + 4
+# (bits 4i..4i+3 and 16+4i..16+4i+3, i < 4) the codes of the adjacent columns i * B / 4 + 2j and i * B / 4 + 2j + 1.
+# Columns past K (when B does not divide K) hold code 0.
+# Why: a GEMV thread holding some words of a row meets, for each i, one contiguous slice of x in column pairs,
+# which it loads with vector loads in the words' own register layout (with packed pairs, word j = columns
+# 8j..8j+7, it would meet x at stride 8, and Triton stages such loads through shared memory with a barrier per
+# nibble); and nibbles i and i + 4 sit in the two halves of the word at the same offset, the halves of one
+# bf16x2, facing one 32-bit word of bf16 x: the bf16 GEMV multiplies both in one instruction with no shuffling of
+# x. (Marlin and TensorRT-LLM likewise reorder 4-bit weights at load for their GEMM kernels.)
 def planar_block(K: int, group_size: int) -> int:
     """Columns per planar block: 128, or the group when it is smaller (and not the whole row)."""
     return group_size if group_size < 128 and group_size != K else 128
+
+
+def planar_columns(block: int) -> torch.Tensor:
+    """[8, B / 8]: the column within its block of nibble i of word j (the layout above)."""
+    i = torch.arange(8).view(8, 1)
+    j = torch.arange(block // 8).view(1, -1)
+    return (i % 4) * (block // 4) + 2 * j + i // 4
 
 
 def to_planar_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -48,12 +58,12 @@ def to_planar_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = codes.shape
     block = planar_block(K, group_size)
     blocks = -(-K // block)
-    padded = torch.zeros(N, blocks * block, dtype=torch.uint8, device=codes.device)
-    padded[:, :K] = codes
-    planes = padded.view(N, blocks, 8, block // 8)
+    padded = torch.zeros(N, blocks, block, dtype=torch.uint8, device=codes.device)
+    padded.view(N, -1)[:, :K] = codes
+    columns = planar_columns(block).to(codes.device)
     words = torch.zeros(N, blocks, block // 8, dtype=torch.int32, device=codes.device)
     for i in range(8):  # int32 shifts wrap: nibble 7 lands in the sign bit, as the kernels read it
-        words |= planes[:, :, i, :].to(torch.int32) << (4 * i)
+        words |= padded[:, :, columns[i]].to(torch.int32) << (4 * i)
     return words.reshape(N, blocks * block // 8)
 
 
@@ -62,8 +72,10 @@ def from_planar_int4(words: torch.Tensor, K: int, group_size: int) -> torch.Tens
     N = words.shape[0]
     block = planar_block(K, group_size)
     w = words.to(torch.int64).view(N, -1, 1, block // 8)
-    planes = (w >> (4 * torch.arange(8, device=words.device).view(1, 1, 8, 1))) & 0xF
-    return pack_int4(planes.reshape(N, -1)[:, :K])
+    nibbles = (w >> (4 * torch.arange(8, device=words.device).view(1, 1, 8, 1))) & 0xF  # [N, blocks, i, j]
+    codes = torch.empty(N, w.shape[1], block, dtype=torch.uint8, device=words.device)
+    codes[:, :, planar_columns(block).to(words.device).flatten()] = nibbles.flatten(2).to(torch.uint8)
+    return pack_int4(codes.view(N, -1)[:, :K])
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -157,15 +169,13 @@ LOP3_MUX_XOR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0x6A;") if tl is not None 
 SUB_BF16X2 = tl.constexpr("sub.rn.bf16x2 $0, $1, $2;") if tl is not None else None
 MUL_BF16X2 = tl.constexpr("mul.rn.bf16x2 $0, $1, $2;") if tl is not None else None
 FMA_BF16X2 = tl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;") if tl is not None else None
-# (lo0, hi0) and (lo1, hi1) from registers holding (lo0, lo1) and (hi0, hi1): halves gathered by byte permutes
-PAIR_HALVES = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;") if tl is not None else None
 
 
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
-# With blocks of 128 columns each nibble plane is one [BLOCK_N, 16] tile of contiguous columns, and a K tile is
-# eight tl.dot of depth 16 on contiguous x slices. Smaller blocks (groups of 32 or 64) have planes too thin for a
-# dot: their tile is unpacked into word-major order (position 8j + i holds nibble i of word j: three rounds of
-# tl.interleave) and x is gathered at the matching columns, (p % 8) * B / 8 + p // 8, for one dot of full depth.
+# With blocks of 128 columns nibbles i and i + 4 of the words are one [BLOCK_N, 32] tile of contiguous columns
+# (interleaved), and a K tile is four tl.dot of depth 32 on contiguous x slices. Smaller blocks (groups of 32 or
+# 64) have planes too thin for a dot: their tile is unpacked into word-major order (position 8j + i holds nibble i
+# of word j: three rounds of tl.interleave) and x is gathered at the matching columns, for one dot of full depth.
 # (Gathering x for 128-column blocks made INT4 decode at batch 64 2.8x slower on an H100: 0.69x -> 0.25x bf16.)
 # The zero point is subtracted per weight (q - z is exact in bf16); folding it out as s * (x . q - z * sum(x))
 # measured ~20% slower (perf/results/h100-tune_w4_matmul.json). Codes become floats by the GEMV's exponent trick
@@ -189,7 +199,8 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     position = tl.arange(0, BLOCK_K)
-    column = (position % 8) * WORDS + position // 8  # of word-major position 8j + i, within the block
+    nibble = position % 8
+    column = nibble % 4 * (BLOCK_K // 4) + 2 * (position // 8) + nibble // 4  # of word-major position 8j + i
     rw = tl.arange(0, WORDS)
     mm, nm = rm < M, rn < N
     k_start = tl.program_id(1) * k_per_split
@@ -206,21 +217,24 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_rows + group, mask=nm, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + group, mask=nm, other=0).to(tl.float32)[:, None]
-        if WORDS >= 16:  # one dot per nibble plane
+        if WORDS >= 16:  # one dot per pair of nibble planes (i and i + 4: 2 * WORDS adjacent columns)
             part = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], dtype=tl.float32)
             high = words >> 16
-            for i in tl.static_range(8):
-                k = k0 + i * WORDS + rw
+            for i in tl.static_range(4):
+                k = k0 + i * (2 * WORDS) + tl.arange(0, 2 * WORDS)
                 x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
-                # nibble i % 4 of the word or of its high half, in place under the exponent of 2^(23 - 4 (i % 4))
-                mask = tl.full([BLOCK_N, WORDS], 0xF << (4 * (i % 4)), tl.int32)
-                exponent = tl.full([BLOCK_N, WORDS], (150 - 4 * (i % 4)) << 23, tl.int32)
+                # nibble i of the word and of its high half, in place under the exponent of 2^(23 - 4i)
+                mask = tl.full([BLOCK_N, WORDS], 0xF << (4 * i), tl.int32)
+                exponent = tl.full([BLOCK_N, WORDS], (150 - 4 * i) << 23, tl.int32)
                 if INLINE_ASM:
-                    bits = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words if i < 4 else high, mask, exponent],
-                                                     dtype=tl.int32, is_pure=True, pack=1)
+                    bits_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words, mask, exponent],
+                                                        dtype=tl.int32, is_pure=True, pack=1)
+                    bits_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
+                                                        dtype=tl.int32, is_pure=True, pack=1)
                 else:  # the interpreter runs no PTX
-                    bits = ((words if i < 4 else high) & mask) | exponent
-                q = (bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * (i % 4)))).to(x.dtype)  # q - z, exact
+                    bits_lo, bits_hi = (words & mask) | exponent, (high & mask) | exponent
+                bits = tl.interleave(bits_lo, bits_hi)  # [BLOCK_N, 2 * WORDS], in column order
+                q = (bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * i))).to(x.dtype)  # q - z, exact
                 if SWAP_AB:
                     part += tl.dot(q, tl.trans(x))
                 else:
@@ -247,8 +261,8 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
 
 
 # INT4 -> dense [N, K] weight in the activation dtype, for the large-M path (dequantize, then cuBLAS). One program
-# per [BLOCK_N, block] tile (one scale and zero point per row); each nibble plane is stored as one contiguous
-# slice of B / 8 columns.
+# per [BLOCK_N, block] tile (one scale and zero point per row); nibbles i and i + 4, interleaved, are stored as
+# one contiguous slice of B / 4 columns.
 @lazy_jit
 def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n,
                             GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -261,9 +275,10 @@ def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, sw_n, ss_n, so_n
     group = k0 // GROUP_SIZE
     s = tl.load(s_ptr + rows * ss_n + group, mask=nm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows * ss_n + group, mask=nm, other=0).to(tl.int32)
-    for i in tl.static_range(8):
-        k = k0 + i * WORDS + j
-        w = (((words >> (4 * i)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]
+    for i in tl.static_range(4):  # nibbles i and i + 4: 2 * WORDS adjacent columns
+        k = k0 + i * (2 * WORDS) + tl.arange(0, 2 * WORDS)
+        codes = tl.interleave((words >> (4 * i)) & 0xF, (words >> (16 + 4 * i)) & 0xF)
+        w = (codes - z[:, None]).to(tl.float32) * s[:, None]
         tl.store(out_ptr + rows[:, None] * so_n + k[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=nm[:, None] & (k < K)[None, :])
 
@@ -301,17 +316,21 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # 4i and one lop3 with the bf16 exponent of 128 in both halves give the bf16x2 pair (128 + q_i, 128 + q_{i+4})
 # (bf16's 7 mantissa bits hold a nibble only at bits 0-3 of a half: hence the shift, which fp16 tricks avoid).
 # One bf16x2 subtraction of (128 + z) makes both weights exact, one bf16x2 FMA multiplies them by their columns'
-# activations (paired once per x load by a byte permute, prmt) and sums four pairs; the halves go to float32 at
-# the block's end. Compiled for sm_90 that is 226 PTX instructions per 8-word trip of the default tile against
-# 326. The cost is precision: each product and the four-term sums are rounded to bf16 (relative 2^-9, as a
-# dequantize-to-bf16 kernel rounds each weight), where the float32 loop is exact up to its sums.
+# activations (adjacent columns in the planar layout: one int32 word of x, loaded as such) and sums four pairs;
+# the halves go to float32 at the block's end. The cost is precision: each product and the four-term sums are
+# rounded to bf16 (relative 2^-9, as a dequantize-to-bf16 kernel rounds each weight), where the float32 loop is
+# exact up to its sums. Compiled for sm_90 (nvdisasm of the cubin, default qkv tile), the loop's trip over 8 words
+# a thread is 205 instructions; 226 when x pairs were gathered from two loads by byte permutes (session 17's
+# layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop; CHAIN's 189.
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                       EVICTION: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr):
+                       EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
-    # nibbles per instruction in bf16x2 arithmetic (the comment above says how)
+    # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (with PAIRS and INLINE_ASM):
+    # the bf16x2 sums run over the eight pairs of two words before going to float32, not the four of one
+    # (half the conversions, a longer bf16 sum)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -328,7 +347,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
     row_ok = out_rows < N  # [BLOCK_N, TILES or 1]
     w_rows = w_ptr + rows.to(tl.int64)[:, None, :, None] * sw_n
     sz_rows = rows.to(tl.int64)[:, None, :] * ss_n
-    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS], dtype=tl.float32)
+    SETS: tl.constexpr = 2 if CHAIN else 1  # words whose pairs are summed together
+    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS // SETS], dtype=tl.float32)
     j = tl.arange(0, WORDS)
     for b0 in range(0, num_blocks, BLOCKS):
         block = b0 + tl.arange(0, BLOCKS)
@@ -341,53 +361,60 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
             sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
             packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
-        column = block[:, None] * BLOCK_K + j[None, :]
+        if CHAIN:
+            packed_sets = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 2, 2]))
+        # nibbles i and i + 4 of word j: the column pair i * WORDS + j of the block (to_planar_int4's layout)
+        pairs = block[:, None] * (BLOCK_K // 2) + j[None, :]
         if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
             z_pair = (z + 0x4300) * 0x10001  # bf16 128 + z in both halves
         else:
             high = packed >> 16
             zf = z.to(tl.float32)
         for i in tl.static_range(4):
-            lo = column + i * WORDS
-            hi = column + (i + 4) * WORDS
-            if EVEN_K:
-                x_lo = tl.load(x_ptr + lo)
-                x_hi = tl.load(x_ptr + hi)
-            else:
-                x_lo = tl.load(x_ptr + lo, mask=lo < K, other=0.0)
-                x_hi = tl.load(x_ptr + hi, mask=hi < K, other=0.0)
-            if PAIRS:
-                if INLINE_ASM:  # two columns' pairs from two registers of two bf16 each: one prmt a pair
-                    x_pair = tl.inline_asm_elementwise(PAIR_HALVES, "=r,=r,r,r", [x_lo, x_hi], dtype=tl.int32,
-                                                       is_pure=True, pack=2)[None, :, None, :]
+            pair = pairs + i * WORDS
+            if PAIRS:  # x_ptr points at x as int32 words: a pair's two bf16 activations in one load
+                if EVEN_K:
+                    x_pair = tl.load(x_ptr + pair)[None, :, None, :]
                 else:
-                    x_pair = ((x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-                              | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF))[None, :, None, :]
-                nibbles = packed >> (4 * i) if i > 0 else packed
-                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
-                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
-                if INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and their sums
+                    x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)[None, :, None, :]
+            elif EVEN_K:
+                x_lo = tl.load(x_ptr + 2 * pair)
+                x_hi = tl.load(x_ptr + 2 * pair + 1)
+            else:  # K is even: a pair is whole or past K
+                x_lo = tl.load(x_ptr + 2 * pair, mask=2 * pair < K, other=0.0)
+                x_hi = tl.load(x_ptr + 2 * pair + 1, mask=2 * pair < K, other=0.0)
+            if PAIRS and INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and sums
+                if CHAIN:  # even and odd words (adjacent in a thread's registers) chain their sums
+                    x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
+                for h in tl.static_range(SETS):
+                    nibbles = (packed if SETS == 1 else packed_sets[h]) >> (4 * i)
+                    mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // SETS], 0x000F000F, tl.int32)
+                    exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // SETS], 0x43004300, tl.int32)
                     q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
                                                        dtype=tl.int32, is_pure=True, pack=1)
                     w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
                                                        is_pure=True, pack=1)
-                    if i == 0:
-                        pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_pair], dtype=tl.int32,
+                    x_set = x_pair if SETS == 1 else x_sets[h]
+                    if i == 0 and h == 0:
+                        pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
                                                              is_pure=True, pack=1)
                     else:
-                        pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_pair, pair_dot],
+                        pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_set, pair_dot],
                                                              dtype=tl.int32, is_pure=True, pack=1)
-                else:  # the interpreter runs no PTX: the same halves, summed in float32
-                    q_pair = (nibbles & mask) | exponent
-                    q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
-                    q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32,
-                                                                                                 bitcast=True)
-                    term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
-                        + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
-                    if i == 0:
-                        dot = term
-                    else:
-                        dot += term
+            elif PAIRS:  # the interpreter runs no PTX: the same halves, summed in float32
+                nibbles = packed >> (4 * i)
+                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
+                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
+                q_pair = (nibbles & mask) | exponent
+                q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
+                q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32,
+                                                                                             bitcast=True)
+                term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
+                    + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
+                if i == 0:
+                    dot = term
+                else:
+                    dot += term
             else:
                 # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh
                 # 2^-4i).
@@ -521,6 +548,10 @@ w4_weight_eviction = "evict_first"
 # The INT4 GEMV multiplies bf16 activations two nibbles per instruction (PAIRS in its kernel): INT4 + INT8 head
 # 2.436 -> 2.310 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py, whose w4fp32 turns it off; session 17).
 w4_bf16_pairs = True
+# ... and sums two words' eight bf16x2 products before converting to float32 (CHAIN), not one word's four: INT4 +
+# INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4short turns it off;
+# session 18); without it the adjacent-column layout's loop held 79 registers, with it 64.
+w4_chain_words = True
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -917,12 +948,17 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     block_k = planar_block(K, group_size)
     num_blocks = triton.cdiv(K, block_k)
     rows_per_program = tile["TILES"] * tile["BLOCK_N"] // (2 if gated else 1)
+    pairs = w4_bf16_pairs and x.dtype == torch.bfloat16
+    inline_asm = os.environ.get("TRITON_INTERPRET") != "1"
+    x = x.contiguous()
+    if pairs:  # the kernel reads x as int32 words, one column pair each
+        x = (x if x.data_ptr() % 4 == 0 else x.clone()).view(torch.int32)
     _w4a16_gemv_kernel[(triton.cdiv(n_out, rows_per_program),)](
-        x.contiguous(), words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0),
+        x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
-        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
-        PAIRS=w4_bf16_pairs and x.dtype == torch.bfloat16,
+        INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
+        CHAIN=w4_chain_words and pairs and inline_asm,
         num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 

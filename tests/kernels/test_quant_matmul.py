@@ -35,16 +35,22 @@ def test_pack_roundtrip():
 
 @pytest.mark.parametrize("K,group", [(256, 128), (576, 128), (96, 96), (256, 32), (192, 64), (1536, 1536)])
 def test_planar_layout(K, group):
-    # Word j of block b holds at nibble i the code of column b * B + i * B / 8 + j; columns past K are code 0.
+    # Word j of block b holds at nibbles i and i + 4 (i < 4) the codes of columns b * B + i * B / 4 + 2j and the
+    # next one; columns past K are code 0.
     q = torch.randint(0, 16, (3, K), dtype=torch.uint8)
     words = qm.to_planar_int4(qm.pack_int4(q), group)
     block = qm.planar_block(K, group)
     assert words.dtype == torch.int32 and words.shape == (3, -(-K // block) * block // 8)
-    for column in (0, 1, K // 3 * 2, K - 1):
+    for column in (0, 1, 2, block // 4 + 3, K // 3 * 2, K - 1):
         b, rest = divmod(column, block)
-        i, j = divmod(rest, block // 8)
+        i, offset = divmod(rest, block // 4)
+        j, second = divmod(offset, 2)
         word = int(words[1, b * block // 8 + j]) & 0xFFFFFFFF
-        assert (word >> (4 * i)) & 0xF == q[1, column]
+        assert (word >> (4 * (i + 4 * second))) & 0xF == q[1, column]
+    if K % block:  # the last block's columns past K
+        last = words[:, -(block // 8):].to(torch.int64) & 0xFFFFFFFF
+        nibbles = (last.unsqueeze(1) >> (4 * torch.arange(8).view(1, 8, 1))) & 0xF  # [row, i, j]
+        assert (nibbles[:, qm.planar_columns(block) >= K % block] == 0).all()
     assert torch.equal(qm.from_planar_int4(words, K, group), qm.pack_int4(q))
 
 
@@ -147,15 +153,16 @@ def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
         qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=dict(tile, TILES=1), gated=True)
 
 
-@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("pairs,chain", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, device, monkeypatch):
+def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, chain, device, monkeypatch):
     # Both INT4 GEMV loops on bf16 activations against the float64 product. The bf16x2 loop (nibbles i and i + 4
-    # of a word as one pair, their activations gathered into pairs) is off by whole weights if a pair lands in the
-    # wrong half or column; its products are rounded to bf16 and summed four to a pair before float32 takes over,
-    # so the tolerance is a few bf16 roundings of the largest output.
+    # of a word as one pair, facing one int32 word of x) is off by whole weights if a pair lands in the wrong half
+    # or column; its products are rounded to bf16 and summed four (chain: eight) to a pair before float32 takes
+    # over, so the tolerance is a few bf16 roundings of the largest output.
     monkeypatch.setattr(qm, "w4_bf16_pairs", pairs)
+    monkeypatch.setattr(qm, "w4_chain_words", chain)
     qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
     x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.bfloat16)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
