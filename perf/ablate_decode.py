@@ -29,8 +29,8 @@ CUDA graph, launch gaps included. Variants:
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
   w8plain: the INT8 GEMV's loop without its int64 activation words and exponent-trick bytes (the same values);
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
-  w4short: the INT4 GEMV's bf16x2 sums over one word's four pairs before float32, not two words' eight
-    (quant_matmul.w4_chain_words off).
+  w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1, 2 or 4) before float32
+    (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -141,8 +141,8 @@ def _patch(variant: str):
         quant_matmul.w8_x_words = quant_matmul.w8_magic = False
     elif variant == "w4fp32":  # the INT4 GEMV's float32 loop, as before session 17
         quant_matmul.w4_bf16_pairs = False
-    elif variant == "w4short":  # the INT4 GEMV's bf16x2 sums over one word's four pairs, as before session 18
-        quant_matmul.w4_chain_words = False
+    elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1, 2 or 4 words
+        quant_matmul.w4_chain_words = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}

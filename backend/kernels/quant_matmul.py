@@ -328,9 +328,9 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
-    # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (with PAIRS and INLINE_ASM):
-    # the bf16x2 sums run over the eight pairs of two words before going to float32, not the four of one
-    # (half the conversions, a longer bf16 sum)
+    # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1, 2 or 4; more than 1
+    # with PAIRS and INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
+    # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -347,8 +347,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
     row_ok = out_rows < N  # [BLOCK_N, TILES or 1]
     w_rows = w_ptr + rows.to(tl.int64)[:, None, :, None] * sw_n
     sz_rows = rows.to(tl.int64)[:, None, :] * ss_n
-    SETS: tl.constexpr = 2 if CHAIN else 1  # words whose pairs are summed together
-    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS // SETS], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], dtype=tl.float32)
     j = tl.arange(0, WORDS)
     for b0 in range(0, num_blocks, BLOCKS):
         block = b0 + tl.arange(0, BLOCKS)
@@ -361,8 +360,13 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
             sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
             packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
-        if CHAIN:
+        if CHAIN == 2:  # the words of each chain: 2c + h
             packed_sets = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 2, 2]))
+        elif CHAIN == 4:  # 4c + 2g + h
+            even, odd = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 4, 2, 2]))
+            p0, p2 = tl.split(even)
+            p1, p3 = tl.split(odd)
+            packed_sets = (p0, p1, p2, p3)
         # nibbles i and i + 4 of word j: the column pair i * WORDS + j of the block (to_planar_int4's layout)
         pairs = block[:, None] * (BLOCK_K // 2) + j[None, :]
         if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
@@ -384,17 +388,22 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                 x_lo = tl.load(x_ptr + 2 * pair, mask=2 * pair < K, other=0.0)
                 x_hi = tl.load(x_ptr + 2 * pair + 1, mask=2 * pair < K, other=0.0)
             if PAIRS and INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and sums
-                if CHAIN:  # even and odd words (adjacent in a thread's registers) chain their sums
+                if CHAIN == 2:  # x split as the words are
                     x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
-                for h in tl.static_range(SETS):
-                    nibbles = (packed if SETS == 1 else packed_sets[h]) >> (4 * i)
-                    mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // SETS], 0x000F000F, tl.int32)
-                    exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // SETS], 0x43004300, tl.int32)
+                elif CHAIN == 4:
+                    even, odd = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 4, 2, 2]))
+                    x0, x2 = tl.split(even)
+                    x1, x3 = tl.split(odd)
+                    x_sets = (x0, x1, x2, x3)
+                for h in tl.static_range(CHAIN):
+                    nibbles = (packed if CHAIN == 1 else packed_sets[h]) >> (4 * i)
+                    mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x000F000F, tl.int32)
+                    exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x43004300, tl.int32)
                     q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
                                                        dtype=tl.int32, is_pure=True, pack=1)
                     w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
                                                        is_pure=True, pack=1)
-                    x_set = x_pair if SETS == 1 else x_sets[h]
+                    x_set = x_pair if CHAIN == 1 else x_sets[h]
                     if i == 0 and h == 0:
                         pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
                                                              is_pure=True, pack=1)
@@ -551,7 +560,7 @@ w4_bf16_pairs = True
 # ... and sums two words' eight bf16x2 products before converting to float32 (CHAIN), not one word's four: INT4 +
 # INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4short turns it off;
 # session 18); without it the adjacent-column layout's loop held 79 registers, with it 64.
-w4_chain_words = True
+w4_chain_words = 2
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -958,7 +967,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
-        CHAIN=w4_chain_words and pairs and inline_asm,
+        CHAIN=w4_chain_words if pairs and inline_asm else 1,
         num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
