@@ -316,12 +316,14 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # 4i and one lop3 with the bf16 exponent of 128 in both halves give the bf16x2 pair (128 + q_i, 128 + q_{i+4})
 # (bf16's 7 mantissa bits hold a nibble only at bits 0-3 of a half: hence the shift, which fp16 tricks avoid).
 # One bf16x2 subtraction of (128 + z) makes both weights exact, one bf16x2 FMA multiplies them by their columns'
-# activations (adjacent columns in the planar layout: one int32 word of x, loaded as such) and sums four pairs;
-# the halves go to float32 at the block's end. The cost is precision: each product and the four-term sums are
-# rounded to bf16 (relative 2^-9, as a dequantize-to-bf16 kernel rounds each weight), where the float32 loop is
-# exact up to its sums. Compiled for sm_90 (nvdisasm of the cubin, default qkv tile), the loop's trip over 8 words
-# a thread is 205 instructions; 226 when x pairs were gathered from two loads by byte permutes (session 17's
-# layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop; CHAIN's 189.
+# activations (adjacent columns in the planar layout: one int32 word of x, loaded as such) and sums the pairs of
+# CHAIN words (8 pairs at the default 2); the halves go to float32 at the block's end. The cost is precision: each
+# product and each step of the sums is rounded to bf16 (relative 2^-9, as a dequantize-to-bf16 kernel rounds each
+# weight), where the float32 loop is exact up to its sums (output error over output norm, simulated in float64:
+# 3.1e-3 over one word, 3.8e-3 over two, against 1.6e-3 for rounding the output to bf16; perf/RESULTS.md, session
+# 18). Compiled for sm_90 (nvdisasm of the cubin, default qkv tile), the loop's trip over the 8 words of a thread
+# is 189 instructions with chains of two words, 205 with one, 226 when x pairs were gathered from two loads by
+# byte permutes (session 17's layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop.
 @lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -558,8 +560,8 @@ w4_weight_eviction = "evict_first"
 # 2.436 -> 2.310 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py, whose w4fp32 turns it off; session 17).
 w4_bf16_pairs = True
 # ... and sums two words' eight bf16x2 products before converting to float32 (CHAIN), not one word's four: INT4 +
-# INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4short turns it off;
-# session 18); without it the adjacent-column layout's loop held 79 registers, with it 64.
+# INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4chain=1 turns it off;
+# session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. Four words: 2.073 ms.
 w4_chain_words = 2
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second

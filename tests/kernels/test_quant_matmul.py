@@ -159,8 +159,8 @@ def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
 def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, chain, device, monkeypatch):
     # Both INT4 GEMV loops on bf16 activations against the float64 product. The bf16x2 loop (nibbles i and i + 4
     # of a word as one pair, facing one int32 word of x) is off by whole weights if a pair lands in the wrong half
-    # or column; its products are rounded to bf16 and summed over 1, 2 or 4 words (4 to 16 products) to a pair before float32 takes
-    # over, so the tolerance is a few bf16 roundings of the largest output.
+    # or column; its products are rounded to bf16 and summed over 1, 2 or 4 words (4 to 16 products) to a pair
+    # before float32 takes over, so the tolerance is a few bf16 roundings of the largest output.
     monkeypatch.setattr(qm, "w4_bf16_pairs", pairs)
     monkeypatch.setattr(qm, "w4_chain_words", chain)
     qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
