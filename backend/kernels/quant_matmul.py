@@ -169,6 +169,9 @@ LOP3_MUX_XOR = tl.constexpr("lop3.b32 $0, $1, $2, $3, 0x6A;") if tl is not None 
 SUB_BF16X2 = tl.constexpr("sub.rn.bf16x2 $0, $1, $2;") if tl is not None else None
 MUL_BF16X2 = tl.constexpr("mul.rn.bf16x2 $0, $1, $2;") if tl is not None else None
 FMA_BF16X2 = tl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;") if tl is not None else None
+# Two fp16 (low, high half) -> two bf16 in the same halves (cvt.rn.bf16x2.f32 d, a, b puts a in the high half)
+FP16X2_TO_BF16X2 = tl.constexpr("{ .reg .f16 lo, hi; .reg .f32 flo, fhi; mov.b32 {lo, hi}, $1; cvt.f32.f16 flo, lo; "
+                                "cvt.f32.f16 fhi, hi; cvt.rn.bf16x2.f32 $0, fhi, flo; }") if tl is not None else None
 
 
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
@@ -328,11 +331,13 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                       EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, PDL: tl.constexpr):
+                       EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr,
+                       PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
     # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1, 2 or 4; more than 1
     # with PAIRS and INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
-    # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum)
+    # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
+    # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's)
     if PDL:  # see _pdl.py
         gdc_wait()
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -378,11 +383,20 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
             zf = z.to(tl.float32)
         for i in tl.static_range(4):
             pair = pairs + i * WORDS
-            if PAIRS:  # x_ptr points at x as int32 words: a pair's two bf16 activations in one load
+            if PAIRS:  # x_ptr points at x as int32 words: a pair's two 16-bit activations in one load
                 if EVEN_K:
-                    x_pair = tl.load(x_ptr + pair)[None, :, None, :]
+                    x_pair = tl.load(x_ptr + pair)
                 else:
-                    x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)[None, :, None, :]
+                    x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)
+                if X_FP16 and INLINE_ASM:  # fp16 pair -> bf16x2, once for all the rows a thread takes
+                    x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
+                                                       is_pure=True, pack=1)
+                elif X_FP16:  # the interpreter runs no PTX: the same rounding
+                    x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                    x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                    x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
+                        | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+                x_pair = x_pair[None, :, None, :]
             elif EVEN_K:
                 x_lo = tl.load(x_ptr + 2 * pair)
                 x_hi = tl.load(x_ptr + 2 * pair + 1)
@@ -563,6 +577,10 @@ w4_bf16_pairs = True
 # INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4chain=1 turns it off;
 # session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. Four words: 2.073 ms.
 w4_chain_words = 2
+# fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16). Off until timed and
+# tested on the GPU (perf/exp_w4_fp16.py; test_quant_matmul.py's fp16 test): fp16 models (AutoAWQ checkpoints) take
+# the float32 loop, 340 instructions per trip of the sm_90 cubin, against 237 for this one.
+w4_fp16_pairs = False
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -959,7 +977,8 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     block_k = planar_block(K, group_size)
     num_blocks = triton.cdiv(K, block_k)
     rows_per_program = tile["TILES"] * tile["BLOCK_N"] // (2 if gated else 1)
-    pairs = w4_bf16_pairs and x.dtype == torch.bfloat16
+    x_fp16 = x.dtype == torch.float16
+    pairs = w4_bf16_pairs and (x.dtype == torch.bfloat16 or (w4_fp16_pairs and x_fp16))
     inline_asm = os.environ.get("TRITON_INTERPRET") != "1"
     x = x.contiguous()
     if pairs:  # the kernel reads x as int32 words, one column pair each
@@ -969,7 +988,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         GROUP_SIZE=group_size, BLOCK_K=block_k, TILES=tile["TILES"], BLOCK_N=tile["BLOCK_N"], BLOCKS=tile["BLOCKS"],
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
-        CHAIN=w4_chain_words if pairs and inline_asm else 1,
+        CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
         num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 

@@ -172,6 +172,23 @@ def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, chain, devi
     torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
+def test_w4a16_gemv_pairs_with_fp16_activations(N, K, group, gated, device, monkeypatch):
+    # fp16 x through the bf16x2 loop (w4_fp16_pairs): each x pair rounded to bf16 as it is loaded, so the product
+    # is held to the bf16 loop's tolerance against the float64 product of the fp16 x; a pair converted into the
+    # wrong halves, or fp16 bits read as bf16, is off by far more.
+    monkeypatch.setattr(qm, "w4_fp16_pairs", True)
+    qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
+    x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.float16)
+    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+    if gated:
+        want = _silu_and_mul(want)
+    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, gated=gated)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+
+
 # W8A16's batch-1 GEMV: rows off its row tile, K not a multiple of its 512-byte chunk (576 = 1.125 chunks,
 # 1540 = 385 words), and the extremes -128 and 127.
 W8_GEMV_SHAPES = [(37, 576), (8, 1024), (130, 1540), (16, 96)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else [])
