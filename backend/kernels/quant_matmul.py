@@ -299,10 +299,11 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 
 
 # Batch 1 (decode of one sequence) takes a GEMV over the group-planar words. A program owns TILES tiles of BLOCK_N
-# rows, walked BLOCKS planar blocks at a time, in tensors [BLOCK_N, BLOCKS, TILES, WORDS]: Triton's layout puts the
-# tiles on its slowest axis, so a thread holds the same words of several tiles and each x value it loads and
-# converts serves that many rows. Per nibble the work is one lop3 (the nibble masked in place and or-ed into the
-# exponent of 2^(23 - 4i), which reads as 2^(23 - 4i) + q exactly; with both constants in registers: as plain
+# rows, walked BLOCKS planar blocks at a time, in tensors [BLOCK_N, BLOCKS, TILES, WORDS]: in Triton's layout a
+# thread holds the same 4 adjacent words (one 16-byte load) of several rows, so each x value it loads and converts
+# serves that many rows (two in the default tiles, whose 8 words a thread per trip the sm_90 cubin shows as two
+# weight loads of 16 bytes and four of x). Per nibble the work is one lop3 (the nibble masked in place and or-ed
+# into the exponent of 2^(23 - 4i), which reads as 2^(23 - 4i) + q exactly; with both constants in registers: as plain
 # Triton the and and the or stay two instructions), one subtraction of 2^(23 - 4i) + z (exact), and one FMA with
 # x. The nibbles i >= 4 take the same masks after one shift of the word by 16. The scale multiplies each block's
 # sum. (The 2^23 mantissa trick is FasterTransformer's and Marlin's; giving each nibble position its own exponent
@@ -349,8 +350,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
     else:
         rows = tl.program_id(0) * (TILES * BLOCK_N) + tile * BLOCK_N + n
         out_rows = rows
-    # Tensors are [BLOCK_N, BLOCKS, TILES, WORDS]: with the tiles the slowest axis of Triton's layout, a thread
-    # holds the same words of every tile, and each x value it converts serves TILES rows.
+    # Tensors are [BLOCK_N, BLOCKS, TILES, WORDS]: a thread holds the same words of several rows (see above)
     row_ok = out_rows < N  # [BLOCK_N, TILES or 1]
     w_rows = w_ptr + rows.to(tl.int64)[:, None, :, None] * sw_n
     sz_rows = rows.to(tl.int64)[:, None, :] * ss_n
@@ -578,7 +578,7 @@ w4_bf16_pairs = True
 # session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. Four words: 2.073 ms.
 w4_chain_words = 2
 # fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16). Off until timed and
-# tested on the GPU (perf/exp_w4_fp16.py; test_quant_matmul.py's fp16 test): fp16 models (AutoAWQ checkpoints) take
+# tested on the GPU (perf/exp_w4_fp16.py; test_quant_matmul.py's 16-bit test): fp16 models (AutoAWQ checkpoints) take
 # the float32 loop, 340 instructions per trip of the sm_90 cubin, against 237 for this one.
 w4_fp16_pairs = False
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
@@ -612,8 +612,9 @@ def w4_gemv_tile(N: int, K: int, group_size: int, device: torch.device) -> dict:
     (qkv, gate_up). With the bf16x2 loop these were the best of 45 tiles from HBM for qkv, gate_up and down and
     within 2% for o (perf/tune_quant_gemv.py --bits 4 on an H100, session 17,
     perf/results/h100-tune_w4_gemv-session17-pairs.json: gate_up 26.9 -> 24.9 us against session 12's 4 x 4 x 4
-    x 4 tile), and in place they took int4_wo batch-1 decode 411.7 -> 415.0 tok/s in the same run. More tiles a
-    program means more rows share each activation pair a thread builds.
+    x 4 tile), and in place they took int4_wo batch-1 decode 411.7 -> 415.0 tok/s in the same run. Each x pair a
+    thread loads serves as many rows as the thread holds 4-word groups: TILES * BLOCK_N * BLOCKS * 16 words over
+    4 * 32 * num_warps, two in both tiles here. Not re-tuned since session 18's chained loop (64 registers).
     Groups under 128 make planar blocks of the group's size, so a loop trip takes proportionally more of them
     (the same columns and x slice per trip as at 128): with 8 blocks of 32 columns an 8B batch-1 step ran at
     bf16's speed (perf/RESULTS.md, session 10)."""

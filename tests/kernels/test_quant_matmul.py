@@ -153,39 +153,28 @@ def test_gated_w4a16_gemv_pairs_gate_and_up_tiles(tile, device):
         qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, tile=dict(tile, TILES=1), gated=True)
 
 
-@pytest.mark.parametrize("pairs,chain", [(False, 1), (True, 1), (True, 2), (True, 4)])
+@pytest.mark.parametrize("dtype,pairs,chain", [(torch.bfloat16, False, 1), (torch.bfloat16, True, 1),
+                                               (torch.bfloat16, True, 2), (torch.bfloat16, True, 4),
+                                               (torch.float16, True, 2)])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_with_bf16_activations(N, K, group, gated, pairs, chain, device, monkeypatch):
-    # Both INT4 GEMV loops on bf16 activations against the float64 product. The bf16x2 loop (nibbles i and i + 4
+def test_w4a16_gemv_with_16_bit_activations(N, K, group, gated, dtype, pairs, chain, device, monkeypatch):
+    # The INT4 GEMV loops on 16-bit activations against the float64 product. The bf16x2 loop (nibbles i and i + 4
     # of a word as one pair, facing one int32 word of x) is off by whole weights if a pair lands in the wrong half
     # or column; its products are rounded to bf16 and summed over 1, 2 or 4 words (4 to 16 products) to a pair
-    # before float32 takes over, so the tolerance is a few bf16 roundings of the largest output.
+    # before float32 takes over, so the tolerance is a few bf16 roundings of the largest output. fp16 x takes it
+    # with each pair rounded to bf16 as it is loaded (w4_fp16_pairs): fp16 bits read as bf16, or the halves
+    # swapped, are off by far more.
     monkeypatch.setattr(qm, "w4_bf16_pairs", pairs)
     monkeypatch.setattr(qm, "w4_chain_words", chain)
-    qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
-    x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.bfloat16)
-    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
-    if gated:
-        want = _silu_and_mul(want)
-    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, gated=gated)
-    torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
-
-
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_pairs_with_fp16_activations(N, K, group, gated, device, monkeypatch):
-    # fp16 x through the bf16x2 loop (w4_fp16_pairs): each x pair rounded to bf16 as it is loaded, so the product
-    # is held to the bf16 loop's tolerance against the float64 product of the fp16 x; a pair converted into the
-    # wrong halves, or fp16 bits read as bf16, is off by far more.
     monkeypatch.setattr(qm, "w4_fp16_pairs", True)
     qweight, scales, zeros = random_int4(N * (2 if gated else 1), K, group, device)
-    x = (torch.randn(1, K, device=device) / K ** 0.5).to(torch.float16)
+    x = (torch.randn(1, K, device=device) / K ** 0.5).to(dtype)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
     if gated:
         want = _silu_and_mul(want)
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, gated=gated)
-    assert got.dtype == torch.float16
+    assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
 
 
