@@ -29,7 +29,7 @@ CUDA graph, launch gaps included. Variants:
   w8maxnreg=R: every INT8 GEMV compiled with at most R registers per thread (the same values);
   w8plain: the INT8 GEMV's loop without its int64 activation words and exponent-trick bytes (the same values);
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
-  w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1, 2 or 4) before float32
+  w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
@@ -141,7 +141,7 @@ def _patch(variant: str):
         quant_matmul.w8_x_words = quant_matmul.w8_magic = False
     elif variant == "w4fp32":  # the INT4 GEMV's float32 loop, as before session 17
         quant_matmul.w4_bf16_pairs = False
-    elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1, 2 or 4 words
+    elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])

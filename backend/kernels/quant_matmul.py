@@ -335,8 +335,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr,
                        PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
-    # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1, 2 or 4; more than 1
-    # with PAIRS and INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
+    # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1 or 2; 2 with PAIRS and
+    # INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
     # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
     # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's)
     if PDL:  # see _pdl.py
@@ -369,11 +369,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
         if CHAIN == 2:  # the words of each chain: 2c + h
             packed_sets = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 2, 2]))
-        elif CHAIN == 4:  # 4c + 2g + h
-            even, odd = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 4, 2, 2]))
-            p0, p2 = tl.split(even)
-            p1, p3 = tl.split(odd)
-            packed_sets = (p0, p1, p2, p3)
         # nibbles i and i + 4 of word j: the column pair i * WORDS + j of the block (to_planar_int4's layout)
         pairs = block[:, None] * (BLOCK_K // 2) + j[None, :]
         if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
@@ -406,11 +401,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
             if PAIRS and INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and sums
                 if CHAIN == 2:  # x split as the words are
                     x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
-                elif CHAIN == 4:
-                    even, odd = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 4, 2, 2]))
-                    x0, x2 = tl.split(even)
-                    x1, x3 = tl.split(odd)
-                    x_sets = (x0, x1, x2, x3)
                 for h in tl.static_range(CHAIN):
                     nibbles = (packed if CHAIN == 1 else packed_sets[h]) >> (4 * i)
                     mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x000F000F, tl.int32)
@@ -575,7 +565,8 @@ w4_weight_eviction = "evict_first"
 w4_bf16_pairs = True
 # ... and sums two words' eight bf16x2 products before converting to float32 (CHAIN), not one word's four: INT4 +
 # INT8 head 2.440 -> 2.064 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py's w4chain=1 turns it off;
-# session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. Four words: 2.073 ms.
+# session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. (Chains of four words,
+# 48 registers, ran 2.073 ms and were removed again.)
 w4_chain_words = 2
 # fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16). Off until timed and
 # tested on the GPU (perf/exp_w4_fp16.py; test_quant_matmul.py's 16-bit test): fp16 models (AutoAWQ checkpoints) take
