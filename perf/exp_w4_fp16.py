@@ -1,5 +1,5 @@
-"""The INT4 batch-1 GEMV on fp16 activations: the float32 loop (the default) against the bf16x2 pairs loop with
-each fp16 x pair rounded to bf16x2 in registers (quant_matmul.w4_fp16_pairs), per Llama-3-8B projection.
+"""The INT4 batch-1 GEMV on fp16 activations: the float32 loop against the bf16x2 pairs loop with each fp16 x pair
+rounded to bf16x2 in registers (quant_matmul.w4_fp16_pairs, the default since session 19), per Llama-3-8B projection.
 
     python3 perf/exp_w4_fp16.py --out $OUT/exp_w4_fp16.json
 
@@ -34,14 +34,14 @@ def time_projection(N: int, K: int) -> dict:
     want = x.double() @ qm.dequantize_int4(p4, s4, z4, 128).double().T
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n_copies(nbytes) - 1)]
-    out = {}
+    out, default = {}, qm.w4_fp16_pairs
     for name, fp16_pairs in LOOPS.items():
         qm.w4_fp16_pairs = fp16_pairs
         gemv = lambda t: qm.w4a16_gemv_triton(x, *t, 128)  # noqa: E731
         err = float((gemv(tensors).double() - want).norm() / want.norm())
         us = 1e3 * bench_ms(from_hbm(gemv, copies))
         out[name] = dict(us=us, GB_s=nbytes / us / 1e3, rel_err=err)
-    qm.w4_fp16_pairs = False
+    qm.w4_fp16_pairs = default
     return out
 
 

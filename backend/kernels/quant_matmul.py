@@ -568,10 +568,11 @@ w4_bf16_pairs = True
 # session 18); without it the adjacent-column layout's loop held 79 registers, with it 64. (Chains of four words,
 # 48 registers, ran 2.073 ms and were removed again.)
 w4_chain_words = 2
-# fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16). Off until timed and
-# tested on the GPU (perf/exp_w4_fp16.py; test_quant_matmul.py's 16-bit test): fp16 models (AutoAWQ checkpoints) take
-# the float32 loop, 340 instructions per trip of the sm_90 cubin, against 237 for this one.
-w4_fp16_pairs = False
+# fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16): per 8B projection
+# from HBM 1.6-1.7x faster than the float32 loop (qkv 10.0 -> 7.1 us, gate_up 37.8 -> 22.2 on an H200), at the bf16
+# loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
+# AutoAWQ checkpoints) take it; False gives them the float32 loop.
+w4_fp16_pairs = True
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).

@@ -239,6 +239,8 @@ def test_gated_gemvs_are_silu_and_mul_of_the_product(N, K, group, dtype, atol, r
     want4 = _silu_and_mul(x.double() @ qm.dequantize_int4(q4, s4, z4, group).double().T)
     got4 = qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, gated=True)
     assert got4.shape == (1, N // 2)
+    if dtype == torch.float16 and qm.w4_fp16_pairs:  # x rounded to bf16 pairs: the 16-bit activations test's bound
+        atol = rtol = 1e-2
     torch.testing.assert_close(got4.double(), want4, atol=atol * want4.abs().max().item(), rtol=rtol)
 
 
