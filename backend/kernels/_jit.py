@@ -5,8 +5,9 @@ Why: the kernels live beside their torch references, and every engine module imp
 "compile" by whichever test imported backend.engine.ops first, before tests/kernels/conftest.py could set
 TRITON_INTERPRET=1 on a CPU-only machine. Deferring the decoration also keeps triton optional on CPU.
 
-Limitation: a lazily jitted function cannot call another one from inside a kernel (the compiler would see
-a LazyJit object), so each kernel here is self-contained.
+A kernel may call another lazily jitted function (a helper): when the kernel is first jitted, the helpers its
+code names are jitted too and put in their module's namespace in place of their LazyJit, where the compiler (or
+the interpreter) looks them up. Helpers are only ever called from kernels, so nothing else sees the swap.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ class LazyJit:
     def kernel(self):
         import triton
 
+        for name in self.fn.__code__.co_names:  # helpers first, so the compiler finds JIT functions there
+            helper = self.fn.__globals__.get(name)
+            if isinstance(helper, LazyJit):
+                self.fn.__globals__[name] = helper.kernel
         return triton.jit(self.fn, **self.options)
 
     def __getitem__(self, grid):

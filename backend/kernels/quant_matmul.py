@@ -329,19 +329,130 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # is 189 instructions with chains of two words, 205 with one, 226 when x pairs were gathered from two loads by
 # byte permutes (session 17's layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop.
 @lazy_jit
+def _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks, GROUP_SIZE: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, EVICTION: tl.constexpr):
+    # One trip's packed words [BLOCK_N, BLOCKS, TILES, WORDS] and zero points, and where its scales are
+    WORDS: tl.constexpr = BLOCK_K // 8
+    block = b0 + tl.arange(0, BLOCKS)
+    word = (block[:, None] * WORDS + tl.arange(0, WORDS)[None, :])[None, :, None, :]
+    group = ((block * BLOCK_K) // GROUP_SIZE)[None, :, None]
+    if EVEN_K:  # whole trips of blocks and of x: only rows past N are masked
+        sz_ok = row_ok[:, None, :]
+        packed = tl.load(w_rows + word, mask=row_ok[:, None, :, None], other=0, eviction_policy=EVICTION)
+    else:
+        sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
+        packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
+    z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
+    return packed, z, block, group, sz_ok
+
+
+@lazy_jit
+def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      INLINE_ASM: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr):
+    # One trip's products with x, summed over each word (each CHAIN words with PAIRS): float32, before the scales
+    BLOCK_N: tl.constexpr = packed.shape[0]
+    BLOCKS: tl.constexpr = packed.shape[1]
+    TILES: tl.constexpr = packed.shape[2]
+    WORDS: tl.constexpr = BLOCK_K // 8
+    j = tl.arange(0, WORDS)
+    if CHAIN == 2:  # the words of each chain: 2c + h
+        packed_sets = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 2, 2]))
+    # nibbles i and i + 4 of word j: the column pair i * WORDS + j of the block (to_planar_int4's layout)
+    pairs = block[:, None] * (BLOCK_K // 2) + j[None, :]
+    if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
+        z_pair = (z + 0x4300) * 0x10001  # bf16 128 + z in both halves
+    else:
+        high = packed >> 16
+        zf = z.to(tl.float32)
+    for i in tl.static_range(4):
+        pair = pairs + i * WORDS
+        if PAIRS:  # x_ptr points at x as int32 words: a pair's two 16-bit activations in one load
+            if EVEN_K:
+                x_pair = tl.load(x_ptr + pair)
+            else:
+                x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)
+            if X_FP16 and INLINE_ASM:  # fp16 pair -> bf16x2, once for all the rows a thread takes
+                x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+            elif X_FP16:  # the interpreter runs no PTX: the same rounding
+                x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
+                    | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+            x_pair = x_pair[None, :, None, :]
+        elif EVEN_K:
+            x_lo = tl.load(x_ptr + 2 * pair)
+            x_hi = tl.load(x_ptr + 2 * pair + 1)
+        else:  # K is even: a pair is whole or past K
+            x_lo = tl.load(x_ptr + 2 * pair, mask=2 * pair < K, other=0.0)
+            x_hi = tl.load(x_ptr + 2 * pair + 1, mask=2 * pair < K, other=0.0)
+        if PAIRS and INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and sums
+            if CHAIN == 2:  # x split as the words are
+                x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
+            for h in tl.static_range(CHAIN):
+                nibbles = (packed if CHAIN == 1 else packed_sets[h]) >> (4 * i)
+                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x000F000F, tl.int32)
+                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x43004300, tl.int32)
+                q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
+                                                   dtype=tl.int32, is_pure=True, pack=1)
+                w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+                x_set = x_pair if CHAIN == 1 else x_sets[h]
+                if i == 0 and h == 0:
+                    pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
+                                                         is_pure=True, pack=1)
+                else:
+                    pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_set, pair_dot],
+                                                         dtype=tl.int32, is_pure=True, pack=1)
+        elif PAIRS:  # the interpreter runs no PTX: the same halves, summed in float32
+            nibbles = packed >> (4 * i)
+            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
+            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
+            q_pair = (nibbles & mask) | exponent
+            q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
+            q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32, bitcast=True)
+            term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
+                + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
+            if i == 0:
+                dot = term
+            else:
+                dot += term
+        else:
+            # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh 2^-4i).
+            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
+            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
+            if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
+                q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+                q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:  # the interpreter runs no PTX
+                q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
+            bias = zf + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
+            term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo.to(tl.float32)[None, :, None, :]
+            if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
+                dot = term
+            else:
+                dot += term
+            dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi.to(tl.float32)[None, :, None, :]
+    if PAIRS and INLINE_ASM:  # the two halves' sums, in float32 from here on
+        dot = (pair_dot << 16).to(tl.float32, bitcast=True) + (pair_dot & -65536).to(tl.float32, bitcast=True)
+    return dot
+
+
+@lazy_jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PRELOAD: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
     # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1 or 2; 2 with PAIRS and
     # INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
     # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
-    # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's)
-    if PDL:  # see _pdl.py
-        gdc_wait()
-    WORDS: tl.constexpr = BLOCK_K // 8
+    # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's). PRELOAD: the
+    # first trip's weights, zero points and scales are loaded before the PDL wait and used at once after it, as
+    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile).
     tile = tl.arange(0, TILES)[None, :]
     n = tl.arange(0, BLOCK_N)[:, None]
     if GATED:  # weight [gate; up], output silu(gate) * up: even tiles take gate rows, odd tiles the up rows they meet
@@ -354,103 +465,20 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
     row_ok = out_rows < N  # [BLOCK_N, TILES or 1]
     w_rows = w_ptr + rows.to(tl.int64)[:, None, :, None] * sw_n
     sz_rows = rows.to(tl.int64)[:, None, :] * ss_n
-    acc = tl.zeros([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], dtype=tl.float32)
-    j = tl.arange(0, WORDS)
-    for b0 in range(0, num_blocks, BLOCKS):
-        block = b0 + tl.arange(0, BLOCKS)
-        word = (block[:, None] * WORDS + j[None, :])[None, :, None, :]
-        group = ((block * BLOCK_K) // GROUP_SIZE)[None, :, None]
-        if EVEN_K:  # whole trips of blocks and of x: only rows past N are masked
-            sz_ok = row_ok[:, None, :]
-            packed = tl.load(w_rows + word, mask=row_ok[:, None, :, None], other=0, eviction_policy=EVICTION)
-        else:
-            sz_ok = row_ok[:, None, :] & (block < num_blocks)[None, :, None]
-            packed = tl.load(w_rows + word, mask=sz_ok[:, :, :, None], other=0, eviction_policy=EVICTION)
-        z = tl.load(z_ptr + sz_rows + group, mask=sz_ok, other=0).to(tl.int32)[:, :, :, None]
-        if CHAIN == 2:  # the words of each chain: 2c + h
-            packed_sets = tl.split(tl.reshape(packed, [BLOCK_N, BLOCKS, TILES, WORDS // 2, 2]))
-        # nibbles i and i + 4 of word j: the column pair i * WORDS + j of the block (to_planar_int4's layout)
-        pairs = block[:, None] * (BLOCK_K // 2) + j[None, :]
-        if PAIRS:  # nibbles i and i + 4 of a word are the halves of one bf16x2 (see the comment above the kernel)
-            z_pair = (z + 0x4300) * 0x10001  # bf16 128 + z in both halves
-        else:
-            high = packed >> 16
-            zf = z.to(tl.float32)
-        for i in tl.static_range(4):
-            pair = pairs + i * WORDS
-            if PAIRS:  # x_ptr points at x as int32 words: a pair's two 16-bit activations in one load
-                if EVEN_K:
-                    x_pair = tl.load(x_ptr + pair)
-                else:
-                    x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)
-                if X_FP16 and INLINE_ASM:  # fp16 pair -> bf16x2, once for all the rows a thread takes
-                    x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
-                                                       is_pure=True, pack=1)
-                elif X_FP16:  # the interpreter runs no PTX: the same rounding
-                    x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                    x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                    x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
-                        | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-                x_pair = x_pair[None, :, None, :]
-            elif EVEN_K:
-                x_lo = tl.load(x_ptr + 2 * pair)
-                x_hi = tl.load(x_ptr + 2 * pair + 1)
-            else:  # K is even: a pair is whole or past K
-                x_lo = tl.load(x_ptr + 2 * pair, mask=2 * pair < K, other=0.0)
-                x_hi = tl.load(x_ptr + 2 * pair + 1, mask=2 * pair < K, other=0.0)
-            if PAIRS and INLINE_ASM:  # 128 + q in each half: one lop3; q - z exactly; then the products and sums
-                if CHAIN == 2:  # x split as the words are
-                    x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
-                for h in tl.static_range(CHAIN):
-                    nibbles = (packed if CHAIN == 1 else packed_sets[h]) >> (4 * i)
-                    mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x000F000F, tl.int32)
-                    exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x43004300, tl.int32)
-                    q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
-                                                       dtype=tl.int32, is_pure=True, pack=1)
-                    w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
-                                                       is_pure=True, pack=1)
-                    x_set = x_pair if CHAIN == 1 else x_sets[h]
-                    if i == 0 and h == 0:
-                        pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
-                                                             is_pure=True, pack=1)
-                    else:
-                        pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_set, pair_dot],
-                                                             dtype=tl.int32, is_pure=True, pack=1)
-            elif PAIRS:  # the interpreter runs no PTX: the same halves, summed in float32
-                nibbles = packed >> (4 * i)
-                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
-                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
-                q_pair = (nibbles & mask) | exponent
-                q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
-                q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32,
-                                                                                             bitcast=True)
-                term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
-                    + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
-                if i == 0:
-                    dot = term
-                else:
-                    dot += term
-            else:
-                # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh
-                # 2^-4i).
-                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
-                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
-                if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
-                    q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent],
-                                                     dtype=tl.int32, is_pure=True, pack=1)
-                    q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
-                                                     dtype=tl.int32, is_pure=True, pack=1)
-                else:  # the interpreter runs no PTX
-                    q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
-                bias = zf + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
-                term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo.to(tl.float32)[None, :, None, :]
-                if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
-                    dot = term
-                else:
-                    dot += term
-                dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi.to(tl.float32)[None, :, None, :]
-        if PAIRS and INLINE_ASM:  # the two halves' sums, in float32 from here on
-            dot = (pair_dot << 16).to(tl.float32, bitcast=True) + (pair_dot & -65536).to(tl.float32, bitcast=True)
+    if PRELOAD:
+        packed, z, block, group, sz_ok = _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, 0, num_blocks,
+                                                               GROUP_SIZE, BLOCK_K, BLOCKS, EVEN_K, EVICTION)
+        s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)[:, :, :, None]
+    if PDL:  # see _pdl.py
+        gdc_wait()
+    if PRELOAD:
+        acc = s * _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCKS, TILES, BLOCK_K // 8 // CHAIN], dtype=tl.float32)
+    for b0 in range(BLOCKS if PRELOAD else 0, num_blocks, BLOCKS):
+        packed, z, block, group, sz_ok = _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks,
+                                                               GROUP_SIZE, BLOCK_K, BLOCKS, EVEN_K, EVICTION)
+        dot = _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
         s = tl.load(s_ptr + sz_rows + group, mask=sz_ok, other=0.0).to(tl.float32)[:, :, :, None]
         acc += s * dot
     if PDL:
@@ -982,7 +1010,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
-        num_warps=tile["num_warps"], **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile, num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 
