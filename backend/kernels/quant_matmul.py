@@ -445,14 +445,15 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr,
-                       PRELOAD: tl.constexpr, PDL: tl.constexpr):
+                       PRELOAD: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
     # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1 or 2; 2 with PAIRS and
     # INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
     # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
     # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's). PRELOAD: the
     # first trip's weights, zero points and scales are loaded before the PDL wait and used at once after it, as
-    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile).
+    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile). STAGES > 1: Triton's software pipeline runs the loop's
+    # weight, zero point and scale loads that many trips ahead through shared memory (w4_gemv_stages says why).
     tile = tl.arange(0, TILES)[None, :]
     n = tl.arange(0, BLOCK_N)[:, None]
     if GATED:  # weight [gate; up], output silu(gate) * up: even tiles take gate rows, odd tiles the up rows they meet
@@ -475,7 +476,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         acc = s * _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
     else:
         acc = tl.zeros([BLOCK_N, BLOCKS, TILES, BLOCK_K // 8 // CHAIN], dtype=tl.float32)
-    for b0 in range(BLOCKS if PRELOAD else 0, num_blocks, BLOCKS):
+    for b0 in tl.range(BLOCKS if PRELOAD else 0, num_blocks, BLOCKS, num_stages=STAGES):
         packed, z, block, group, sz_ok = _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks,
                                                                GROUP_SIZE, BLOCK_K, BLOCKS, EVEN_K, EVICTION)
         dot = _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
@@ -601,6 +602,11 @@ w4_chain_words = 2
 # loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
+# Trips the INT4 GEMV's loop loads ahead (STAGES in its kernel; 1: none, each trip's loads go straight to
+# registers). With 2-4, Triton pipelines the weight, zero point and scale loads through shared memory (cp.async,
+# 10-30 KB per program): more bytes in flight per SM for 11-22 more loop instructions per trip (sm_90 cubin:
+# 189 -> 200 at 2, 211 at 3 and 4). Not yet timed on the GPU (perf/ablate_decode.py variant w4stages=N).
+w4_gemv_stages = 1
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -1010,7 +1016,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
-        PRELOAD=_pdl.preload_first_tile, num_warps=tile["num_warps"], **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile, STAGES=w4_gemv_stages, num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 

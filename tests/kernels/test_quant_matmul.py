@@ -127,15 +127,17 @@ W4_GEMV_TILES = [dict(TILES=1, BLOCK_N=4, BLOCKS=2, num_warps=2), dict(TILES=2, 
                  dict(TILES=4, BLOCK_N=8, BLOCKS=8, num_warps=4)]
 
 
-@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("preload,stages", [(True, 1), (False, 1), (True, 3)])
 @pytest.mark.parametrize("tile", W4_GEMV_TILES)
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_tiles(N, K, group, tile, preload, device, monkeypatch):
+def test_w4a16_gemv_tiles(N, K, group, tile, preload, stages, device, monkeypatch):
     # Tiles of several blocks and row tiles: blocks past K (576 = 4.5 blocks of 128, the last one padded), blocks
     # past the last (BLOCKS does not divide their count), whole trips (1024 / 32 = 32 blocks: no K masks), blocks
     # in different groups, and group == K (every block in group 0). With the first trip loaded before the PDL
-    # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products.
+    # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products; and with the
+    # loop's loads pipelined 3 trips ahead (compiled only: the interpreter runs the plain loop).
     monkeypatch.setattr(_pdl, "preload_first_tile", preload)
+    monkeypatch.setattr(qm, "w4_gemv_stages", stages)
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, tile=tile)
