@@ -493,6 +493,150 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# The INT4 batch-1 GEMV on the tensor cores (w4_gemv_mma): mma.sync m16n8k16 (bf16 in, float32 sums) with the
+# weight as the 16 x 16 A operand and x as B, x repeated in all 8 columns (7 of them wasted: the tensor cores
+# have the throughput to spare at batch 1). The weights are unpacked in registers right where mma wants them, as
+# Marlin does (its idea), but from the same group-planar words as the other INT4 kernels: lane t of a warp loads
+# 4 words (16 bytes) of row t // 4 ("top") and of row t // 4 + 8 ("bottom"), words 4 (t % 4) .. + 3 of one
+# 128-column block, which is the fragment layout up to the naming of k: A's a0a1 / a2a3 (top / bottom, "k" 2 (t % 4)
+# and + 1) are nibbles i and i + 4 of an even word, a4a5 / a6a7 ("k" + 8) those of the next odd word, and B's b0b1,
+# b2b3 the x pairs facing them, which the same lane loads (an mma sums over k, so which columns a lane calls k
+# only has to agree between A and B). Each mma then sums 16 rows x 16 columns; its outputs c0 (top) and c2
+# (bottom) reach each of the row's 4 lanes whole, so the final sum over a row's lanes counts each 4 times.
+# Per lane per block: 2 weight and 4 x loads of 16 bytes, one shift and one lop3 and one bf16x2 subtraction per
+# pair, 8 mma, instead of the pairs loop's 8 bf16x2 FMAs per word and its float32 conversions; the float32 sums
+# are exact where the pairs loop rounds to bf16. Warps split K (warp w takes blocks w, w + WARPS, ...); a
+# program is 16 rows, or for GATED 8 gate rows (top) and the 8 up rows of the same outputs (bottom).
+MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                        "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
+
+
+@lazy_jit
+def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr):
+    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128)
+    mask = tl.full(words.shape, 0x000F000F, tl.int32)
+    exponent = tl.full(words.shape, 0x43004300, tl.int32)
+    if INLINE_ASM:
+        q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent],
+                                           dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    return ((words >> (4 * i)) & mask) | exponent  # the interpreter subtracts z in float32
+
+
+@lazy_jit
+def _w4_mma_dot_emulated(q_pair, z_pair, x_pair):
+    # What one lane's share of an mma adds up, for the interpreter (no PTX): both halves, float32
+    low = ((q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)) \
+        * (x_pair << 16).to(tl.float32, bitcast=True)
+    high = ((q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32, bitcast=True)) \
+        * (x_pair & -65536).to(tl.float32, bitcast=True)
+    return low + high
+
+
+@lazy_jit
+def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
+                           WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
+                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, PDL: tl.constexpr):
+    # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
+    # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
+    if PDL:  # see _pdl.py
+        gdc_wait()
+    g = tl.arange(0, 8)[:, None, None]
+    split = tl.arange(0, WARPS)[None, :, None]
+    j = tl.arange(0, 16)[None, None, :]
+    if GATED:  # N: the outputs; gate rows on top, their up rows (N further) at the bottom
+        top = tl.program_id(0) * 8 + g
+        bottom = top + N
+        top_ok = top < N
+        bottom_ok = top_ok
+    else:
+        top = tl.program_id(0) * 16 + g
+        bottom = top + 8
+        top_ok = top < N
+        bottom_ok = bottom < N
+    w_top = w_ptr + top.to(tl.int64) * sw_n
+    w_bottom = w_ptr + bottom.to(tl.int64) * sw_n
+    sz_top = top.to(tl.int64) * ss_n
+    sz_bottom = bottom.to(tl.int64) * ss_n
+    acc_top = tl.zeros([8, WARPS, 8], tl.float32)
+    acc_bottom = tl.zeros([8, WARPS, 8], tl.float32)
+    for b0 in range(0, num_blocks, WARPS):
+        block = b0 + split
+        if EVEN:
+            words_top = tl.load(w_top + block * 16 + j, eviction_policy=EVICTION)
+            words_bottom = tl.load(w_bottom + block * 16 + j, eviction_policy=EVICTION)
+            z_top = tl.load(z_ptr + sz_top + block)
+            z_bottom = tl.load(z_ptr + sz_bottom + block)
+        else:
+            ok_top = top_ok & (block < num_blocks)
+            ok_bottom = bottom_ok & (block < num_blocks)
+            words_top = tl.load(w_top + block * 16 + j, mask=ok_top, other=0, eviction_policy=EVICTION)
+            words_bottom = tl.load(w_bottom + block * 16 + j, mask=ok_bottom, other=0, eviction_policy=EVICTION)
+            z_top = tl.load(z_ptr + sz_top + block, mask=ok_top, other=0)
+            z_bottom = tl.load(z_ptr + sz_bottom + block, mask=ok_bottom, other=0)
+        z_pair_top = (z_top.to(tl.int32) + 0x4300) * 0x10001  # bf16 128 + z in both halves
+        z_pair_bottom = (z_bottom.to(tl.int32) + 0x4300) * 0x10001
+        # even and odd words of each lane's quad: A's k and k + 8
+        top_even, top_odd = tl.split(tl.reshape(words_top, [8, WARPS, 8, 2]))
+        bottom_even, bottom_odd = tl.split(tl.reshape(words_bottom, [8, WARPS, 8, 2]))
+        c0 = tl.zeros([8, WARPS, 8], tl.float32)
+        c1 = tl.zeros([8, WARPS, 8], tl.float32)
+        c2 = tl.zeros([8, WARPS, 8], tl.float32)
+        c3 = tl.zeros([8, WARPS, 8], tl.float32)
+        for i in tl.static_range(4):
+            pair = block * 64 + j + 16 * i  # nibbles i and i + 4 of word j: column pair j + 16 i of the block
+            if EVEN:
+                x_pair = tl.load(x_ptr + pair)
+            else:
+                x_pair = tl.load(x_ptr + pair, mask=(2 * pair < K) & (block < num_blocks), other=0)
+            if X_FP16 and INLINE_ASM:
+                x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+            elif X_FP16:  # the interpreter runs no PTX: the same rounding
+                x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+                x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
+                    | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+            x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
+            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM)
+            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM)
+            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM)
+            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM)
+            if INLINE_ASM:
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                    [a_top_even, a_bottom_even, a_top_odd, a_bottom_odd, x_even, x_odd, c0, c1, c2, c3],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            else:
+                c0 += _w4_mma_dot_emulated(a_top_even, z_pair_top, x_even) \
+                    + _w4_mma_dot_emulated(a_top_odd, z_pair_top, x_odd)
+                c2 += _w4_mma_dot_emulated(a_bottom_even, z_pair_bottom, x_even) \
+                    + _w4_mma_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd)
+        if EVEN:
+            s_top = tl.load(s_ptr + sz_top + block)
+            s_bottom = tl.load(s_ptr + sz_bottom + block)
+        else:
+            s_top = tl.load(s_ptr + sz_top + block, mask=top_ok & (block < num_blocks), other=0.0)
+            s_bottom = tl.load(s_ptr + sz_bottom + block, mask=bottom_ok & (block < num_blocks), other=0.0)
+        acc_top += s_top.to(tl.float32) * c0
+        acc_bottom += s_bottom.to(tl.float32) * c2
+    if PDL:
+        gdc_launch_dependents()
+    copies: tl.constexpr = 4 if INLINE_ASM else 1  # the mma's sums reach all 4 lanes of a row
+    y_top = tl.sum(tl.sum(acc_top, axis=2), axis=1) / copies  # [8]
+    y_bottom = tl.sum(tl.sum(acc_bottom, axis=2), axis=1) / copies
+    r = tl.arange(0, 8)
+    if GATED:
+        out_rows = tl.program_id(0) * 8 + r
+        tl.store(out_ptr + out_rows, (y_top * tl.sigmoid(y_top) * y_bottom).to(out_ptr.dtype.element_ty),
+                 mask=out_rows < N)
+    else:
+        out_rows = tl.program_id(0) * 16 + r
+        tl.store(out_ptr + out_rows, y_top.to(out_ptr.dtype.element_ty), mask=out_rows < N)
+        tl.store(out_ptr + out_rows + 8, y_bottom.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
+
+
 # Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
 # K walked in chunks of WORDS int32 words (4 int8 weights each, so a row's chunk arrives in 16-byte loads),
 # fp32 products summed once at the end; the per-channel scale factors out of a row's dot product, so it is
@@ -999,6 +1143,8 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     n_out = N // 2 if gated else N
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
+    if "MMA_WARPS" in tile:
+        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile["MMA_WARPS"])
     if gated and tile["TILES"] % 2:
         raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
@@ -1017,6 +1163,27 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
         PRELOAD=_pdl.preload_first_tile, STAGES=w4_gemv_stages, num_warps=tile["num_warps"], **pdl_args(x.device))
+    return out
+
+
+def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    out: torch.Tensor, gated: bool, warps: int) -> torch.Tensor:
+    """The tensor-core GEMV (_w4a16_gemv_mma_kernel) into out [1, N or N / 2]: blocks of 128 columns, 16-bit x."""
+    N, K = words.shape[0], x.shape[1]
+    if words.shape[1] % 16 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the tensor-core INT4 GEMV needs 128-column planar blocks and bf16 or fp16 x; got "
+                         f"{words.shape[1] * 8} columns of words, x {x.dtype}")
+    num_blocks = words.shape[1] // 16
+    n_out = out.shape[1]
+    rows_per_program = 8 if gated else 16
+    x_fp16 = x.dtype == torch.float16
+    x = x.contiguous()
+    x = (x if x.data_ptr() % 4 == 0 else x.clone()).view(torch.int32)  # column pairs
+    _w4a16_gemv_mma_kernel[(-(-n_out // rows_per_program),)](
+        x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), WARPS=warps,
+        EVEN=n_out % rows_per_program == 0 and K % 128 == 0 and num_blocks % warps == 0,
+        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
+        X_FP16=x_fp16, num_warps=warps, **pdl_args(out.device))
     return out
 
 
