@@ -32,7 +32,8 @@ CUDA graph, launch gaps included. Variants:
   w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
   w4stages=N: the INT4 GEMV's loop with its loads N trips ahead through shared memory (quant_matmul.w4_gemv_stages).
-  w4mma=WARPS: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps a program).
+  w4mma=WARPS[f]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps a program;
+    f: the zero points folded out of the sums, MMA_FOLD).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -145,10 +146,11 @@ def _patch(variant: str):
         quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
-    elif variant.startswith("w4mma="):  # the tensor-core INT4 GEMV with this many warps a program
-        warps = int(variant.partition("=")[2])
+    elif variant.startswith("w4mma="):  # the tensor-core INT4 GEMV with this many warps a program (f: MMA_FOLD)
+        value = variant.partition("=")[2]
+        mma_tile = {"MMA_WARPS": int(value.rstrip("f")), "MMA_FOLD": value.endswith("f")}
         quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
-            {"MMA_WARPS": warps} if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
+            mma_tile if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
     elif variant.startswith("w4stages="):  # the INT4 GEMV's loads that many trips ahead
         quant_matmul.w4_gemv_stages = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):

@@ -512,10 +512,14 @@ MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0
 
 
 @lazy_jit
-def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr):
-    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128)
+def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr):
+    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128), or with
+    # FOLD 128 + q itself (the kernel takes (128 + z) * sum(x) off the float32 sums instead)
     mask = tl.full(words.shape, 0x000F000F, tl.int32)
     exponent = tl.full(words.shape, 0x43004300, tl.int32)
+    if INLINE_ASM and FOLD:
+        return tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     if INLINE_ASM:
         q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent],
                                            dtype=tl.int32, is_pure=True, pack=1)
@@ -537,7 +541,7 @@ def _w4_mma_dot_emulated(q_pair, z_pair, x_pair):
 @lazy_jit
 def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                            WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, PDL: tl.constexpr):
+                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
     # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
     # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
     if PDL:  # see _pdl.py
@@ -584,6 +588,13 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
         c1 = tl.zeros([8, WARPS, 8], tl.float32)
         c2 = tl.zeros([8, WARPS, 8], tl.float32)
         c3 = tl.zeros([8, WARPS, 8], tl.float32)
+        if FOLD:  # the block's sum of x, from mma with ones for weights: the same sums over the same lanes
+            ones = tl.full([8, WARPS, 8], 0x3F803F80, tl.int32)
+            no_zero = tl.zeros([8, WARPS, 8], tl.int32)  # for the interpreter's form: 128 + q stays as it is
+            sum_x0 = tl.zeros([8, WARPS, 8], tl.float32)
+            sum_x1 = tl.zeros([8, WARPS, 8], tl.float32)
+            sum_x2 = tl.zeros([8, WARPS, 8], tl.float32)
+            sum_x3 = tl.zeros([8, WARPS, 8], tl.float32)
         for i in tl.static_range(4):
             pair = block * 64 + j + 16 * i  # nibbles i and i + 4 of word j: column pair j + 16 i of the block
             if EVEN:
@@ -599,20 +610,34 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
                 x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
                     | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
             x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
-            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM)
-            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM)
-            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM)
-            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM)
+            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD)
+            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD)
+            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD)
+            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD)
             if INLINE_ASM:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
                     MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
                     [a_top_even, a_bottom_even, a_top_odd, a_bottom_odd, x_even, x_odd, c0, c1, c2, c3],
                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+                if FOLD:
+                    sum_x0, sum_x1, sum_x2, sum_x3 = tl.inline_asm_elementwise(
+                        MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                        [ones, ones, ones, ones, x_even, x_odd, sum_x0, sum_x1, sum_x2, sum_x3],
+                        dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            elif FOLD:
+                c0 += _w4_mma_dot_emulated(a_top_even, no_zero, x_even) \
+                    + _w4_mma_dot_emulated(a_top_odd, no_zero, x_odd)
+                c2 += _w4_mma_dot_emulated(a_bottom_even, no_zero, x_even) \
+                    + _w4_mma_dot_emulated(a_bottom_odd, no_zero, x_odd)
+                sum_x0 += _w4_mma_dot_emulated(ones, no_zero, x_even) + _w4_mma_dot_emulated(ones, no_zero, x_odd)
             else:
                 c0 += _w4_mma_dot_emulated(a_top_even, z_pair_top, x_even) \
                     + _w4_mma_dot_emulated(a_top_odd, z_pair_top, x_odd)
                 c2 += _w4_mma_dot_emulated(a_bottom_even, z_pair_bottom, x_even) \
                     + _w4_mma_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd)
+        if FOLD:  # sum((128 + q - (128 + z)) x) = sum((128 + q) x) - (128 + z) sum(x), in float32
+            c0 -= (z_top.to(tl.float32) + 128.0) * sum_x0
+            c2 -= (z_bottom.to(tl.float32) + 128.0) * sum_x0
         if EVEN:
             s_top = tl.load(s_ptr + sz_top + block)
             s_bottom = tl.load(s_ptr + sz_bottom + block)
@@ -1144,7 +1169,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     if "MMA_WARPS" in tile:
-        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile["MMA_WARPS"])
+        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile["MMA_WARPS"], tile.get("MMA_FOLD", False))
     if gated and tile["TILES"] % 2:
         raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
@@ -1167,7 +1192,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
 
 
 def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    out: torch.Tensor, gated: bool, warps: int) -> torch.Tensor:
+                    out: torch.Tensor, gated: bool, warps: int, fold: bool) -> torch.Tensor:
     """The tensor-core GEMV (_w4a16_gemv_mma_kernel) into out [1, N or N / 2]: blocks of 128 columns, 16-bit x."""
     N, K = words.shape[0], x.shape[1]
     if words.shape[1] % 16 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -1183,7 +1208,7 @@ def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
         x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), WARPS=warps,
         EVEN=n_out % rows_per_program == 0 and K % 128 == 0 and num_blocks % warps == 0,
         INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
-        X_FP16=x_fp16, num_warps=warps, **pdl_args(out.device))
+        X_FP16=x_fp16, FOLD=fold, num_warps=warps, **pdl_args(out.device))
     return out
 
 

@@ -493,21 +493,22 @@ def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
     assert torch.equal(qm.from_planar_int4(layer.qweight, 576, 128), reference.qweight)
 
 
-@pytest.mark.parametrize("warps", [2, 4])
+@pytest.mark.parametrize("warps,fold", [(2, False), (4, False), (4, True)])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K", [(37 * 2, 576), (32, 1024), (130, 1536)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else []))
-def test_w4a16_gemv_on_tensor_cores(N, K, gated, dtype, warps, device):
+def test_w4a16_gemv_on_tensor_cores(N, K, gated, dtype, warps, fold, device):
     # The mma GEMV (tile MMA_WARPS) against the float64 product: rows off its 16 (8 gated), K off its 128-column
     # blocks (576 = 4.5 blocks) and blocks off the warps (1536 / 128 = 12 blocks over 4 warps... and 576's 5 over
     # 2), fp16 x rounded to bf16 pairs. Its sums are float32 (exact products), so the bound is the bf16 rounding
-    # of x (fp16 only) and of the output; a lane given the wrong k, row or half is off by whole weights.
+    # of x (fp16 only) and of the output; a lane given the wrong k, row or half is off by whole weights. fold:
+    # the zero points taken off the sums as (128 + z) * sum(x), not off each weight.
     qweight, scales, zeros = random_int4(N, K, 128, device)
     x = (torch.randn(1, K, device=device) / K ** 0.5).to(dtype)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, 128).double().T
     if gated:
         want = _silu_and_mul(want)
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, 128), scales, zeros, 128, gated=gated,
-                               tile={"MMA_WARPS": warps})
+                               tile={"MMA_WARPS": warps, "MMA_FOLD": fold})
     tol = 1e-2 if dtype == torch.float16 else 4e-3
     torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
