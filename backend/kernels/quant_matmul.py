@@ -329,6 +329,16 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # is 189 instructions with chains of two words, 205 with one, 226 when x pairs were gathered from two loads by
 # byte permutes (session 17's layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop.
 @lazy_jit
+def _fp16_pairs_to_bf16(x_pair, INLINE_ASM: tl.constexpr):
+    # int32 words of two fp16 -> the same two rounded to bf16, in the same halves
+    if INLINE_ASM:
+        return tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32, is_pure=True, pack=1)
+    x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)  # the interpreter runs no PTX
+    x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+    return (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+
+
+@lazy_jit
 def _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks, GROUP_SIZE: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, EVICTION: tl.constexpr):
     # One trip's packed words [BLOCK_N, BLOCKS, TILES, WORDS] and zero points, and where its scales are
@@ -371,14 +381,8 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
                 x_pair = tl.load(x_ptr + pair)
             else:
                 x_pair = tl.load(x_ptr + pair, mask=2 * pair < K, other=0)
-            if X_FP16 and INLINE_ASM:  # fp16 pair -> bf16x2, once for all the rows a thread takes
-                x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
-            elif X_FP16:  # the interpreter runs no PTX: the same rounding
-                x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
-                    | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+            if X_FP16:  # once for all the rows a thread takes
+                x_pair = _fp16_pairs_to_bf16(x_pair, INLINE_ASM)
             x_pair = x_pair[None, :, None, :]
         elif EVEN_K:
             x_lo = tl.load(x_ptr + 2 * pair)
@@ -601,14 +605,8 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
                 x_pair = tl.load(x_ptr + pair)
             else:
                 x_pair = tl.load(x_ptr + pair, mask=(2 * pair < K) & (block < num_blocks), other=0)
-            if X_FP16 and INLINE_ASM:
-                x_pair = tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
-            elif X_FP16:  # the interpreter runs no PTX: the same rounding
-                x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-                x_pair = (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
-                    | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+            if X_FP16:
+                x_pair = _fp16_pairs_to_bf16(x_pair, INLINE_ASM)
             x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
             a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD)
             a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD)
