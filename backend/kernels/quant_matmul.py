@@ -513,32 +513,48 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # program is 16 rows, or for GATED 8 gate rows (top) and the 8 up rows of the same outputs (bottom).
 MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
                         "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
+MMA_F16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                       "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
+SUB_F16X2 = tl.constexpr("sub.rn.f16x2 $0, $1, $2;") if tl is not None else None
 
 
 @lazy_jit
-def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr):
-    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128), or with
-    # FOLD 128 + q itself (the kernel takes (128 + z) * sum(x) off the float32 sums instead)
+def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr, HALF: tl.constexpr):
+    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128; with HALF
+    # fp16x2, 1024 + q under fp16's), or with FOLD 128 + q (1024 + q) itself: the kernel then takes (128 + z) *
+    # sum(x) off the float32 sums instead
     mask = tl.full(words.shape, 0x000F000F, tl.int32)
-    exponent = tl.full(words.shape, 0x43004300, tl.int32)
-    if INLINE_ASM and FOLD:
-        return tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    if INLINE_ASM:
-        q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent],
-                                           dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-    return ((words >> (4 * i)) & mask) | exponent  # the interpreter subtracts z in float32
+    exponent = tl.full(words.shape, 0x64006400 if HALF else 0x43004300, tl.int32)
+    if not INLINE_ASM:  # the interpreter subtracts z in float32
+        return ((words >> (4 * i)) & mask) | exponent
+    q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    if FOLD:
+        return q_pair
+    return tl.inline_asm_elementwise(SUB_F16X2 if HALF else SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
+                                     is_pure=True, pack=1)
 
 
 @lazy_jit
-def _w4_mma_dot_emulated(q_pair, z_pair, x_pair):
+def _half_low(v, HALF: tl.constexpr):
+    # the low 16 bits of int32 words as float32: fp16 (HALF) or bf16
+    if HALF:
+        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (v << 16).to(tl.float32, bitcast=True)
+
+
+@lazy_jit
+def _half_high(v, HALF: tl.constexpr):
+    if HALF:
+        return (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (v & -65536).to(tl.float32, bitcast=True)
+
+
+@lazy_jit
+def _w4_mma_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
     # What one lane's share of an mma adds up, for the interpreter (no PTX): both halves, float32
-    low = ((q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)) \
-        * (x_pair << 16).to(tl.float32, bitcast=True)
-    high = ((q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32, bitcast=True)) \
-        * (x_pair & -65536).to(tl.float32, bitcast=True)
+    low = (_half_low(q_pair, HALF) - _half_low(z_pair, HALF)) * _half_low(x_pair, HALF)
+    high = (_half_high(q_pair, HALF) - _half_high(z_pair, HALF)) * _half_high(x_pair, HALF)
     return low + high
 
 
@@ -548,6 +564,9 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
                            EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
     # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
     # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
+    # X_FP16: fp16 x, and fp16 weights for the mma (1024 + q under fp16's exponent), so x is used as it is.
+    MAGIC: tl.constexpr = 1024.0 if X_FP16 else 128.0
+    MAGIC_BITS: tl.constexpr = 0x6400 if X_FP16 else 0x4300
     if PDL:  # see _pdl.py
         gdc_wait()
     g = tl.arange(0, 8)[:, None, None]
@@ -583,8 +602,8 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
             words_bottom = tl.load(w_bottom + block * 16 + j, mask=ok_bottom, other=0, eviction_policy=EVICTION)
             z_top = tl.load(z_ptr + sz_top + block, mask=ok_top, other=0)
             z_bottom = tl.load(z_ptr + sz_bottom + block, mask=ok_bottom, other=0)
-        z_pair_top = (z_top.to(tl.int32) + 0x4300) * 0x10001  # bf16 128 + z in both halves
-        z_pair_bottom = (z_bottom.to(tl.int32) + 0x4300) * 0x10001
+        z_pair_top = (z_top.to(tl.int32) + MAGIC_BITS) * 0x10001  # 128 + z (fp16: 1024 + z) in both halves
+        z_pair_bottom = (z_bottom.to(tl.int32) + MAGIC_BITS) * 0x10001
         # even and odd words of each lane's quad: A's k and k + 8
         top_even, top_odd = tl.split(tl.reshape(words_top, [8, WARPS, 8, 2]))
         bottom_even, bottom_odd = tl.split(tl.reshape(words_bottom, [8, WARPS, 8, 2]))
@@ -593,7 +612,7 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
         c2 = tl.zeros([8, WARPS, 8], tl.float32)
         c3 = tl.zeros([8, WARPS, 8], tl.float32)
         if FOLD:  # the block's sum of x, from mma with ones for weights: the same sums over the same lanes
-            ones = tl.full([8, WARPS, 8], 0x3F803F80, tl.int32)
+            ones = tl.full([8, WARPS, 8], 0x3C003C00 if X_FP16 else 0x3F803F80, tl.int32)
             no_zero = tl.zeros([8, WARPS, 8], tl.int32)  # for the interpreter's form: 128 + q stays as it is
             sum_x0 = tl.zeros([8, WARPS, 8], tl.float32)
             sum_x1 = tl.zeros([8, WARPS, 8], tl.float32)
@@ -605,37 +624,36 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
                 x_pair = tl.load(x_ptr + pair)
             else:
                 x_pair = tl.load(x_ptr + pair, mask=(2 * pair < K) & (block < num_blocks), other=0)
-            if X_FP16:
-                x_pair = _fp16_pairs_to_bf16(x_pair, INLINE_ASM)
             x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
-            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD)
-            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD)
-            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD)
-            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD)
+            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
+            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
+            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
+            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
             if INLINE_ASM:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                    MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                    MMA_F16 if X_FP16 else MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
                     [a_top_even, a_bottom_even, a_top_odd, a_bottom_odd, x_even, x_odd, c0, c1, c2, c3],
                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
                 if FOLD:
                     sum_x0, sum_x1, sum_x2, sum_x3 = tl.inline_asm_elementwise(
-                        MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                        MMA_F16 if X_FP16 else MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
                         [ones, ones, ones, ones, x_even, x_odd, sum_x0, sum_x1, sum_x2, sum_x3],
                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
             elif FOLD:
-                c0 += _w4_mma_dot_emulated(a_top_even, no_zero, x_even) \
-                    + _w4_mma_dot_emulated(a_top_odd, no_zero, x_odd)
-                c2 += _w4_mma_dot_emulated(a_bottom_even, no_zero, x_even) \
-                    + _w4_mma_dot_emulated(a_bottom_odd, no_zero, x_odd)
-                sum_x0 += _w4_mma_dot_emulated(ones, no_zero, x_even) + _w4_mma_dot_emulated(ones, no_zero, x_odd)
+                c0 += _w4_mma_dot_emulated(a_top_even, no_zero, x_even, X_FP16) \
+                    + _w4_mma_dot_emulated(a_top_odd, no_zero, x_odd, X_FP16)
+                c2 += _w4_mma_dot_emulated(a_bottom_even, no_zero, x_even, X_FP16) \
+                    + _w4_mma_dot_emulated(a_bottom_odd, no_zero, x_odd, X_FP16)
+                sum_x0 += _w4_mma_dot_emulated(ones, no_zero, x_even, X_FP16) \
+                    + _w4_mma_dot_emulated(ones, no_zero, x_odd, X_FP16)
             else:
-                c0 += _w4_mma_dot_emulated(a_top_even, z_pair_top, x_even) \
-                    + _w4_mma_dot_emulated(a_top_odd, z_pair_top, x_odd)
-                c2 += _w4_mma_dot_emulated(a_bottom_even, z_pair_bottom, x_even) \
-                    + _w4_mma_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd)
+                c0 += _w4_mma_dot_emulated(a_top_even, z_pair_top, x_even, X_FP16) \
+                    + _w4_mma_dot_emulated(a_top_odd, z_pair_top, x_odd, X_FP16)
+                c2 += _w4_mma_dot_emulated(a_bottom_even, z_pair_bottom, x_even, X_FP16) \
+                    + _w4_mma_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd, X_FP16)
         if FOLD:  # sum((128 + q - (128 + z)) x) = sum((128 + q) x) - (128 + z) sum(x), in float32
-            c0 -= (z_top.to(tl.float32) + 128.0) * sum_x0
-            c2 -= (z_bottom.to(tl.float32) + 128.0) * sum_x0
+            c0 -= (z_top.to(tl.float32) + MAGIC) * sum_x0
+            c2 -= (z_bottom.to(tl.float32) + MAGIC) * sum_x0
         if EVEN:
             s_top = tl.load(s_ptr + sz_top + block)
             s_bottom = tl.load(s_ptr + sz_bottom + block)
