@@ -31,6 +31,7 @@ CUDA graph, launch gaps included. Variants:
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
   w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
+  w4preload: the INT4 GEMV's first trip loaded before the PDL wait (quant_matmul.w4_preload_first_trip).
   w4stages=N: the INT4 GEMV's loop with its loads N trips ahead through shared memory (quant_matmul.w4_gemv_stages).
   w4mma=WARPS[f]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps a program;
     f: the zero points folded out of the sums, MMA_FOLD).
@@ -101,7 +102,8 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
-    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages
+    original_w4_loop = (quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages,
+                        quant_matmul.w4_preload_first_trip)
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -151,6 +153,8 @@ def _patch(variant: str):
         mma_tile = {"MMA_WARPS": int(value.rstrip("f")), "MMA_FOLD": value.endswith("f")}
         quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
             mma_tile if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
+    elif variant == "w4preload":  # the INT4 GEMV's first trip before the PDL wait
+        quant_matmul.w4_preload_first_trip = True
     elif variant.startswith("w4stages="):  # the INT4 GEMV's loads that many trips ahead
         quant_matmul.w4_gemv_stages = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):
@@ -170,7 +174,8 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
-        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages = original_w4_loop
+        (quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages,
+         quant_matmul.w4_preload_first_trip) = original_w4_loop
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

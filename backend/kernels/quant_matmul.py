@@ -335,7 +335,8 @@ def _fp16_pairs_to_bf16(x_pair, INLINE_ASM: tl.constexpr):
         return tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32, is_pure=True, pack=1)
     x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)  # the interpreter runs no PTX
     x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-    return (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+    return (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
+        | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
 
 
 @lazy_jit
@@ -787,6 +788,10 @@ w4_chain_words = 2
 # loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
+# The INT4 GEMV's first trip loaded before the PDL wait (PRELOAD in its kernel), as the bf16 and INT8 GEMVs load
+# their first tile (INT8 + INT8 head 3.357 -> 3.289 ms per 8B step, session 9). Off until timed on the GPU
+# (perf/ablate_decode.py variant w4preload): with it off the kernel compiles to the same sm_90 code as before.
+w4_preload_first_trip = False
 # Trips the INT4 GEMV's loop loads ahead (STAGES in its kernel; 1: none, each trip's loads go straight to
 # registers). With 2-4, Triton pipelines the weight, zero point and scale loads through shared memory (cp.async,
 # 10-30 KB per program): more bytes in flight per SM for 11-22 more loop instructions per trip (sm_90 cubin:
@@ -1203,7 +1208,8 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
-        PRELOAD=_pdl.preload_first_tile, STAGES=w4_gemv_stages, num_warps=tile["num_warps"], **pdl_args(x.device))
+        PRELOAD=_pdl.preload_first_tile and w4_preload_first_trip, STAGES=w4_gemv_stages,
+        num_warps=tile["num_warps"], **pdl_args(x.device))
     return out
 
 

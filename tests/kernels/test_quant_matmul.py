@@ -136,7 +136,8 @@ def test_w4a16_gemv_tiles(N, K, group, tile, preload, stages, device, monkeypatc
     # in different groups, and group == K (every block in group 0). With the first trip loaded before the PDL
     # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products; and with the
     # loop's loads pipelined 3 trips ahead (compiled only: the interpreter runs the plain loop).
-    monkeypatch.setattr(_pdl, "preload_first_tile", preload)
+    monkeypatch.setattr(_pdl, "preload_first_tile", True)
+    monkeypatch.setattr(qm, "w4_preload_first_trip", preload)
     monkeypatch.setattr(qm, "w4_gemv_stages", stages)
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
@@ -496,7 +497,8 @@ def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
 @pytest.mark.parametrize("warps,fold", [(2, False), (4, False), (4, True)])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K", [(37 * 2, 576), (32, 1024), (130, 1536)] + ([(6144, 4096), (4096, 14336)] if ON_GPU else []))
+@pytest.mark.parametrize("N,K", [(37 * 2, 576), (32, 1024), (130, 1536)]
+                         + ([(6144, 4096), (4096, 14336)] if ON_GPU else []))
 def test_w4a16_gemv_on_tensor_cores(N, K, gated, dtype, warps, fold, device):
     # The mma GEMV (tile MMA_WARPS) against the float64 product: rows off its 16 (8 gated), K off its 128-column
     # blocks (576 = 4.5 blocks), blocks off the warps (576's 5 blocks over 2 and 4 warps), fp16 x (fp16 weights
