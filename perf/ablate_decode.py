@@ -33,8 +33,8 @@ CUDA graph, launch gaps included. Variants:
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
   w4preload: the INT4 GEMV's first trip loaded before the PDL wait (quant_matmul.w4_preload_first_trip).
   w4stages=N: the INT4 GEMV's loop with its loads N trips ahead through shared memory (quant_matmul.w4_gemv_stages).
-  w4mma=WARPS[f]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps a program;
-    f: the zero points folded out of the sums, MMA_FOLD).
+  w4mma=WARPS[f][:STAGES]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps
+    a program; f: the zero points folded out of the sums, MMA_FOLD; STAGES: loads pipelined, MMA_STAGES).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -148,9 +148,10 @@ def _patch(variant: str):
         quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
-    elif variant.startswith("w4mma="):  # the tensor-core INT4 GEMV with this many warps a program (f: MMA_FOLD)
-        value = variant.partition("=")[2]
-        mma_tile = {"MMA_WARPS": int(value.rstrip("f")), "MMA_FOLD": value.endswith("f")}
+    elif variant.startswith("w4mma="):  # the tensor-core INT4 GEMV: w4mma=8f:3
+        value, _, stages = variant.partition("=")[2].partition(":")
+        mma_tile = {"MMA_WARPS": int(value.rstrip("f")), "MMA_FOLD": value.endswith("f"),
+                    "MMA_STAGES": int(stages or 1)}
         quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
             mma_tile if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
     elif variant == "w4preload":  # the INT4 GEMV's first trip before the PDL wait

@@ -24,7 +24,9 @@ from perf.bench_quant import LINEARS, bench_ms  # noqa: E402
 from perf.tune_quant_gemv import from_hbm, n_copies  # noqa: E402
 
 TILES = {"default": None, **{f"mma{w}{'f' if fold else ''}": {"MMA_WARPS": w, "MMA_FOLD": fold}
-                             for w in (4, 8, 16) for fold in (False, True)}}
+                             for w in (4, 8, 16) for fold in (False, True)},
+         "mma8f:2": {"MMA_WARPS": 8, "MMA_FOLD": True, "MMA_STAGES": 2},
+         "mma8f:3": {"MMA_WARPS": 8, "MMA_FOLD": True, "MMA_STAGES": 3}}
 
 
 def time_projection(N: int, K: int, gated: bool, dtype: torch.dtype) -> dict:

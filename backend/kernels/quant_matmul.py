@@ -562,7 +562,8 @@ def _w4_mma_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
 @lazy_jit
 def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
                            WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
+                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, STAGES: tl.constexpr,
+                           PDL: tl.constexpr):
     # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
     # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
     # X_FP16: fp16 x, and fp16 weights for the mma (1024 + q under fp16's exponent), so x is used as it is.
@@ -589,7 +590,7 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
     sz_bottom = bottom.to(tl.int64) * ss_n
     acc_top = tl.zeros([8, WARPS, 8], tl.float32)
     acc_bottom = tl.zeros([8, WARPS, 8], tl.float32)
-    for b0 in range(0, num_blocks, WARPS):
+    for b0 in tl.range(0, num_blocks, WARPS, num_stages=STAGES):  # STAGES > 1: loads ahead (w4_gemv_stages)
         block = b0 + split
         if EVEN:
             words_top = tl.load(w_top + block * 16 + j, eviction_policy=EVICTION)
@@ -1190,7 +1191,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     if "MMA_WARPS" in tile:
-        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile["MMA_WARPS"], tile.get("MMA_FOLD", False))
+        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile)
     if gated and tile["TILES"] % 2:
         raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
@@ -1214,7 +1215,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
 
 
 def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    out: torch.Tensor, gated: bool, warps: int, fold: bool) -> torch.Tensor:
+                    out: torch.Tensor, gated: bool, tile: dict) -> torch.Tensor:
     """The tensor-core GEMV (_w4a16_gemv_mma_kernel) into out [1, N or N / 2]: blocks of 128 columns, 16-bit x."""
     N, K = words.shape[0], x.shape[1]
     if words.shape[1] % 16 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -1223,6 +1224,7 @@ def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
     num_blocks = words.shape[1] // 16
     n_out = out.shape[1]
     rows_per_program = 8 if gated else 16
+    warps = tile["MMA_WARPS"]
     x_fp16 = x.dtype == torch.float16
     x = x.contiguous()
     x = (x if x.data_ptr() % 4 == 0 else x.clone()).view(torch.int32)  # column pairs
@@ -1230,7 +1232,8 @@ def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
         x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), WARPS=warps,
         EVEN=n_out % rows_per_program == 0 and K % 128 == 0 and num_blocks % warps == 0,
         INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
-        X_FP16=x_fp16, FOLD=fold, num_warps=warps, **pdl_args(out.device))
+        X_FP16=x_fp16, FOLD=tile.get("MMA_FOLD", False), STAGES=tile.get("MMA_STAGES", 1), num_warps=warps,
+        **pdl_args(out.device))
     return out
 
 
