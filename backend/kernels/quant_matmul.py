@@ -498,20 +498,25 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# The INT4 batch-1 GEMV on the tensor cores (w4_gemv_mma): mma.sync m16n8k16 (bf16 in, float32 sums) with the
-# weight as the 16 x 16 A operand and x as B, x repeated in all 8 columns (7 of them wasted: the tensor cores
-# have the throughput to spare at batch 1). The weights are unpacked in registers right where mma wants them, as
-# Marlin does (its idea), but from the same group-planar words as the other INT4 kernels: lane t of a warp loads
-# 4 words (16 bytes) of row t // 4 ("top") and of row t // 4 + 8 ("bottom"), words 4 (t % 4) .. + 3 of one
-# 128-column block, which is the fragment layout up to the naming of k: A's a0a1 / a2a3 (top / bottom, "k" 2 (t % 4)
-# and + 1) are nibbles i and i + 4 of an even word, a4a5 / a6a7 ("k" + 8) those of the next odd word, and B's b0b1,
-# b2b3 the x pairs facing them, which the same lane loads (an mma sums over k, so which columns a lane calls k
-# only has to agree between A and B). Each mma then sums 16 rows x 16 columns; its outputs c0 (top) and c2
-# (bottom) reach each of the row's 4 lanes whole, so the final sum over a row's lanes counts each 4 times.
-# Per lane per block: 2 weight and 4 x loads of 16 bytes, one shift and one lop3 and one bf16x2 subtraction per
-# pair, 8 mma, instead of the pairs loop's 8 bf16x2 FMAs per word and its float32 conversions; the float32 sums
-# are exact where the pairs loop rounds to bf16. Warps split K (warp w takes blocks w, w + WARPS, ...); a
-# program is 16 rows, or for GATED 8 gate rows (top) and the 8 up rows of the same outputs (bottom).
+# The INT4 batch-1 GEMV on the tensor cores (a tile {"MMA_WARPS": W, ...} selects it; no default tile does yet,
+# as it has not run on a GPU): mma.sync m16n8k16 (16-bit in, float32 sums) with the weight as the 16 x 16 A
+# operand and x as B, x repeated in all 8 columns (7 of them wasted: the tensor cores have the throughput to spare
+# at batch 1). The weights are unpacked in registers right where mma wants them, as Marlin does (its idea), but
+# from the same group-planar words as the other INT4 kernels: lane t of a warp loads 4 words (16 bytes) of row
+# t // 4 ("top") and of row t // 4 + 8 ("bottom"), words 4 (t % 4) .. + 3 of one 128-column block, which is the
+# fragment layout up to the naming of k: A's a0a1 / a2a3 (top / bottom, "k" 2 (t % 4) and + 1) are nibbles i and
+# i + 4 of an even word, a4a5 / a6a7 ("k" + 8) those of the next odd word, and B's b0b1, b2b3 the x pairs facing
+# them, which the same lane loads (an mma sums over k, so which columns a lane calls k only has to agree between A
+# and B). Each mma then sums 16 rows x 16 columns; its outputs c0 (top) and c2 (bottom) reach each of the row's 4
+# lanes whole, so the final sum over a row's lanes counts each 4 times. Triton gives the loads that lane layout
+# (sizePerThread [1, 1, 4], threadsPerWarp [8, 1, 4] in the TTGIR for sm_90) and the mapping was checked against
+# the PTX fragment layout in a numpy simulation of one warp (session 19). Per lane per block: 2 weight and 4 x
+# loads of 16 bytes, a shift and a lop3 per pair, then a 16-bit subtraction of 128 + z per pair or, with FOLD, the
+# zero points taken off the float32 sums as (128 + z) * sum(x) (sum(x) from mma with ones), and 8 or 16 mma: the
+# sm_90 loop is 124-143 instructions per 8 words against the pairs loop's 189, and its sums are float32 with exact
+# products where the pairs loop rounds to bf16. fp16 x takes an fp16 mma over fp16 weights (1024 + q), unconverted.
+# Warps split K (warp w takes blocks w, w + WARPS, ...); a program is 16 rows, or for GATED 8 gate rows (top) and
+# the 8 up rows of the same outputs (bottom). perf/exp_w4_mma.py and perf/gpu_int4_experiments.sh time it.
 MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
                         "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
 MMA_F16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
