@@ -513,7 +513,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
 # the PTX fragment layout in a numpy simulation of one warp (session 19). Per lane per block: 2 weight and 4 x
 # loads of 16 bytes, a shift and a lop3 per pair, then a 16-bit subtraction of 128 + z per pair or, with FOLD, the
 # zero points taken off the float32 sums as (128 + z) * sum(x) (sum(x) from mma with ones), and 8 or 16 mma: the
-# sm_90 loop is 124-143 instructions per 8 words against the pairs loop's 189, and its sums are float32 with exact
+# sm_90 loop is 129-141 instructions per 8 words against the pairs loop's 189, and its sums are float32 with exact
 # products where the pairs loop rounds to bf16. fp16 x takes an fp16 mma over fp16 weights (1024 + q), unconverted.
 # Warps split K (warp w takes blocks w, w + WARPS, ...); a program is 16 rows, or for GATED 8 gate rows (top) and
 # the 8 up rows of the same outputs (bottom). perf/exp_w4_mma.py and perf/gpu_int4_experiments.sh time it.
@@ -566,7 +566,7 @@ def _w4_mma_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
 
 @lazy_jit
 def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
-                           WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
+                           GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                            EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, STAGES: tl.constexpr,
                            PDL: tl.constexpr):
     # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
@@ -597,18 +597,19 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
     acc_bottom = tl.zeros([8, WARPS, 8], tl.float32)
     for b0 in tl.range(0, num_blocks, WARPS, num_stages=STAGES):  # STAGES > 1: loads ahead (w4_gemv_stages)
         block = b0 + split
+        group = block * 128 // GROUP_SIZE  # a group is one or more whole blocks
         if EVEN:
             words_top = tl.load(w_top + block * 16 + j, eviction_policy=EVICTION)
             words_bottom = tl.load(w_bottom + block * 16 + j, eviction_policy=EVICTION)
-            z_top = tl.load(z_ptr + sz_top + block)
-            z_bottom = tl.load(z_ptr + sz_bottom + block)
+            z_top = tl.load(z_ptr + sz_top + group)
+            z_bottom = tl.load(z_ptr + sz_bottom + group)
         else:
             ok_top = top_ok & (block < num_blocks)
             ok_bottom = bottom_ok & (block < num_blocks)
             words_top = tl.load(w_top + block * 16 + j, mask=ok_top, other=0, eviction_policy=EVICTION)
             words_bottom = tl.load(w_bottom + block * 16 + j, mask=ok_bottom, other=0, eviction_policy=EVICTION)
-            z_top = tl.load(z_ptr + sz_top + block, mask=ok_top, other=0)
-            z_bottom = tl.load(z_ptr + sz_bottom + block, mask=ok_bottom, other=0)
+            z_top = tl.load(z_ptr + sz_top + group, mask=ok_top, other=0)
+            z_bottom = tl.load(z_ptr + sz_bottom + group, mask=ok_bottom, other=0)
         z_pair_top = (z_top.to(tl.int32) + MAGIC_BITS) * 0x10001  # 128 + z (fp16: 1024 + z) in both halves
         z_pair_bottom = (z_bottom.to(tl.int32) + MAGIC_BITS) * 0x10001
         # even and odd words of each lane's quad: A's k and k + 8
@@ -662,11 +663,11 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
             c0 -= (z_top.to(tl.float32) + MAGIC) * sum_x0
             c2 -= (z_bottom.to(tl.float32) + MAGIC) * sum_x0
         if EVEN:
-            s_top = tl.load(s_ptr + sz_top + block)
-            s_bottom = tl.load(s_ptr + sz_bottom + block)
+            s_top = tl.load(s_ptr + sz_top + group)
+            s_bottom = tl.load(s_ptr + sz_bottom + group)
         else:
-            s_top = tl.load(s_ptr + sz_top + block, mask=top_ok & (block < num_blocks), other=0.0)
-            s_bottom = tl.load(s_ptr + sz_bottom + block, mask=bottom_ok & (block < num_blocks), other=0.0)
+            s_top = tl.load(s_ptr + sz_top + group, mask=top_ok & (block < num_blocks), other=0.0)
+            s_bottom = tl.load(s_ptr + sz_bottom + group, mask=bottom_ok & (block < num_blocks), other=0.0)
         acc_top += s_top.to(tl.float32) * c0
         acc_bottom += s_bottom.to(tl.float32) * c2
     if PDL:
@@ -1196,7 +1197,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
     if "MMA_WARPS" in tile:
-        return _w4a16_gemv_mma(x, words, scales, zeros, out, gated, tile)
+        return _w4a16_gemv_mma(x, words, scales, zeros, group_size, out, gated, tile)
     if gated and tile["TILES"] % 2:
         raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
@@ -1219,13 +1220,13 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     return out
 
 
-def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     out: torch.Tensor, gated: bool, tile: dict) -> torch.Tensor:
     """The tensor-core GEMV (_w4a16_gemv_mma_kernel) into out [1, N or N / 2]: blocks of 128 columns, 16-bit x."""
     N, K = words.shape[0], x.shape[1]
-    if words.shape[1] % 16 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the tensor-core INT4 GEMV needs 128-column planar blocks and bf16 or fp16 x; got "
-                         f"{words.shape[1] * 8} columns of words, x {x.dtype}")
+    if planar_block(K, group_size) != 128 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the tensor-core INT4 GEMV needs 128-column planar blocks (groups of 128 or more) and bf16 "
+                         f"or fp16 x; got groups of {group_size} over K {K}, x {x.dtype}")
     num_blocks = words.shape[1] // 16
     n_out = out.shape[1]
     rows_per_program = 8 if gated else 16
@@ -1234,7 +1235,8 @@ def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
     x = x.contiguous()
     x = (x if x.data_ptr() % 4 == 0 else x.clone()).view(torch.int32)  # column pairs
     _w4a16_gemv_mma_kernel[(-(-n_out // rows_per_program),)](
-        x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), WARPS=warps,
+        x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), GROUP_SIZE=group_size,
+        WARPS=warps,
         EVEN=n_out % rows_per_program == 0 and K % 128 == 0 and num_blocks % warps == 0,
         INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
         X_FP16=x_fp16, FOLD=tile.get("MMA_FOLD", False), STAGES=tile.get("MMA_STAGES", 1), num_warps=warps,
