@@ -504,9 +504,8 @@ def test_w4a16_gemv_on_tensor_cores(N, K, group, gated, dtype, warps, fold, stag
     # blocks (576 = 4.5 blocks), blocks off the warps (576's 5 blocks over 2 and 4 warps), fp16 x (fp16 weights
     # for the mma then). Its products are exact and its sums float32, so the bound is the output's rounding to 16
     # bits; a lane given the wrong k, row or half is off by whole weights. Groups of 128, of two blocks (256) and of
-    # the whole row (576, per channel). fold:
-    # the zero points taken off the sums as (128 + z) * sum(x), not off each weight; stages: loads pipelined
-    # (compiled only).
+    # the whole row (576, per channel). fold: the zero points taken off the sums as (128 + z) * sum(x), not off
+    # each weight; stages: loads pipelined (compiled only).
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = (torch.randn(1, K, device=device) / K ** 0.5).to(dtype)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
