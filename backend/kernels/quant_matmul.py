@@ -791,7 +791,7 @@ w4_bf16_pairs = True
 # 48 registers, ran 2.073 ms and were removed again.)
 w4_chain_words = 2
 # fp16 activations take the pairs loop too, each x pair rounded to bf16x2 in registers (X_FP16): per 8B projection
-# from HBM 1.6-1.7x faster than the float32 loop (qkv 10.0 -> 7.1 us, gate_up 37.8 -> 22.2 on an H200), at the bf16
+# from HBM 1.4-1.8x faster than the float32 loop (qkv 10.0 -> 7.1 us, gate_up 37.8 -> 22.2 on an H200), at the bf16
 # loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
