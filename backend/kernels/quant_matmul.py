@@ -172,6 +172,77 @@ FMA_BF16X2 = tl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;") if tl is not None els
 # Two fp16 (low, high half) -> two bf16 in the same halves (cvt.rn.bf16x2.f32 d, a, b puts a in the high half)
 FP16X2_TO_BF16X2 = tl.constexpr("{ .reg .f16 lo, hi; .reg .f32 flo, fhi; mov.b32 {lo, hi}, $1; cvt.f32.f16 flo, lo; "
                                 "cvt.f32.f16 fhi, hi; cvt.rn.bf16x2.f32 $0, fhi, flo; }") if tl is not None else None
+SUB_F16X2 = tl.constexpr("sub.rn.f16x2 $0, $1, $2;") if tl is not None else None
+
+
+# Helpers of the INT4 batch-1 GEMVs (the pairs loop and the tensor-core kernel below).
+@lazy_jit
+def _fp16_pairs_to_bf16(x_pair, INLINE_ASM: tl.constexpr):
+    # int32 words of two fp16 -> the same two rounded to bf16, in the same halves
+    if INLINE_ASM:
+        return tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32, is_pure=True, pack=1)
+    x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)  # the interpreter runs no PTX
+    x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
+    return (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
+        | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+
+
+@lazy_jit
+def _w4_nibbles_under_exponent(words, high, i: tl.constexpr, INLINE_ASM: tl.constexpr):
+    # Nibble i of the words and of their high halves (high = words >> 16) in place under the float32 exponent of
+    # 2^(23 - 4i): each reads as 2^(23 - 4i) + q exactly (its bits weigh 2^-4i); (word & mask) | exponent is one
+    # lop3 (lookup table 0xEA)
+    mask = tl.full(words.shape, 0xF << (4 * i), tl.int32)
+    exponent = tl.full(words.shape, (150 - 4 * i) << 23, tl.int32)
+    if not INLINE_ASM:  # the interpreter runs no PTX
+        return (words & mask) | exponent, (high & mask) | exponent
+    low_bits = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words, mask, exponent], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    high_bits = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+    return low_bits, high_bits
+
+
+@lazy_jit
+def _w4_weight_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr,
+                     HALF: tl.constexpr):
+    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128; with HALF
+    # fp16x2, 1024 + q under fp16's), or with FOLD 128 + q (1024 + q) itself: the kernel then takes (128 + z) *
+    # sum(x) off the float32 sums instead
+    mask = tl.full(words.shape, 0x000F000F, tl.int32)
+    exponent = tl.full(words.shape, 0x64006400 if HALF else 0x43004300, tl.int32)
+    if not INLINE_ASM:  # the interpreter subtracts z in float32
+        return ((words >> (4 * i)) & mask) | exponent
+    q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    if FOLD:
+        return q_pair
+    return tl.inline_asm_elementwise(SUB_F16X2 if HALF else SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@lazy_jit
+def _half_low(v, HALF: tl.constexpr):
+    # the low 16 bits of int32 words as float32: fp16 (HALF) or bf16
+    if HALF:
+        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (v << 16).to(tl.float32, bitcast=True)
+
+
+@lazy_jit
+def _half_high(v, HALF: tl.constexpr):
+    if HALF:
+        return (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (v & -65536).to(tl.float32, bitcast=True)
+
+
+@lazy_jit
+def _pair_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
+    # Both halves' (q - z) * x summed in float32: what a bf16x2 FMA or a lane's share of an mma adds up, for the
+    # interpreter (no PTX)
+    low = (_half_low(q_pair, HALF) - _half_low(z_pair, HALF)) * _half_low(x_pair, HALF)
+    high = (_half_high(q_pair, HALF) - _half_high(z_pair, HALF)) * _half_high(x_pair, HALF)
+    return low + high
 
 
 # INT4 for 1 < M < DEQUANT_MIN_M: a K tile is one planar block (BLOCK_K == B, one scale and zero point per row).
@@ -226,16 +297,7 @@ def _w4a16_join_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
             for i in tl.static_range(4):
                 k = k0 + i * (2 * WORDS) + tl.arange(0, 2 * WORDS)
                 x = tl.load(x_rows + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
-                # nibble i of the word and of its high half, in place under the exponent of 2^(23 - 4i)
-                mask = tl.full([BLOCK_N, WORDS], 0xF << (4 * i), tl.int32)
-                exponent = tl.full([BLOCK_N, WORDS], (150 - 4 * i) << 23, tl.int32)
-                if INLINE_ASM:
-                    bits_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words, mask, exponent],
-                                                        dtype=tl.int32, is_pure=True, pack=1)
-                    bits_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
-                                                        dtype=tl.int32, is_pure=True, pack=1)
-                else:  # the interpreter runs no PTX
-                    bits_lo, bits_hi = (words & mask) | exponent, (high & mask) | exponent
+                bits_lo, bits_hi = _w4_nibbles_under_exponent(words, high, i, INLINE_ASM)
                 bits = tl.interleave(bits_lo, bits_hi)  # [BLOCK_N, 2 * WORDS], in column order
                 q = (bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * i))).to(x.dtype)  # q - z, exact
                 if SWAP_AB:
@@ -329,17 +391,6 @@ def _dequantize_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, sw_n, so_n, BLOCK_N: tl
 # is 189 instructions with chains of two words, 205 with one, 226 when x pairs were gathered from two loads by
 # byte permutes (session 17's layout, nibbles i and i + 4 then B / 8 columns apart), 326 for the float32 loop.
 @lazy_jit
-def _fp16_pairs_to_bf16(x_pair, INLINE_ASM: tl.constexpr):
-    # int32 words of two fp16 -> the same two rounded to bf16, in the same halves
-    if INLINE_ASM:
-        return tl.inline_asm_elementwise(FP16X2_TO_BF16X2, "=r,r", [x_pair], dtype=tl.int32, is_pure=True, pack=1)
-    x_lo = (x_pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)  # the interpreter runs no PTX
-    x_hi = (x_pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.bfloat16)
-    return (x_hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) \
-        | (x_lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-
-
-@lazy_jit
 def _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks, GROUP_SIZE: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, EVICTION: tl.constexpr):
     # One trip's packed words [BLOCK_N, BLOCKS, TILES, WORDS] and zero points, and where its scales are
@@ -395,13 +446,7 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
             if CHAIN == 2:  # x split as the words are
                 x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
             for h in tl.static_range(CHAIN):
-                nibbles = (packed if CHAIN == 1 else packed_sets[h]) >> (4 * i)
-                mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x000F000F, tl.int32)
-                exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS // CHAIN], 0x43004300, tl.int32)
-                q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [nibbles, mask, exponent],
-                                                   dtype=tl.int32, is_pure=True, pack=1)
-                w_pair = tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
-                                                   is_pure=True, pack=1)
+                w_pair = _w4_weight_pairs(packed if CHAIN == 1 else packed_sets[h], z_pair, i, True, False, False)
                 x_set = x_pair if CHAIN == 1 else x_sets[h]
                 if i == 0 and h == 0:
                     pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
@@ -410,29 +455,13 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
                     pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_set, pair_dot],
                                                          dtype=tl.int32, is_pure=True, pack=1)
         elif PAIRS:  # the interpreter runs no PTX: the same halves, summed in float32
-            nibbles = packed >> (4 * i)
-            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x000F000F, tl.int32)
-            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0x43004300, tl.int32)
-            q_pair = (nibbles & mask) | exponent
-            q_lo = (q_pair << 16).to(tl.float32, bitcast=True) - (z_pair << 16).to(tl.float32, bitcast=True)
-            q_hi = (q_pair & -65536).to(tl.float32, bitcast=True) - (z_pair & -65536).to(tl.float32, bitcast=True)
-            term = q_lo * (x_pair << 16).to(tl.float32, bitcast=True) \
-                + q_hi * (x_pair & -65536).to(tl.float32, bitcast=True)
+            term = _pair_dot_emulated(_w4_weight_pairs(packed, z_pair, i, False, False, False), z_pair, x_pair, False)
             if i == 0:
                 dot = term
             else:
                 dot += term
         else:
-            # Nibble i in place under the exponent of 2^(23 - 4i) reads as 2^(23 - 4i) + q (its bits weigh 2^-4i).
-            mask = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], 0xF << (4 * i), tl.int32)
-            exponent = tl.full([BLOCK_N, BLOCKS, TILES, WORDS], (150 - 4 * i) << 23, tl.int32)
-            if INLINE_ASM:  # (word & mask) | exponent as one lop3 (lookup table 0xEA)
-                q_lo = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [packed, mask, exponent],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
-                q_hi = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [high, mask, exponent],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
-            else:  # the interpreter runs no PTX
-                q_lo, q_hi = (packed & mask) | exponent, (high & mask) | exponent
+            q_lo, q_hi = _w4_nibbles_under_exponent(packed, high, i, INLINE_ASM)
             bias = zf + 2.0 ** (23 - 4 * i)  # exact: integers below 2^24
             term = (q_lo.to(tl.float32, bitcast=True) - bias) * x_lo.to(tl.float32)[None, :, None, :]
             if i == 0:  # the first products start the block's sums: no zeroed registers to add them to
@@ -441,7 +470,7 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
                 dot += term
             dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi.to(tl.float32)[None, :, None, :]
     if PAIRS and INLINE_ASM:  # the two halves' sums, in float32 from here on
-        dot = (pair_dot << 16).to(tl.float32, bitcast=True) + (pair_dot & -65536).to(tl.float32, bitcast=True)
+        dot = _half_low(pair_dot, False) + _half_high(pair_dot, False)
     return dot
 
 
@@ -521,54 +550,13 @@ MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0
                         "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
 MMA_F16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
                        "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
-SUB_F16X2 = tl.constexpr("sub.rn.f16x2 $0, $1, $2;") if tl is not None else None
-
-
-@lazy_jit
-def _w4_mma_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr, HALF: tl.constexpr):
-    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128; with HALF
-    # fp16x2, 1024 + q under fp16's), or with FOLD 128 + q (1024 + q) itself: the kernel then takes (128 + z) *
-    # sum(x) off the float32 sums instead
-    mask = tl.full(words.shape, 0x000F000F, tl.int32)
-    exponent = tl.full(words.shape, 0x64006400 if HALF else 0x43004300, tl.int32)
-    if not INLINE_ASM:  # the interpreter subtracts z in float32
-        return ((words >> (4 * i)) & mask) | exponent
-    q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent], dtype=tl.int32,
-                                       is_pure=True, pack=1)
-    if FOLD:
-        return q_pair
-    return tl.inline_asm_elementwise(SUB_F16X2 if HALF else SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
-                                     is_pure=True, pack=1)
-
-
-@lazy_jit
-def _half_low(v, HALF: tl.constexpr):
-    # the low 16 bits of int32 words as float32: fp16 (HALF) or bf16
-    if HALF:
-        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return (v << 16).to(tl.float32, bitcast=True)
-
-
-@lazy_jit
-def _half_high(v, HALF: tl.constexpr):
-    if HALF:
-        return (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return (v & -65536).to(tl.float32, bitcast=True)
-
-
-@lazy_jit
-def _w4_mma_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
-    # What one lane's share of an mma adds up, for the interpreter (no PTX): both halves, float32
-    low = (_half_low(q_pair, HALF) - _half_low(z_pair, HALF)) * _half_low(x_pair, HALF)
-    high = (_half_high(q_pair, HALF) - _half_high(z_pair, HALF)) * _half_high(x_pair, HALF)
-    return low + high
 
 
 @lazy_jit
 def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
-                           GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
-                           EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr, STAGES: tl.constexpr,
-                           PDL: tl.constexpr):
+                           GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr,
+                           GATED: tl.constexpr, EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr,
+                           STAGES: tl.constexpr, PDL: tl.constexpr):
     # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
     # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
     # X_FP16: fp16 x, and fp16 weights for the mma (1024 + q under fp16's exponent), so x is used as it is.
@@ -633,10 +621,10 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
             else:
                 x_pair = tl.load(x_ptr + pair, mask=(2 * pair < K) & (block < num_blocks), other=0)
             x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
-            a_top_even = _w4_mma_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
-            a_bottom_even = _w4_mma_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
-            a_top_odd = _w4_mma_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
-            a_bottom_odd = _w4_mma_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
+            a_top_even = _w4_weight_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
+            a_bottom_even = _w4_weight_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
+            a_top_odd = _w4_weight_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
+            a_bottom_odd = _w4_weight_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
             if INLINE_ASM:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
                     MMA_F16 if X_FP16 else MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
@@ -648,17 +636,17 @@ def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks
                         [ones, ones, ones, ones, x_even, x_odd, sum_x0, sum_x1, sum_x2, sum_x3],
                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
             elif FOLD:
-                c0 += _w4_mma_dot_emulated(a_top_even, no_zero, x_even, X_FP16) \
-                    + _w4_mma_dot_emulated(a_top_odd, no_zero, x_odd, X_FP16)
-                c2 += _w4_mma_dot_emulated(a_bottom_even, no_zero, x_even, X_FP16) \
-                    + _w4_mma_dot_emulated(a_bottom_odd, no_zero, x_odd, X_FP16)
-                sum_x0 += _w4_mma_dot_emulated(ones, no_zero, x_even, X_FP16) \
-                    + _w4_mma_dot_emulated(ones, no_zero, x_odd, X_FP16)
+                c0 += _pair_dot_emulated(a_top_even, no_zero, x_even, X_FP16) \
+                    + _pair_dot_emulated(a_top_odd, no_zero, x_odd, X_FP16)
+                c2 += _pair_dot_emulated(a_bottom_even, no_zero, x_even, X_FP16) \
+                    + _pair_dot_emulated(a_bottom_odd, no_zero, x_odd, X_FP16)
+                sum_x0 += _pair_dot_emulated(ones, no_zero, x_even, X_FP16) \
+                    + _pair_dot_emulated(ones, no_zero, x_odd, X_FP16)
             else:
-                c0 += _w4_mma_dot_emulated(a_top_even, z_pair_top, x_even, X_FP16) \
-                    + _w4_mma_dot_emulated(a_top_odd, z_pair_top, x_odd, X_FP16)
-                c2 += _w4_mma_dot_emulated(a_bottom_even, z_pair_bottom, x_even, X_FP16) \
-                    + _w4_mma_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd, X_FP16)
+                c0 += _pair_dot_emulated(a_top_even, z_pair_top, x_even, X_FP16) \
+                    + _pair_dot_emulated(a_top_odd, z_pair_top, x_odd, X_FP16)
+                c2 += _pair_dot_emulated(a_bottom_even, z_pair_bottom, x_even, X_FP16) \
+                    + _pair_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd, X_FP16)
         if FOLD:  # sum((128 + q - (128 + z)) x) = sum((128 + q) x) - (128 + z) sum(x), in float32
             c0 -= (z_top.to(tl.float32) + MAGIC) * sum_x0
             c2 -= (z_bottom.to(tl.float32) + MAGIC) * sum_x0
