@@ -19,6 +19,7 @@ CUDA graph, launch gaps included. Variants:
   unfused_silu: activation.py's SiLU-and-mul kernel after gate_up, as before its GEMV's epilogue took it
     (TRITIUM_GEMV_SILU=0; the same function, gate and up rounded to the model dtype first);
   no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
+  w4nopreload: the INT4 GEMV alone loads its first trip after the wait (quant_matmul.w4_preload_first_trip);
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
   w8at=N:K:BLOCK_N:WORDS:num_warps: that tile for the INT8 GEMV of weight shape [N, K] only;
   w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps: the same for the INT4 GEMV (TILES even for gate_up, which is gated);
@@ -31,7 +32,6 @@ CUDA graph, launch gaps included. Variants:
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
   w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
-  w4preload: the INT4 GEMV's first trip loaded before the PDL wait (quant_matmul.w4_preload_first_trip).
   w4stages=N: the INT4 GEMV's loop with its loads N trips ahead through shared memory (quant_matmul.w4_gemv_stages).
   w4mma=WARPS[f][:STAGES]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps
     a program; f: the zero points folded out of the sums, MMA_FOLD; STAGES: loads pipelined, MMA_STAGES).
@@ -154,8 +154,8 @@ def _patch(variant: str):
                     "MMA_STAGES": int(stages or 1)}
         quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
             mma_tile if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
-    elif variant == "w4preload":  # the INT4 GEMV's first trip before the PDL wait
-        quant_matmul.w4_preload_first_trip = True
+    elif variant == "w4nopreload":  # the INT4 GEMV's first trip after the PDL wait, as before session 20
+        quant_matmul.w4_preload_first_trip = False
     elif variant.startswith("w4stages="):  # the INT4 GEMV's loads that many trips ahead
         quant_matmul.w4_gemv_stages = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The INT4 batch-1 experiments prepared in session 19 (issue #5), in one device call of about 8-9 minutes on one
-# H100, most informative first (each part's log in $OUT/NAME.log; a part cut by the time budget is recorded):
-#   1. GPU tests of the INT4 GEMVs: the tensor-core kernel, the pairs loop, preload and pipelined loads
-#   2. perf/exp_w4_mma.py: the tensor-core GEMV's tiles against the default, per projection from HBM (bf16)
-#   3. perf/ablate_decode.py, 8B INT4 + INT8 head batch-1 decode: base, the first-trip preload, 3 pipelined trips,
-#      the tensor-core GEMV with 8 and 4 warps (zero points folded) and with 3 pipelined trips, base again
-#   4. the same harness in bf16, for the ratio on this machine
+# The INT4 batch-1 experiments of sessions 19-20 (issue #5), in one device call of about 9 minutes on one H100,
+# most informative first (each part's log in $OUT/NAME.log; a part cut by the time budget is recorded):
+#   1. GPU tests of the INT4 GEMV (fp16 and bf16 x, tiles with the first trip preloaded, gated)
+#   2. perf/ablate_decode.py, 8B INT4 + INT8 head batch-1 decode: base, then one other tile per projection shape
+#      (qkv, o, gate_up, down: 4 words a thread instead of 2, or half the rows a program), base again
+#   3. the tiles that saved 5 us or more each, all together, against base
+#   4. the headline, python3 perf/bench_quant.py --skip-kernels --engine-modes bf16,int4_wo+head (bf16 for the ratio)
+#   5. with 3's tiles applied (when any won): INT4 + INT8 head again, for the defaults they would become
 #   OUT=/tmp/o BUDGET_S=560 bash perf/gpu_int4_experiments.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +16,46 @@ BUDGET_S=${BUDGET_S:-560}
 mkdir -p "$OUT"
 source perf/device_steps.sh  # step NAME LIMIT_S COMMAND...
 
-step tests 150 python3 -m pytest -q tests/kernels/test_quant_matmul.py -k "tensor_cores or w4a16 or gated or 16_bit"
-step mma 120 python3 perf/exp_w4_mma.py --dtypes bf16 --out "$OUT/exp_w4_mma.json"
-step int4 260 python3 perf/ablate_decode.py --quant int4_wo+head \
-  --variants base,w4preload,w4stages=3,w4mma=8f,w4mma=4f,w4mma=8f:3,base --out "$OUT/ablate_int4.json"
-step bf16 60 python3 perf/ablate_decode.py --variants base --out "$OUT/ablate_bf16.json"
+QKV=6144:4096 O=4096:4096 GATE_UP=28672:4096 DOWN=4096:14336
+TILES="w4at=$QKV:8:2:8:4,w4at=$QKV:4:2:8:4,w4at=$O:8:2:16:8,w4at=$O:4:2:16:8,w4at=$O:8:2:8:8"
+TILES+=",w4at=$GATE_UP:8:2:8:4,w4at=$GATE_UP:4:2:8:4,w4at=$DOWN:8:2:16:8,w4at=$DOWN:4:2:16:8"
+
+T=tests/kernels/test_quant_matmul.py
+step tests 110 python3 -m pytest -q -rf $T::test_w4a16 $T::test_w4a16_batch_one_gemv $T::test_w4a16_gemv_tiles \
+  $T::test_gated_gemvs_are_silu_and_mul_of_the_product
+step tiles 160 python3 perf/ablate_decode.py --quant int4_wo+head --variants "base,$TILES,base" \
+  --out "$OUT/ablate_tiles.json"
+# The best tile of each shape that beat the better base by 5 us or more (base to base moved ~6 us in session 20).
+COMBO=$(python3 - "$OUT/ablate_tiles.json" <<'PY' 2>/dev/null
+import json, sys
+runs = json.load(open(sys.argv[1]))["variants"]
+base = min(r["ms_per_step"] for k, r in runs.items() if k.endswith(":base"))
+best = {}
+for key, r in runs.items():
+    variant = key.partition(":")[2]
+    if variant.startswith("w4at=") and base - r["ms_per_step"] >= 0.005:
+        shape = tuple(variant[5:].split(":")[:2])
+        if shape not in best or r["ms_per_step"] < best[shape][1]:
+            best[shape] = (variant, r["ms_per_step"])
+print("+".join(v for v, _ in best.values()))
+PY
+)
+echo "tiles that won: ${COMBO:-none}"
+[[ -n "$COMBO" ]] && step combo 60 python3 perf/ablate_decode.py --quant int4_wo+head --variants "$COMBO,base" \
+  --out "$OUT/ablate_combo.json"
+step headline 150 python3 perf/bench_quant.py --skip-kernels --engine-modes bf16,int4_wo+head \
+  --out "$OUT/bench_quant.json"
+[[ -n "$COMBO" ]] && step headline_combo 80 python3 - "$COMBO" "$OUT/bench_quant_combo.json" <<'PY'
+import runpy, sys
+from perf.ablate_decode import _patch
+combo, out = sys.argv[1:]
+for part in combo.split("+"):
+    _patch(part)
+sys.argv = ["bench_quant.py", "--skip-kernels", "--engine-modes", "int4_wo+head", "--out", out]
+runpy.run_path("perf/bench_quant.py", run_name="__main__")
+PY
 rm -f "$OUT"/*.rc
-echo; tail -n 2 "$OUT/tests.log"; grep -v Warn "$OUT/mma.log" | tail -n 4; tail -n 9 "$OUT/int4.log"; tail -n 2 "$OUT/bf16.log"
+echo; tail -n 3 "$OUT/tests.log"; tail -n 13 "$OUT/tiles.log"; echo "combo: ${COMBO:-none}"
+[[ -n "$COMBO" ]] && tail -n 3 "$OUT/combo.log"; tail -n 6 "$OUT/headline.log"
+[[ -n "$COMBO" ]] && tail -n 4 "$OUT/headline_combo.log"
+true

@@ -784,9 +784,9 @@ w4_chain_words = 2
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
 # The INT4 GEMV's first trip loaded before the PDL wait (PRELOAD in its kernel), as the bf16 and INT8 GEMVs load
-# their first tile (INT8 + INT8 head 3.357 -> 3.289 ms per 8B step, session 9). Off until timed on the GPU
-# (perf/ablate_decode.py variant w4preload): with it off the kernel compiles to the same sm_90 code as before.
-w4_preload_first_trip = False
+# their first tile: INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py
+# variant w4preload, session 20). False loads it after the wait, as before.
+w4_preload_first_trip = True
 # Trips the INT4 GEMV's loop loads ahead (STAGES in its kernel; 1: none, each trip's loads go straight to
 # registers). With 2-4, Triton pipelines the weight, zero point and scale loads through shared memory (cp.async,
 # 10-30 KB per program): more bytes in flight per SM for 11-22 more loop instructions per trip (sm_90 cubin:

@@ -95,6 +95,15 @@ def test_w4a16_narrow_product_dequantizes_into_the_shared_scratch(dtype, atol, r
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
+def int4_gemv_tolerance(dtype, atol: float, rtol: float) -> tuple[float, float]:
+    """The INT4 GEMV (batch 1) rounds fp16 x to bf16 pairs and sums products in bf16x2 (w4_fp16_pairs): on the
+    GPU ~4e-3 of the output's norm, so fp16 gets the 16-bit activations test's 1% bound there (the float32 loop
+    it replaced met 3e-3)."""
+    if dtype == torch.float16 and qm.w4_fp16_pairs:
+        return 1e-2, 1e-2
+    return atol, rtol
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("M,N,K,group", SHAPES)
 def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
@@ -102,6 +111,8 @@ def test_w4a16(M, N, K, group, dtype, atol, rtol, device):
     x = torch.randn(M, K, device=device).to(dtype) / K ** 0.5
     got = qm.w4a16_matmul_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group)
     want = qm.w4a16_matmul_ref(x.float(), qweight, scales, zeros, group)
+    if M == 1:  # the GEMV
+        atol, rtol = int4_gemv_tolerance(dtype, atol, rtol)
     torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
 
 
@@ -119,6 +130,7 @@ def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     words = qm.to_planar_int4(qweight, group)
     got = qm.w4a16_gemv_triton(x, words, scales, zeros, group)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
+    atol, rtol = int4_gemv_tolerance(dtype, atol, rtol)
     torch.testing.assert_close(got.double(), want, atol=atol * want.abs().max().item(), rtol=rtol)
     torch.testing.assert_close(qm.w4a16_matmul_triton(x, words, scales, zeros, group), got)  # the dispatch
 
@@ -246,8 +258,7 @@ def test_gated_gemvs_are_silu_and_mul_of_the_product(N, K, group, dtype, atol, r
     want4 = _silu_and_mul(x.double() @ qm.dequantize_int4(q4, s4, z4, group).double().T)
     got4 = qm.w4a16_gemv_triton(x, qm.to_planar_int4(q4, group), s4, z4, group, gated=True)
     assert got4.shape == (1, N // 2)
-    if dtype == torch.float16 and qm.w4_fp16_pairs:  # x rounded to bf16 pairs: the 16-bit activations test's bound
-        atol = rtol = 1e-2
+    atol, rtol = int4_gemv_tolerance(dtype, atol, rtol)
     torch.testing.assert_close(got4.double(), want4, atol=atol * want4.abs().max().item(), rtol=rtol)
 
 
