@@ -32,9 +32,6 @@ CUDA graph, launch gaps included. Variants:
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
   w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
-  w4stages=N: the INT4 GEMV's loop with its loads N trips ahead through shared memory (quant_matmul.w4_gemv_stages).
-  w4mma=WARPS[f][:STAGES]: every INT4 GEMV over 128-column blocks on the tensor cores (its mma kernel, WARPS warps
-    a program; f: the zero points folded out of the sums, MMA_FOLD; STAGES: loads pipelined, MMA_STAGES).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -102,8 +99,7 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
-    original_w4_loop = (quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages,
-                        quant_matmul.w4_preload_first_trip)
+    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_preload_first_trip
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -148,16 +144,8 @@ def _patch(variant: str):
         quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
-    elif variant.startswith("w4mma="):  # the tensor-core INT4 GEMV: w4mma=8f:3
-        value, _, stages = variant.partition("=")[2].partition(":")
-        mma_tile = {"MMA_WARPS": int(value.rstrip("f")), "MMA_FOLD": value.endswith("f"),
-                    "MMA_STAGES": int(stages or 1)}
-        quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
-            mma_tile if quant_matmul.planar_block(K, group) == 128 else original_w4_tile(N, K, group, device))
     elif variant == "w4nopreload":  # the INT4 GEMV's first trip after the PDL wait, as before session 20
         quant_matmul.w4_preload_first_trip = False
-    elif variant.startswith("w4stages="):  # the INT4 GEMV's loads that many trips ahead
-        quant_matmul.w4_gemv_stages = int(variant.partition("=")[2])
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}
@@ -175,8 +163,7 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
-        (quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_stages,
-         quant_matmul.w4_preload_first_trip) = original_w4_loop
+        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_preload_first_trip = original_w4_loop
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

@@ -172,10 +172,9 @@ FMA_BF16X2 = tl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;") if tl is not None els
 # Two fp16 (low, high half) -> two bf16 in the same halves (cvt.rn.bf16x2.f32 d, a, b puts a in the high half)
 FP16X2_TO_BF16X2 = tl.constexpr("{ .reg .f16 lo, hi; .reg .f32 flo, fhi; mov.b32 {lo, hi}, $1; cvt.f32.f16 flo, lo; "
                                 "cvt.f32.f16 fhi, hi; cvt.rn.bf16x2.f32 $0, fhi, flo; }") if tl is not None else None
-SUB_F16X2 = tl.constexpr("sub.rn.f16x2 $0, $1, $2;") if tl is not None else None
 
 
-# Helpers of the INT4 batch-1 GEMVs (the pairs loop and the tensor-core kernel below).
+# Helpers of the INT4 batch-1 GEMV and its pairs loop (below).
 @lazy_jit
 def _fp16_pairs_to_bf16(x_pair, INLINE_ASM: tl.constexpr):
     # int32 words of two fp16 -> the same two rounded to bf16, in the same halves
@@ -204,44 +203,33 @@ def _w4_nibbles_under_exponent(words, high, i: tl.constexpr, INLINE_ASM: tl.cons
 
 
 @lazy_jit
-def _w4_weight_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr, FOLD: tl.constexpr,
-                     HALF: tl.constexpr):
-    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128; with HALF
-    # fp16x2, 1024 + q under fp16's), or with FOLD 128 + q (1024 + q) itself: the kernel then takes (128 + z) *
-    # sum(x) off the float32 sums instead
+def _w4_weight_pairs(words, z_pair, i: tl.constexpr, INLINE_ASM: tl.constexpr):
+    # bf16x2 (q - z) of nibbles i and i + 4 of each word (exact: 128 + q under bf16's exponent of 128, less 128 + z)
     mask = tl.full(words.shape, 0x000F000F, tl.int32)
-    exponent = tl.full(words.shape, 0x64006400 if HALF else 0x43004300, tl.int32)
-    if not INLINE_ASM:  # the interpreter subtracts z in float32
+    exponent = tl.full(words.shape, 0x43004300, tl.int32)
+    if not INLINE_ASM:  # the interpreter subtracts z in float32 (_pair_dot_emulated)
         return ((words >> (4 * i)) & mask) | exponent
     q_pair = tl.inline_asm_elementwise(LOP3_AND_OR, "=r,r,r,r", [words >> (4 * i), mask, exponent], dtype=tl.int32,
                                        is_pure=True, pack=1)
-    if FOLD:
-        return q_pair
-    return tl.inline_asm_elementwise(SUB_F16X2 if HALF else SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(SUB_BF16X2, "=r,r,r", [q_pair, z_pair], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @lazy_jit
-def _half_low(v, HALF: tl.constexpr):
-    # the low 16 bits of int32 words as float32: fp16 (HALF) or bf16
-    if HALF:
-        return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _bf16_low(v):
+    # the low bf16 of int32 words as float32
     return (v << 16).to(tl.float32, bitcast=True)
 
 
 @lazy_jit
-def _half_high(v, HALF: tl.constexpr):
-    if HALF:
-        return (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _bf16_high(v):
     return (v & -65536).to(tl.float32, bitcast=True)
 
 
 @lazy_jit
-def _pair_dot_emulated(q_pair, z_pair, x_pair, HALF: tl.constexpr):
-    # Both halves' (q - z) * x summed in float32: what a bf16x2 FMA or a lane's share of an mma adds up, for the
-    # interpreter (no PTX)
-    low = (_half_low(q_pair, HALF) - _half_low(z_pair, HALF)) * _half_low(x_pair, HALF)
-    high = (_half_high(q_pair, HALF) - _half_high(z_pair, HALF)) * _half_high(x_pair, HALF)
+def _pair_dot_emulated(q_pair, z_pair, x_pair):
+    # Both halves' (q - z) * x summed in float32: what a bf16x2 FMA adds up, for the interpreter (no PTX)
+    low = (_bf16_low(q_pair) - _bf16_low(z_pair)) * _bf16_low(x_pair)
+    high = (_bf16_high(q_pair) - _bf16_high(z_pair)) * _bf16_high(x_pair)
     return low + high
 
 
@@ -446,7 +434,7 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
             if CHAIN == 2:  # x split as the words are
                 x_sets = tl.split(tl.reshape(x_pair, [1, BLOCKS, 1, WORDS // 2, 2]))
             for h in tl.static_range(CHAIN):
-                w_pair = _w4_weight_pairs(packed if CHAIN == 1 else packed_sets[h], z_pair, i, True, False, False)
+                w_pair = _w4_weight_pairs(packed if CHAIN == 1 else packed_sets[h], z_pair, i, True)
                 x_set = x_pair if CHAIN == 1 else x_sets[h]
                 if i == 0 and h == 0:
                     pair_dot = tl.inline_asm_elementwise(MUL_BF16X2, "=r,r,r", [w_pair, x_set], dtype=tl.int32,
@@ -455,7 +443,7 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
                     pair_dot = tl.inline_asm_elementwise(FMA_BF16X2, "=r,r,r,r", [w_pair, x_set, pair_dot],
                                                          dtype=tl.int32, is_pure=True, pack=1)
         elif PAIRS:  # the interpreter runs no PTX: the same halves, summed in float32
-            term = _pair_dot_emulated(_w4_weight_pairs(packed, z_pair, i, False, False, False), z_pair, x_pair, False)
+            term = _pair_dot_emulated(_w4_weight_pairs(packed, z_pair, i, False), z_pair, x_pair)
             if i == 0:
                 dot = term
             else:
@@ -470,7 +458,7 @@ def _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K: tl.constexpr, EVEN_K:
                 dot += term
             dot += (q_hi.to(tl.float32, bitcast=True) - bias) * x_hi.to(tl.float32)[None, :, None, :]
     if PAIRS and INLINE_ASM:  # the two halves' sums, in float32 from here on
-        dot = _half_low(pair_dot, False) + _half_high(pair_dot, False)
+        dot = _bf16_low(pair_dot) + _bf16_high(pair_dot)
     return dot
 
 
@@ -479,15 +467,14 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
                        GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, INLINE_ASM: tl.constexpr, GATED: tl.constexpr,
                        EVICTION: tl.constexpr, PAIRS: tl.constexpr, CHAIN: tl.constexpr, X_FP16: tl.constexpr,
-                       PRELOAD: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                       PRELOAD: tl.constexpr, PDL: tl.constexpr):
     # EVICTION: the packed weights' L2 eviction policy (w8_weight_eviction says why). PAIRS (bf16 x only): two
     # nibbles per instruction in bf16x2 arithmetic (the comment above says how). CHAIN (1 or 2; 2 with PAIRS and
     # INLINE_ASM only): each bf16x2 sum runs over the pairs of that many words (adjacent in a
     # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
     # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's). PRELOAD: the
     # first trip's weights, zero points and scales are loaded before the PDL wait and used at once after it, as
-    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile). STAGES > 1: Triton's software pipeline runs the loop's
-    # weight, zero point and scale loads that many trips ahead through shared memory (w4_gemv_stages says why).
+    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile).
     tile = tl.arange(0, TILES)[None, :]
     n = tl.arange(0, BLOCK_N)[:, None]
     if GATED:  # weight [gate; up], output silu(gate) * up: even tiles take gate rows, odd tiles the up rows they meet
@@ -510,7 +497,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         acc = s * _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
     else:
         acc = tl.zeros([BLOCK_N, BLOCKS, TILES, BLOCK_K // 8 // CHAIN], dtype=tl.float32)
-    for b0 in tl.range(BLOCKS if PRELOAD else 0, num_blocks, BLOCKS, num_stages=STAGES):
+    for b0 in range(BLOCKS if PRELOAD else 0, num_blocks, BLOCKS):
         packed, z, block, group, sz_ok = _w4_gemv_trip_weights(w_rows, z_ptr, sz_rows, row_ok, b0, num_blocks,
                                                                GROUP_SIZE, BLOCK_K, BLOCKS, EVEN_K, EVICTION)
         dot = _w4_gemv_trip_dot(x_ptr, packed, z, block, K, BLOCK_K, EVEN_K, INLINE_ASM, PAIRS, CHAIN, X_FP16)
@@ -525,153 +512,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
         tl.store(out_ptr + out_n, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=out_n < N)
     else:
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-# The INT4 batch-1 GEMV on the tensor cores (a tile {"MMA_WARPS": W, ...} selects it; no default tile does yet,
-# as it has not run on a GPU): mma.sync m16n8k16 (16-bit in, float32 sums) with the weight as the 16 x 16 A
-# operand and x as B, x repeated in all 8 columns (7 of them wasted: the tensor cores have the throughput to spare
-# at batch 1). The weights are unpacked in registers right where mma wants them, as Marlin does (its idea), but
-# from the same group-planar words as the other INT4 kernels: lane t of a warp loads 4 words (16 bytes) of row
-# t // 4 ("top") and of row t // 4 + 8 ("bottom"), words 4 (t % 4) .. + 3 of one 128-column block, which is the
-# fragment layout up to the naming of k: A's a0a1 / a2a3 (top / bottom, "k" 2 (t % 4) and + 1) are nibbles i and
-# i + 4 of an even word, a4a5 / a6a7 ("k" + 8) those of the next odd word, and B's b0b1, b2b3 the x pairs facing
-# them, which the same lane loads (an mma sums over k, so which columns a lane calls k only has to agree between A
-# and B). Each mma then sums 16 rows x 16 columns; its outputs c0 (top) and c2 (bottom) reach each of the row's 4
-# lanes whole, so the final sum over a row's lanes counts each 4 times. Triton gives the loads that lane layout
-# (sizePerThread [1, 1, 4], threadsPerWarp [8, 1, 4] in the TTGIR for sm_90) and the mapping was checked against
-# the PTX fragment layout in a numpy simulation of one warp (session 19). Per lane per block: 2 weight and 4 x
-# loads of 16 bytes, a shift and a lop3 per pair, then a 16-bit subtraction of 128 + z per pair or, with FOLD, the
-# zero points taken off the float32 sums as (128 + z) * sum(x) (sum(x) from mma with ones), and 8 or 16 mma: the
-# sm_90 loop is 129-141 instructions per 8 words against the pairs loop's 189, and its sums are float32 with exact
-# products where the pairs loop rounds to bf16. fp16 x takes an fp16 mma over fp16 weights (1024 + q), unconverted.
-# Warps split K (warp w takes blocks w, w + WARPS, ...); a program is 16 rows, or for GATED 8 gate rows (top) and
-# the 8 up rows of the same outputs (bottom). perf/exp_w4_mma.py and perf/gpu_int4_experiments.sh time it.
-MMA_BF16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
-                        "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
-MMA_F16 = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
-                       "{$8, $9}, {$10, $11, $12, $13};") if tl is not None else None
-
-
-@lazy_jit
-def _w4a16_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw_n, ss_n,
-                           GROUP_SIZE: tl.constexpr, WARPS: tl.constexpr, EVEN: tl.constexpr, INLINE_ASM: tl.constexpr,
-                           GATED: tl.constexpr, EVICTION: tl.constexpr, X_FP16: tl.constexpr, FOLD: tl.constexpr,
-                           STAGES: tl.constexpr, PDL: tl.constexpr):
-    # x_ptr: x as int32 words (column pairs). EVEN: N a multiple of the program's rows, K of 128 and the blocks
-    # of WARPS: no masks. Tensors are [8 rows, WARPS, 16 words] (lanes: 8 rows x 4 word quads, one warp a block).
-    # X_FP16: fp16 x, and fp16 weights for the mma (1024 + q under fp16's exponent), so x is used as it is.
-    MAGIC: tl.constexpr = 1024.0 if X_FP16 else 128.0
-    MAGIC_BITS: tl.constexpr = 0x6400 if X_FP16 else 0x4300
-    if PDL:  # see _pdl.py
-        gdc_wait()
-    g = tl.arange(0, 8)[:, None, None]
-    split = tl.arange(0, WARPS)[None, :, None]
-    j = tl.arange(0, 16)[None, None, :]
-    if GATED:  # N: the outputs; gate rows on top, their up rows (N further) at the bottom
-        top = tl.program_id(0) * 8 + g
-        bottom = top + N
-        top_ok = top < N
-        bottom_ok = top_ok
-    else:
-        top = tl.program_id(0) * 16 + g
-        bottom = top + 8
-        top_ok = top < N
-        bottom_ok = bottom < N
-    w_top = w_ptr + top.to(tl.int64) * sw_n
-    w_bottom = w_ptr + bottom.to(tl.int64) * sw_n
-    sz_top = top.to(tl.int64) * ss_n
-    sz_bottom = bottom.to(tl.int64) * ss_n
-    acc_top = tl.zeros([8, WARPS, 8], tl.float32)
-    acc_bottom = tl.zeros([8, WARPS, 8], tl.float32)
-    for b0 in tl.range(0, num_blocks, WARPS, num_stages=STAGES):  # STAGES > 1: loads ahead (w4_gemv_stages)
-        block = b0 + split
-        group = block * 128 // GROUP_SIZE  # a group is one or more whole blocks
-        if EVEN:
-            words_top = tl.load(w_top + block * 16 + j, eviction_policy=EVICTION)
-            words_bottom = tl.load(w_bottom + block * 16 + j, eviction_policy=EVICTION)
-            z_top = tl.load(z_ptr + sz_top + group)
-            z_bottom = tl.load(z_ptr + sz_bottom + group)
-        else:
-            ok_top = top_ok & (block < num_blocks)
-            ok_bottom = bottom_ok & (block < num_blocks)
-            words_top = tl.load(w_top + block * 16 + j, mask=ok_top, other=0, eviction_policy=EVICTION)
-            words_bottom = tl.load(w_bottom + block * 16 + j, mask=ok_bottom, other=0, eviction_policy=EVICTION)
-            z_top = tl.load(z_ptr + sz_top + group, mask=ok_top, other=0)
-            z_bottom = tl.load(z_ptr + sz_bottom + group, mask=ok_bottom, other=0)
-        z_pair_top = (z_top.to(tl.int32) + MAGIC_BITS) * 0x10001  # 128 + z (fp16: 1024 + z) in both halves
-        z_pair_bottom = (z_bottom.to(tl.int32) + MAGIC_BITS) * 0x10001
-        # even and odd words of each lane's quad: A's k and k + 8
-        top_even, top_odd = tl.split(tl.reshape(words_top, [8, WARPS, 8, 2]))
-        bottom_even, bottom_odd = tl.split(tl.reshape(words_bottom, [8, WARPS, 8, 2]))
-        c0 = tl.zeros([8, WARPS, 8], tl.float32)
-        c1 = tl.zeros([8, WARPS, 8], tl.float32)
-        c2 = tl.zeros([8, WARPS, 8], tl.float32)
-        c3 = tl.zeros([8, WARPS, 8], tl.float32)
-        if FOLD:  # the block's sum of x, from mma with ones for weights: the same sums over the same lanes
-            ones = tl.full([8, WARPS, 8], 0x3C003C00 if X_FP16 else 0x3F803F80, tl.int32)
-            no_zero = tl.zeros([8, WARPS, 8], tl.int32)  # for the interpreter's form: 128 + q stays as it is
-            sum_x0 = tl.zeros([8, WARPS, 8], tl.float32)
-            sum_x1 = tl.zeros([8, WARPS, 8], tl.float32)
-            sum_x2 = tl.zeros([8, WARPS, 8], tl.float32)
-            sum_x3 = tl.zeros([8, WARPS, 8], tl.float32)
-        for i in tl.static_range(4):
-            pair = block * 64 + j + 16 * i  # nibbles i and i + 4 of word j: column pair j + 16 i of the block
-            if EVEN:
-                x_pair = tl.load(x_ptr + pair)
-            else:
-                x_pair = tl.load(x_ptr + pair, mask=(2 * pair < K) & (block < num_blocks), other=0)
-            x_even, x_odd = tl.split(tl.reshape(x_pair, [1, WARPS, 8, 2]))
-            a_top_even = _w4_weight_pairs(top_even, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
-            a_bottom_even = _w4_weight_pairs(bottom_even, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
-            a_top_odd = _w4_weight_pairs(top_odd, z_pair_top, i, INLINE_ASM, FOLD, X_FP16)
-            a_bottom_odd = _w4_weight_pairs(bottom_odd, z_pair_bottom, i, INLINE_ASM, FOLD, X_FP16)
-            if INLINE_ASM:
-                c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                    MMA_F16 if X_FP16 else MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-                    [a_top_even, a_bottom_even, a_top_odd, a_bottom_odd, x_even, x_odd, c0, c1, c2, c3],
-                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-                if FOLD:
-                    sum_x0, sum_x1, sum_x2, sum_x3 = tl.inline_asm_elementwise(
-                        MMA_F16 if X_FP16 else MMA_BF16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-                        [ones, ones, ones, ones, x_even, x_odd, sum_x0, sum_x1, sum_x2, sum_x3],
-                        dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-            elif FOLD:
-                c0 += _pair_dot_emulated(a_top_even, no_zero, x_even, X_FP16) \
-                    + _pair_dot_emulated(a_top_odd, no_zero, x_odd, X_FP16)
-                c2 += _pair_dot_emulated(a_bottom_even, no_zero, x_even, X_FP16) \
-                    + _pair_dot_emulated(a_bottom_odd, no_zero, x_odd, X_FP16)
-                sum_x0 += _pair_dot_emulated(ones, no_zero, x_even, X_FP16) \
-                    + _pair_dot_emulated(ones, no_zero, x_odd, X_FP16)
-            else:
-                c0 += _pair_dot_emulated(a_top_even, z_pair_top, x_even, X_FP16) \
-                    + _pair_dot_emulated(a_top_odd, z_pair_top, x_odd, X_FP16)
-                c2 += _pair_dot_emulated(a_bottom_even, z_pair_bottom, x_even, X_FP16) \
-                    + _pair_dot_emulated(a_bottom_odd, z_pair_bottom, x_odd, X_FP16)
-        if FOLD:  # sum((128 + q - (128 + z)) x) = sum((128 + q) x) - (128 + z) sum(x), in float32
-            c0 -= (z_top.to(tl.float32) + MAGIC) * sum_x0
-            c2 -= (z_bottom.to(tl.float32) + MAGIC) * sum_x0
-        if EVEN:
-            s_top = tl.load(s_ptr + sz_top + group)
-            s_bottom = tl.load(s_ptr + sz_bottom + group)
-        else:
-            s_top = tl.load(s_ptr + sz_top + group, mask=top_ok & (block < num_blocks), other=0.0)
-            s_bottom = tl.load(s_ptr + sz_bottom + group, mask=bottom_ok & (block < num_blocks), other=0.0)
-        acc_top += s_top.to(tl.float32) * c0
-        acc_bottom += s_bottom.to(tl.float32) * c2
-    if PDL:
-        gdc_launch_dependents()
-    copies: tl.constexpr = 4 if INLINE_ASM else 1  # the mma's sums reach all 4 lanes of a row
-    y_top = tl.sum(tl.sum(acc_top, axis=2), axis=1) / copies  # [8]
-    y_bottom = tl.sum(tl.sum(acc_bottom, axis=2), axis=1) / copies
-    r = tl.arange(0, 8)
-    if GATED:
-        out_rows = tl.program_id(0) * 8 + r
-        tl.store(out_ptr + out_rows, (y_top * tl.sigmoid(y_top) * y_bottom).to(out_ptr.dtype.element_ty),
-                 mask=out_rows < N)
-    else:
-        out_rows = tl.program_id(0) * 16 + r
-        tl.store(out_ptr + out_rows, y_top.to(out_ptr.dtype.element_ty), mask=out_rows < N)
-        tl.store(out_ptr + out_rows + 8, y_bottom.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
 
 
 # Batch-1 W8A16: the bf16 GEMV's shape (backend/kernels/gemv.py) over int8 rows. BLOCK_N rows per program,
@@ -787,11 +627,6 @@ w4_fp16_pairs = True
 # their first tile: INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py
 # variant w4preload, session 20). False loads it after the wait, as before.
 w4_preload_first_trip = True
-# Trips the INT4 GEMV's loop loads ahead (STAGES in its kernel; 1: none, each trip's loads go straight to
-# registers). With 2-4, Triton pipelines the weight, zero point and scale loads through shared memory (cp.async,
-# 10-30 KB per program): more bytes in flight per SM for 11-22 more loop instructions per trip (sm_90 cubin:
-# 189 -> 200 at 2, 211 at 3 and 4). Not yet timed on the GPU (perf/ablate_decode.py variant w4stages=N).
-w4_gemv_stages = 1
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -1184,8 +1019,6 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     n_out = N // 2 if gated else N
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)
-    if "MMA_WARPS" in tile:
-        return _w4a16_gemv_mma(x, words, scales, zeros, group_size, out, gated, tile)
     if gated and tile["TILES"] % 2:
         raise ValueError(f"the gated INT4 GEMV pairs gate and up tiles: TILES must be even, got {tile['TILES']}")
     block_k = planar_block(K, group_size)
@@ -1203,32 +1036,8 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
-        PRELOAD=_pdl.preload_first_tile and w4_preload_first_trip, STAGES=w4_gemv_stages,
+        PRELOAD=_pdl.preload_first_tile and w4_preload_first_trip,
         num_warps=tile["num_warps"], **pdl_args(x.device))
-    return out
-
-
-def _w4a16_gemv_mma(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    out: torch.Tensor, gated: bool, tile: dict) -> torch.Tensor:
-    """The tensor-core GEMV (_w4a16_gemv_mma_kernel) into out [1, N or N / 2]: blocks of 128 columns, 16-bit x."""
-    N, K = words.shape[0], x.shape[1]
-    if planar_block(K, group_size) != 128 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the tensor-core INT4 GEMV needs 128-column planar blocks (groups of 128 or more) and bf16 "
-                         f"or fp16 x; got groups of {group_size} over K {K}, x {x.dtype}")
-    num_blocks = words.shape[1] // 16
-    n_out = out.shape[1]
-    rows_per_program = 8 if gated else 16
-    warps = tile["MMA_WARPS"]
-    x_fp16 = x.dtype == torch.float16
-    x = x.contiguous()
-    x = (x if x.data_ptr() % 4 == 0 else x.clone()).view(torch.int32)  # column pairs
-    _w4a16_gemv_mma_kernel[(-(-n_out // rows_per_program),)](
-        x, words, scales, zeros, out, n_out, K, num_blocks, words.stride(0), scales.stride(0), GROUP_SIZE=group_size,
-        WARPS=warps,
-        EVEN=n_out % rows_per_program == 0 and K % 128 == 0 and num_blocks % warps == 0,
-        INLINE_ASM=os.environ.get("TRITON_INTERPRET") != "1", GATED=gated, EVICTION=w4_weight_eviction,
-        X_FP16=x_fp16, FOLD=tile.get("MMA_FOLD", False), STAGES=tile.get("MMA_STAGES", 1), num_warps=warps,
-        **pdl_args(out.device))
     return out
 
 

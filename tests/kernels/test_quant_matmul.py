@@ -139,18 +139,16 @@ W4_GEMV_TILES = [dict(TILES=1, BLOCK_N=4, BLOCKS=2, num_warps=2), dict(TILES=2, 
                  dict(TILES=4, BLOCK_N=8, BLOCKS=8, num_warps=4)]
 
 
-@pytest.mark.parametrize("preload,stages", [(True, 1), (False, 1), (True, 3)])
+@pytest.mark.parametrize("preload", [True, False])
 @pytest.mark.parametrize("tile", W4_GEMV_TILES)
 @pytest.mark.parametrize("N,K,group", GEMV_SHAPES)
-def test_w4a16_gemv_tiles(N, K, group, tile, preload, stages, device, monkeypatch):
+def test_w4a16_gemv_tiles(N, K, group, tile, preload, device, monkeypatch):
     # Tiles of several blocks and row tiles: blocks past K (576 = 4.5 blocks of 128, the last one padded), blocks
     # past the last (BLOCKS does not divide their count), whole trips (1024 / 32 = 32 blocks: no K masks), blocks
     # in different groups, and group == K (every block in group 0). With the first trip loaded before the PDL
-    # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products; and with the
-    # loop's loads pipelined 3 trips ahead (compiled only: the interpreter runs the plain loop).
+    # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products.
     monkeypatch.setattr(_pdl, "preload_first_tile", True)
     monkeypatch.setattr(qm, "w4_preload_first_trip", preload)
-    monkeypatch.setattr(qm, "w4_gemv_stages", stages)
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, tile=tile)
@@ -503,33 +501,3 @@ def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
         torch.testing.assert_close(layer(rows), want[:rows.shape[0]], atol=tol * want.abs().max().item(), rtol=tol)
     assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (40, 5 * 16)
     assert torch.equal(qm.from_planar_int4(layer.qweight, 576, 128), reference.qweight)
-
-
-@pytest.mark.parametrize("warps,fold,stages", [(2, False, 1), (4, False, 1), (4, True, 1), (4, True, 3)])
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,K,group", [(37 * 2, 576, 128), (32, 1024, 256), (130, 1536, 128), (16, 576, 576)]
-                         + ([(6144, 4096, 128), (4096, 14336, 128)] if ON_GPU else []))
-def test_w4a16_gemv_on_tensor_cores(N, K, group, gated, dtype, warps, fold, stages, device):
-    # The mma GEMV (tile MMA_WARPS) against the float64 product: rows off its 16 (8 gated), K off its 128-column
-    # blocks (576 = 4.5 blocks), blocks off the warps (576's 5 blocks over 2 and 4 warps), fp16 x (fp16 weights
-    # for the mma then). Its products are exact and its sums float32, so the bound is the output's rounding to 16
-    # bits; a lane given the wrong k, row or half is off by whole weights. Groups of 128, of two blocks (256) and of
-    # the whole row (576, per channel). fold: the zero points taken off the sums as (128 + z) * sum(x), not off
-    # each weight; stages: loads pipelined (compiled only).
-    qweight, scales, zeros = random_int4(N, K, group, device)
-    x = (torch.randn(1, K, device=device) / K ** 0.5).to(dtype)
-    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, group).double().T
-    if gated:
-        want = _silu_and_mul(want)
-    got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, gated=gated,
-                               tile={"MMA_WARPS": warps, "MMA_FOLD": fold, "MMA_STAGES": stages})
-    torch.testing.assert_close(got.double(), want, atol=4e-3 * want.abs().max().item(), rtol=4e-3)
-
-
-def test_w4a16_gemv_on_tensor_cores_refuses_small_groups(device):
-    # Groups of 32 make planar blocks of 32 columns, which the mma lanes do not cover: an error, not wrong sums.
-    qweight, scales, zeros = random_int4(16, 256, 32, device)
-    x = torch.randn(1, 256, device=device, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="128-column planar blocks"):
-        qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, 32), scales, zeros, 32, tile={"MMA_WARPS": 4})
