@@ -624,8 +624,8 @@ w4_chain_words = 2
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
 # The INT4 GEMV's first trip loaded before the PDL wait (PRELOAD in its kernel), as the bf16 and INT8 GEMVs load
-# their first tile: INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py
-# variant w4preload, session 20). False loads it after the wait, as before.
+# their first tile: INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py,
+# session 20; its variant w4nopreload turns it off). False loads it after the wait, as before.
 w4_preload_first_trip = True
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
