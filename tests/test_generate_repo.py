@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from backend.engine.config import EngineConfig
 from backend.engine.errors import InvalidParameterError
@@ -96,7 +97,11 @@ def run_cli(argv, capsys):
     (["--instance-kind", "cpu", "--gpus", "0,1"], "--gpus: only with --instance-kind gpu"),
     (["--bogus-option", "1"], "unrecognized arguments: --bogus-option"),
     (["--quant-lm-head"], "--quant-lm-head: needs --quant"),
-])
+    (["--quant", "int4_awq", "--quant-group-size", "100"], "--quant-group-size: must be a power of two >= 32, got 100"),
+    (["--quant", "int4_awq", "--calib-file", "/no/such.txt"], "--calib-file: /no/such.txt: no such file"),
+] + ([] if torch.cuda.is_available() else [
+    (["--quant", "fp8", "--quant-device", "cuda"], "--quant-device: cuda asked for calibration, but this machine has 0"),
+]))
 def test_bad_options_exit_2_naming_them(tmp_path, capsys, argv, named):
     code, err = run_cli(["--output-dir", str(tmp_path / "repo")] + argv, capsys)
     assert code == 2 and named in err

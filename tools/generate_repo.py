@@ -298,8 +298,27 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.quant and args.load_format == "dummy":
         parser.error("argument --quant: needs real weights; with --load-format dummy put a quantization_config "
                      "in the checkpoint's config.json instead (the engine quantizes its random weights)")
-    if args.quant_group_size is not None and args.quant_group_size < 1:
-        parser.error(f"argument --quant-group-size: must be a positive integer, got {args.quant_group_size}")
+    if args.quant:
+        check_quant_options(args, parser)
+
+
+# quantize_checkpoint's parameter names (InvalidParameterError.field) -> this tool's flags
+QUANT_FLAGS = {"group_size": "--quant-group-size", "device": "--quant-device", "calib_file": "--calib-file"}
+
+
+def check_quant_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The quantization flags checked before anything is written (the quantizer checks them again)."""
+    from backend.engine.quantization import QuantConfig
+    from backend.engine.quantization.api import check_calibration_options
+
+    try:
+        if args.quant_group_size is not None:
+            QuantConfig.for_method(args.quant, args.quant_group_size)
+        check_calibration_options(args.quant, 32, 512, 0.5, args.quant_device)
+        if args.calib_file and not Path(args.calib_file).is_file():
+            raise InvalidParameterError("calib_file", f"{args.calib_file}: no such file")
+    except InvalidParameterError as exc:
+        parser.error(f"argument {QUANT_FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
 
 
 def place_instances(args: argparse.Namespace, config: EngineConfig, parser: argparse.ArgumentParser) -> None:

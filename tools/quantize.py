@@ -16,7 +16,13 @@ import time
 from backend.engine.quantization import METHODS, quantize_checkpoint
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# quantize_checkpoint's parameter names (InvalidParameterError.field) -> this tool's flags
+FLAGS = {"group_size": "--group-size", "calib_samples": "--calib-samples", "calib_seq_len": "--calib-seq-len",
+         "smoothquant_alpha": "--smoothquant-alpha", "device": "--device", "calib_file": "--calib-file",
+         "quant": "--quant", "dtype": "--dtype"}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--quant", required=True, choices=sorted(METHODS), help="quantization method")
@@ -35,24 +41,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
     p.add_argument("--eval", action="store_true", help="print perplexity of source and result on held-out text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
     from backend.engine.checkpoint import resolve_checkpoint
+    from backend.engine.errors import InvalidParameterError
 
-    args = parse_args(argv)
-    src = resolve_checkpoint(args.model or None)
-    texts = None
-    if args.calib_file:
-        from backend.engine.quantization.calibration import texts_from_file
-
-        texts = texts_from_file(args.calib_file)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        src = resolve_checkpoint(args.model or None)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(f"argument --model: {exc}")
     start = time.perf_counter()
-    out = quantize_checkpoint(src, args.output, args.quant, group_size=args.group_size, dtype=args.dtype,
-                              calib_texts=texts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                              smoothquant_alpha=args.smoothquant_alpha, device=args.device,
-                              quantize_lm_head=args.quant_lm_head, progress=not args.quiet, overwrite=args.overwrite)
+    try:  # bad values are reported as the flag that set them, before any work is done
+        out = quantize(args, src)
+    except InvalidParameterError as exc:
+        parser.error(f"argument {FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
+    except FileExistsError:
+        parser.error(f"argument --output: {args.output} already holds a checkpoint (--overwrite replaces it)")
     from backend.engine.quantization import QuantConfig
 
     print(f"wrote {QuantConfig.from_dir(out).describe()} checkpoint {out} in {time.perf_counter() - start:.1f} s "
@@ -60,6 +68,19 @@ def main(argv=None) -> int:
     if args.eval:
         report_perplexity(src, out, args.device)
     return 0
+
+
+def quantize(args: argparse.Namespace, src):
+    texts = None
+    if args.calib_file:
+        from backend.engine.quantization.calibration import texts_from_file
+
+        texts = texts_from_file(args.calib_file)
+    return quantize_checkpoint(src, args.output, args.quant, group_size=args.group_size, dtype=args.dtype,
+                               calib_texts=texts, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                               smoothquant_alpha=args.smoothquant_alpha, device=args.device,
+                               quantize_lm_head=args.quant_lm_head, progress=not args.quiet,
+                               overwrite=args.overwrite)
 
 
 def report_perplexity(src, out, device: str) -> None:

@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from backend.engine.errors import InvalidParameterError
+
 from .config import CALIBRATED, QuantConfig
 from .layers import replace_linears
 from .writer import rtn_tensors, with_quantized_head, write_configs, write_shards
@@ -46,6 +48,7 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
     AutoAWQ/AutoGPTQ/TensorRT-LLM: at batch 1 it is ~7% of an 8B model's bytes, so it matters to speed).
     """
     src, dst = Path(src_dir), Path(dst_dir)
+    check_calibration_options(method, calib_samples, calib_seq_len, smoothquant_alpha, device)
     group_size = default_group_size(src) if group_size is None else group_size
     extra = {"smoothquant_alpha": smoothquant_alpha} if method == "int8_sq" else {}
     if method in CALIBRATED:
@@ -53,7 +56,7 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
                                 "text": "custom" if calib_texts else "lee_background"}
     qcfg = QuantConfig.for_method(method, group_size, lm_head=quantize_lm_head, **extra)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise InvalidParameterError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if (dst / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{dst} already holds a checkpoint (pass overwrite=True to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,27 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return dst
+
+
+def check_calibration_options(method: str, calib_samples: int, calib_seq_len: int, smoothquant_alpha: float,
+                              device: str) -> None:
+    """Before any work: the calibrated methods' options, each named in the error as its parameter."""
+    if method not in CALIBRATED:
+        return
+    for field, value in (("calib_samples", calib_samples), ("calib_seq_len", calib_seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise InvalidParameterError(field, f"must be a whole number of at least 1, got {value!r}")
+    if method == "int8_sq" and not 0.0 <= smoothquant_alpha <= 1.0:  # SmoothQuant's migration strength
+        raise InvalidParameterError("smoothquant_alpha", f"must be between 0 and 1, got {smoothquant_alpha!r}")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError("device", f"expected cpu or cuda (cuda:N), got {device!r}") from None
+    if where.type not in ("cpu", "cuda"):
+        raise InvalidParameterError("device", f"expected cpu or cuda (cuda:N), got {device!r}")
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise InvalidParameterError("device", f"{device} asked for calibration, but this machine has "
+                                              f"{torch.cuda.device_count()} CUDA device(s)")
 
 
 def _tied_embeddings(src: Path) -> bool:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.errors import InvalidParameterError
+
 CORPUS_PACKAGE = "gensim"
 CORPUS_FILE = "test/test_data/lee_background.cor"
 CORPUS_INSTALL = "pip install --no-deps gensim==4.4.0"
@@ -53,8 +55,13 @@ def eval_texts() -> list[str]:
 
 def texts_from_file(path: str | Path) -> list[str]:
     """A user's calibration text: paragraphs separated by blank lines."""
+    if not Path(path).is_file():
+        raise InvalidParameterError("calib_file", f"{path}: no such file")
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise InvalidParameterError("calib_file", f"{path} holds no text")
+    return paragraphs
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None) -> torch.Tensor:
