@@ -43,6 +43,13 @@ def test_an_existing_checkpoint_needs_overwrite(tiny_checkpoint, tmp_path, capsy
     assert quantize.main(argv + ["--overwrite"]) == 0
 
 
+def test_a_calibration_file_for_a_method_without_calibration_is_named_as_unused(tiny_checkpoint, tmp_path, capsys):
+    argv = ["--model", str(tiny_checkpoint("llama")), "--quant", "int4_wo", "--output", str(tmp_path / "q"),
+            "--calib-file", "/no/such.txt", "--quiet"]
+    assert quantize.main(argv) == 0
+    assert "--calib-file is not used: int4_wo is not calibrated" in capsys.readouterr().err
+
+
 def test_calibration_text_without_paragraphs_is_refused(tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n")

@@ -308,14 +308,16 @@ QUANT_FLAGS = {"group_size": "--quant-group-size", "device": "--quant-device", "
 
 def check_quant_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The quantization flags checked before anything is written (the quantizer checks them again)."""
-    from backend.engine.quantization import QuantConfig
+    from backend.engine.quantization import CALIBRATED, QuantConfig
     from backend.engine.quantization.api import check_calibration_options
 
+    if args.calib_file and args.quant not in CALIBRATED:
+        print(f"warning: --calib-file is not used: {args.quant} is not calibrated", file=sys.stderr)
     try:
         if args.quant_group_size is not None:
             QuantConfig.for_method(args.quant, args.quant_group_size)
         check_calibration_options(args.quant, 32, 512, 0.5, args.quant_device)
-        if args.calib_file and not Path(args.calib_file).is_file():
+        if args.calib_file and args.quant in CALIBRATED and not Path(args.calib_file).is_file():
             raise InvalidParameterError("calib_file", f"{args.calib_file}: no such file")
     except InvalidParameterError as exc:
         parser.error(f"argument {QUANT_FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
@@ -370,10 +372,10 @@ def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs
                          checkpoint: Path) -> Path:
     """Quantizes into a scratch folder inside the output directory (same filesystem: the weights are then
     hard-linked into llm/1/checkpoint, not copied again) and removes it."""
-    from backend.engine.quantization import quantize_checkpoint
+    from backend.engine.quantization import CALIBRATED, quantize_checkpoint
 
     texts = None
-    if args.calib_file:
+    if args.calib_file and args.quant in CALIBRATED:
         from backend.engine.quantization.calibration import texts_from_file
 
         texts = texts_from_file(args.calib_file)

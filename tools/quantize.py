@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from backend.engine.quantization import METHODS, quantize_checkpoint
+from backend.engine.quantization import CALIBRATED, METHODS, quantize_checkpoint
 
 
 # quantize_checkpoint's parameter names (InvalidParameterError.field) -> this tool's flags
@@ -72,7 +72,9 @@ def main(argv=None) -> int:
 
 def quantize(args: argparse.Namespace, src):
     texts = None
-    if args.calib_file:
+    if args.calib_file and args.quant not in CALIBRATED:
+        print(f"warning: --calib-file is not used: {args.quant} is not calibrated", file=sys.stderr)
+    elif args.calib_file:
         from backend.engine.quantization.calibration import texts_from_file
 
         texts = texts_from_file(args.calib_file)

@@ -6,6 +6,6 @@
 See config.py for the methods and formats, writer.py for the tensor layout on disk.
 """
 from .api import prepare_quantized_load, quantize_checkpoint, quantize_model_
-from .config import METHODS, QuantConfig
+from .config import CALIBRATED, METHODS, QuantConfig
 
-__all__ = ["METHODS", "QuantConfig", "prepare_quantized_load", "quantize_checkpoint", "quantize_model_"]
+__all__ = ["CALIBRATED", "METHODS", "QuantConfig", "prepare_quantized_load", "quantize_checkpoint", "quantize_model_"]
