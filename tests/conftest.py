@@ -15,6 +15,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """Runs a tool's main(argv) that must stop with an argparse-style error: (exit code, stderr)."""
+    def run(main, argv):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        return info.value.code, capsys.readouterr().err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny random-weight checkpoint of an architecture, made once per test session."""

@@ -79,12 +79,6 @@ def test_ensemble_has_exactly_the_interface(tmp_path):
     assert {k: (v["data_type"], v["dims"]) for k, v in outputs.items()} == INTERFACE_OUTPUTS
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        gen.main(argv)
-    return info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, named", [
     (["--max-batch-size", "0"], "--max-batch-size/--max-num-seqs: must be a positive integer, got 0"),
     (["--max-seq-len", "-5"], "--max-seq-len/--max-model-len"),
@@ -102,8 +96,8 @@ def run_cli(argv, capsys):
 ] + ([] if torch.cuda.is_available() else [
     (["--quant", "fp8", "--quant-device", "cuda"], "--quant-device: cuda asked for calibration, but this machine has 0"),
 ]))
-def test_bad_options_exit_2_naming_them(tmp_path, capsys, argv, named):
-    code, err = run_cli(["--output-dir", str(tmp_path / "repo")] + argv, capsys)
+def test_bad_options_exit_2_naming_them(tmp_path, cli_error, argv, named):
+    code, err = cli_error(gen.main, ["--output-dir", str(tmp_path / "repo")] + argv)
     assert code == 2 and named in err
     assert not (tmp_path / "repo").exists()
 
@@ -114,9 +108,9 @@ def test_every_engine_setting_is_an_option():
     assert {f.name for f in dataclasses.fields(EngineConfig)} - {"model"} <= dests
 
 
-def test_non_empty_output_dir_needs_force(tmp_path, capsys):
+def test_non_empty_output_dir_needs_force(tmp_path, cli_error):
     (tmp_path / "keep.txt").write_text("x")
-    code, err = run_cli(["--output-dir", str(tmp_path)], capsys)
+    code, err = cli_error(gen.main, ["--output-dir", str(tmp_path)])
     assert code == 2 and "--force" in err
 
 
@@ -141,13 +135,13 @@ def test_generated_repository(tmp_path):
     assert "max_batch_size: 0" in vllm and 'string_value: "llm"' in vllm and "decoupled: true" in vllm
 
 
-def test_engine_model_name_is_followed_by_the_models_that_call_it(tmp_path, capsys):
+def test_engine_model_name_is_followed_by_the_models_that_call_it(tmp_path, cli_error):
     out = tmp_path / "repo"
     assert gen.main(["--output-dir", str(out), "--quiet", "--kv-cache-mb", "64", "--engine-model-name", "engine"]) == 0
     assert (out / "engine" / "config.pbtxt").is_file() and not (out / "llm").exists()
     assert 'model_name: "engine"' in (out / "ensemble" / "config.pbtxt").read_text()
     assert 'string_value: "engine"' in (out / "vllm_model" / "config.pbtxt").read_text()
-    code, err = run_cli(["--output-dir", str(tmp_path / "other"), "--engine-model-name", "vllm_model"], capsys)
+    code, err = cli_error(gen.main, ["--output-dir", str(tmp_path / "other"), "--engine-model-name", "vllm_model"])
     assert code == 2 and "--engine-model-name" in err
 
 
@@ -189,8 +183,9 @@ def test_quant_writes_a_quantized_checkpoint_the_engine_serves(tmp_path, tiny_ch
     assert len(engine.generate([[1, 5, 9, 3]], SamplingParams(max_tokens=6, min_tokens=6))[0]) == 6
 
 
-def test_quant_with_dummy_weights_is_refused(tmp_path, capsys):
-    code, err = run_cli(["--output-dir", str(tmp_path / "r"), "--quant", "int8_wo", "--load-format", "dummy"], capsys)
+def test_quant_with_dummy_weights_is_refused(tmp_path, cli_error):
+    code, err = cli_error(gen.main, ["--output-dir", str(tmp_path / "r"), "--quant", "int8_wo",
+                                     "--load-format", "dummy"])
     assert code == 2 and "--quant" in err
 
 

@@ -72,12 +72,6 @@ def test_tp_without_gpus_takes_the_first_ones(tmp_path, checkpoint, four_gpus):
     assert "gpus: [ 0 ]" in instance_group(text) and parameter(text, "instance_gpu_groups") == "0,1"
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        gen.main(argv)
-    return info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, named", [
     (["--instances", "2", "--gpus", "0,1,2"], "--gpus: lists 3 GPUs, but --instances 2 x --tp 1 needs 2"),
     (["--instances", "2", "--tp", "2", "--gpus", "0,1"], "--gpus: lists 2 GPUs, but --instances 2 x --tp 2 needs 4"),
@@ -89,7 +83,8 @@ def run_cli(argv, capsys):
     (["--tp", "0"], "--tp/--tensor-parallel-size: must be a positive integer"),
     (["--device", "cpu", "--gpus", "0"], "--gpus: only with --instance-kind gpu"),
 ])
-def test_invalid_combinations_exit_2_naming_the_option(tmp_path, capsys, checkpoint, four_gpus, argv, named):
-    code, err = run_cli(["--output-dir", str(tmp_path / "repo"), "--quiet", "--model", str(checkpoint)] + argv, capsys)
+def test_invalid_combinations_exit_2_naming_the_option(tmp_path, cli_error, checkpoint, four_gpus, argv, named):
+    argv = ["--output-dir", str(tmp_path / "repo"), "--quiet", "--model", str(checkpoint)] + argv
+    code, err = cli_error(gen.main, argv)
     assert code == 2 and named in err, err
     assert not (tmp_path / "repo").exists()

@@ -9,12 +9,6 @@ from backend.engine.quantization.calibration import texts_from_file
 from tools import quantize
 
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        quantize.main(argv)
-    return info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, named", [
     (["--quant", "int4_wo", "--group-size", "100"], "--group-size: must be a power of two >= 32, got 100"),
     (["--quant", "int4_awq", "--calib-samples", "0"], "--calib-samples: must be a whole number of at least 1, got 0"),
@@ -26,18 +20,18 @@ def run_cli(argv, capsys):
 ] + ([] if torch.cuda.is_available() else [
     (["--quant", "fp8", "--device", "cuda"], "--device: cuda asked for calibration, but this machine has 0"),
 ]))
-def test_bad_values_exit_2_naming_the_flag(argv, named, tiny_checkpoint, tmp_path, capsys):
+def test_bad_values_exit_2_naming_the_flag(argv, named, tiny_checkpoint, tmp_path, cli_error):
     model = [] if "--model" in argv else ["--model", str(tiny_checkpoint("llama"))]
-    code, err = run_cli(model + argv + ["--output", str(tmp_path / "q"), "--quiet"], capsys)
+    code, err = cli_error(quantize.main, model + argv + ["--output", str(tmp_path / "q"), "--quiet"])
     assert code == 2 and named in err
     assert not (tmp_path / "q").exists()
 
 
-def test_an_existing_checkpoint_needs_overwrite(tiny_checkpoint, tmp_path, capsys):
+def test_an_existing_checkpoint_needs_overwrite(tiny_checkpoint, tmp_path, cli_error):
     argv = ["--model", str(tiny_checkpoint("llama")), "--quant", "int8_wo", "--output", str(tmp_path / "q"), "--quiet"]
     assert quantize.main(argv) == 0
     first = (tmp_path / "q" / "config.json").read_text()
-    code, err = run_cli(argv, capsys)
+    code, err = cli_error(quantize.main, argv)
     assert code == 2 and "--output" in err and "--overwrite" in err
     assert (tmp_path / "q" / "config.json").read_text() == first
     assert quantize.main(argv + ["--overwrite"]) == 0
