@@ -22,7 +22,8 @@ CUDA graph, launch gaps included. Variants:
   w4nopreload: the INT4 GEMV alone loads its first trip after the wait (quant_matmul.w4_preload_first_trip);
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
   w8at=N:K:BLOCK_N:WORDS:num_warps: that tile for the INT8 GEMV of weight shape [N, K] only;
-  w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps: the same for the INT4 GEMV (TILES even for gate_up, which is gated);
+  w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps[:maxnreg]: the same for the INT4 GEMV (TILES even for gate_up, which is
+    gated; maxnreg: registers per thread, for occupancy);
   gated16=BLOCK_N:BLOCK_K:num_warps, gated8=BLOCK_N:WORDS:num_warps: that tile for the bf16 or INT8 gate_up GEMV
     with SiLU-and-mul in its epilogue (BLOCK_N weight rows per program: half gate, half up).
   dtile=KEYS:WARPS:STAGES[:PROGRAMS_PER_SM]: that paged_attention.DecodeTile for decode attention (the same values).
@@ -125,11 +126,12 @@ def _patch(variant: str):
         n, k, block_n, words, warps = (int(v) for v in variant[5:].split(":"))
         quant_matmul.w8_gemv_tile = lambda N, K, device: (
             dict(BLOCK_N=block_n, WORDS=words, num_warps=warps) if (N, K) == (n, k) else original_w8_tile(N, K, device))
-    elif variant.startswith("w4at="):  # one INT4 GEMV shape with this tile: w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps
-        n, k, tiles, block_n, blocks, warps = (int(v) for v in variant[5:].split(":"))
+    elif variant.startswith("w4at="):  # one INT4 GEMV shape's tile: w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps[:maxnreg]
+        n, k, tiles, block_n, blocks, warps, *cap = (int(v) for v in variant[5:].split(":"))
+        tile = dict(TILES=tiles, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps)
+        tile.update({"maxnreg": cap[0]} if cap else {})
         quant_matmul.w4_gemv_tile = lambda N, K, group, device: (
-            dict(TILES=tiles, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps) if (N, K) == (n, k)
-            else original_w4_tile(N, K, group, device))
+            tile if (N, K) == (n, k) else original_w4_tile(N, K, group, device))
     elif variant.startswith(("gated16=", "gated8=")):  # a tile for the gated gate_up GEMV only
         name, _, values = variant.partition("=")
         a, b, warps = (int(v) for v in values.split(":"))

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The INT4 batch-1 experiments of sessions 19-20 (issue #5), in one device call of about 9 minutes on one H100,
-# most informative first (each part's log in $OUT/NAME.log; a part cut by the time budget is recorded):
-#   1. GPU tests of the INT4 GEMV (fp16 and bf16 x, tiles with the first trip preloaded, gated)
-#   2. perf/ablate_decode.py, 8B INT4 + INT8 head batch-1 decode: base, then one other tile per projection shape
-#      (qkv, o, gate_up, down: 4 words a thread instead of 2, or half the rows a program), base again
+# The INT4 batch-1 experiments (issue #5; sessions 19-21), in one device call of about 6 minutes on one H100, most
+# informative first (each part's log in $OUT/NAME.log; a part cut by the time budget is recorded):
+#   1. GPU tests of the INT4 GEMV (fp16 and bf16 x, tiles with and without the first trip preloaded and with a
+#      register cap, gated)
+#   2. perf/ablate_decode.py, 8B INT4 + INT8 head batch-1 decode: base, then per projection shape the 8-warp tile
+#      capped at 48 registers a thread (maxnreg: 5 programs an SM instead of 4, no spills in the sm_90 cubin; for
+#      o and down also a change from their 16-warp tile), base again
 #   3. the tiles that saved 5 us or more each, all together, against base
 #   4. the headline, python3 perf/bench_quant.py --skip-kernels --engine-modes bf16,int4_wo+head (bf16 for the ratio)
 #   5. with 3's tiles applied (when any won): INT4 + INT8 head again, for the defaults they would become
@@ -17,8 +19,7 @@ mkdir -p "$OUT"
 source perf/device_steps.sh  # step NAME LIMIT_S COMMAND...
 
 QKV=6144:4096 O=4096:4096 GATE_UP=28672:4096 DOWN=4096:14336
-TILES="w4at=$QKV:8:2:8:4,w4at=$QKV:4:2:8:4,w4at=$O:8:2:16:8,w4at=$O:4:2:16:8,w4at=$O:8:2:8:8"
-TILES+=",w4at=$GATE_UP:8:2:8:4,w4at=$GATE_UP:4:2:8:4,w4at=$DOWN:8:2:16:8,w4at=$DOWN:4:2:16:8"
+TILES="w4at=$GATE_UP:8:2:8:8:48,w4at=$QKV:8:2:8:8:48,w4at=$O:8:2:8:8:48,w4at=$DOWN:8:2:8:8:48"
 
 T=tests/kernels/test_quant_matmul.py
 step tests 110 python3 -m pytest -q -rf $T::test_w4a16 $T::test_w4a16_batch_one_gemv $T::test_w4a16_gemv_tiles \
@@ -55,7 +56,7 @@ sys.argv = ["bench_quant.py", "--skip-kernels", "--engine-modes", "int4_wo+head"
 runpy.run_path("perf/bench_quant.py", run_name="__main__")
 PY
 rm -f "$OUT"/*.rc
-echo; tail -n 3 "$OUT/tests.log"; tail -n 13 "$OUT/tiles.log"; echo "combo: ${COMBO:-none}"
+echo; tail -n 3 "$OUT/tests.log"; tail -n 8 "$OUT/tiles.log"; echo "combo: ${COMBO:-none}"
 [[ -n "$COMBO" ]] && tail -n 3 "$OUT/combo.log"; tail -n 6 "$OUT/headline.log"
 [[ -n "$COMBO" ]] && tail -n 4 "$OUT/headline_combo.log"
 true

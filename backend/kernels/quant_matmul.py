@@ -1006,8 +1006,9 @@ def w8a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, tile: dict | None = None, gated: bool = False) -> torch.Tensor:
-    """x [1, K] -> [1, N] over group-planar words; `tile` overrides w4_gemv_tile (for tuning). gated: the
-    weight is [gate; up] and the result [1, N / 2] is SiLU-and-mul of the product."""
+    """x [1, K] -> [1, N] over group-planar words; `tile` overrides w4_gemv_tile (for tuning; an optional
+    "maxnreg" caps the registers per thread). gated: the weight is [gate; up] and the result [1, N / 2] is
+    SiLU-and-mul of the product."""
     import triton
 
     N, K = words.shape[0], x.shape[-1]
@@ -1037,7 +1038,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
         PRELOAD=_pdl.preload_first_tile and w4_preload_first_trip,
-        num_warps=tile["num_warps"], **pdl_args(x.device))
+        num_warps=tile["num_warps"], **_register_cap(tile), **pdl_args(x.device))
     return out
 
 

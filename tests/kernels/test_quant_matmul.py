@@ -135,8 +135,10 @@ def test_w4a16_batch_one_gemv(N, K, group, dtype, atol, rtol, device):
     torch.testing.assert_close(qm.w4a16_matmul_triton(x, words, scales, zeros, group), got)  # the dispatch
 
 
+# The last: the 8B default for qkv and gate_up with a register cap (compiled on the GPU only)
 W4_GEMV_TILES = [dict(TILES=1, BLOCK_N=4, BLOCKS=2, num_warps=2), dict(TILES=2, BLOCK_N=16, BLOCKS=4, num_warps=4),
-                 dict(TILES=4, BLOCK_N=8, BLOCKS=8, num_warps=4)]
+                 dict(TILES=4, BLOCK_N=8, BLOCKS=8, num_warps=4),
+                 dict(TILES=8, BLOCK_N=2, BLOCKS=8, num_warps=8, maxnreg=48)]
 
 
 @pytest.mark.parametrize("preload", [True, False])
