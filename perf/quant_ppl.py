@@ -6,10 +6,17 @@ tests/test_quant_ppl.py can afford (its 4-window figure moves by a few points be
 Each method is quantized through quantize_checkpoint (same calibration split and sample counts as the test) and
 evaluated on the first --eval-windows windows of 512 tokens of the held-out split; the test's 4 windows are the
 first 4, so the line prints both figures against the unquantized model of the same run.
+
+    python perf/quant_ppl.py --methods int4_wo int4_awq --lm-head none 8bit 4bit    # the LM head's share
+
+--lm-head: the head left in the model dtype (none), quantized in the method's head format (8bit: INT8 weight-only
+under the 4-bit methods, what --quant-lm-head gives), or in INT4 groups like the projections (4bit: not offered by
+the tools, measured here to show why).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -21,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backend.engine.checkpoint import load_model, load_tokenizer, resolve_checkpoint  # noqa: E402
 from backend.engine.ops import select_ops  # noqa: E402
-from backend.engine.quantization import quantize_checkpoint  # noqa: E402
+from backend.engine.quantization import QuantConfig, quantize_checkpoint  # noqa: E402
 from backend.engine.quantization.api import default_group_size  # noqa: E402
 from backend.engine.quantization.calibration import eval_texts, token_windows  # noqa: E402
 from backend.engine.quantization.perplexity import perplexity  # noqa: E402
@@ -46,6 +53,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=None, help="for every calibrated method (default: the test's)")
     p.add_argument("--group-size", type=int, default=None,
                    help="INT4 group size (default: the library's choice for the source, 32 for the bundled Q4_1 model)")
+    p.add_argument("--lm-head", nargs="+", choices=["none", "8bit", "4bit"], default=["none"],
+                   help="the LM head unquantized, in the method's 8-bit head format, or in INT4 groups")
     args = p.parse_args()
     src = resolve_checkpoint(None)
     windows = token_windows(load_tokenizer(src), eval_texts(), 512, args.eval_windows)
@@ -54,16 +63,31 @@ def main() -> None:
           f"{math.exp(base[1]):.2f} on {windows.shape[0]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            t0 = time.time()
-            samples = args.calib_samples or CALIB_SAMPLES.get(method, 8)
-            path = quantize_checkpoint(src, Path(tmp) / method, method, calib_samples=samples,
-                                       group_size=args.group_size, progress=False)
-            head, full = nll(path, windows, TEST_WINDOWS)
-            group = args.group_size or default_group_size(src)
-            print(f"{method:10s} g{group} {100 * (math.exp(head - base[0]) - 1):+6.1f}% "
-                  f"on {TEST_WINDOWS} windows "
-                  f"{100 * (math.exp(full - base[1]) - 1):+6.1f}% on {windows.shape[0]}  "
-                  f"(calibration {samples} windows, {time.time() - t0:.0f} s)", flush=True)
+            for lm_head in args.lm_head:
+                t0 = time.time()
+                samples = args.calib_samples or CALIB_SAMPLES.get(method, 8)
+                with head_format(lm_head):  # the loader reads it too
+                    path = quantize_checkpoint(src, Path(tmp) / f"{method}-{lm_head}", method, calib_samples=samples,
+                                               group_size=args.group_size, quantize_lm_head=lm_head != "none",
+                                               progress=False)
+                    first, full = nll(path, windows, TEST_WINDOWS)
+                group = args.group_size or default_group_size(src)
+                print(f"{method:10s} g{group} head {lm_head:4s} {100 * (math.exp(first - base[0]) - 1):+6.1f}% "
+                      f"on {TEST_WINDOWS} windows "
+                      f"{100 * (math.exp(full - base[1]) - 1):+6.1f}% on {windows.shape[0]}  "
+                      f"(calibration {samples} windows, {time.time() - t0:.0f} s)", flush=True)
+
+
+@contextlib.contextmanager
+def head_format(lm_head: str):
+    """4bit: QuantConfig.head_format answers w4a16 (the projections' INT4 format) while quantizing and loading."""
+    original = QuantConfig.head_format
+    if lm_head == "4bit":
+        QuantConfig.head_format = property(lambda self: "w4a16")
+    try:
+        yield
+    finally:
+        QuantConfig.head_format = original
 
 
 if __name__ == "__main__":
