@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backend.engine.checkpoint import load_model, load_tokenizer, resolve_checkpoint  # noqa: E402
 from backend.engine.ops import select_ops  # noqa: E402
-from backend.engine.quantization import QuantConfig, quantize_checkpoint  # noqa: E402
+from backend.engine.quantization import METHODS, QuantConfig, quantize_checkpoint  # noqa: E402
 from backend.engine.quantization.api import default_group_size  # noqa: E402
 from backend.engine.quantization.calibration import eval_texts, token_windows  # noqa: E402
 from backend.engine.quantization.perplexity import perplexity  # noqa: E402
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--lm-head", nargs="+", choices=["none", "8bit", "4bit"], default=["none"],
                    help="the LM head unquantized, in the method's 8-bit head format, or in INT4 groups")
     args = p.parse_args()
+    if "4bit" in args.lm_head and any(METHODS[m][0] != "w4a16" for m in args.methods):
+        p.error("--lm-head 4bit: only with INT4 methods (the head takes their groups)")
     src = resolve_checkpoint(None)
     windows = token_windows(load_tokenizer(src), eval_texts(), 512, args.eval_windows)
     base = nll(src, windows, TEST_WINDOWS)
