@@ -48,7 +48,7 @@ def nll(path: Path, windows, first: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["int4_wo", "int4_gptq", "int4_awq"])
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["int4_wo", "int4_gptq", "int4_awq"])
     p.add_argument("--eval-windows", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=None, help="for every calibrated method (default: the test's)")
     p.add_argument("--group-size", type=int, default=None,
