@@ -19,7 +19,6 @@ CUDA graph, launch gaps included. Variants:
   unfused_silu: activation.py's SiLU-and-mul kernel after gate_up, as before its GEMV's epilogue took it
     (TRITIUM_GEMV_SILU=0; the same function, gate and up rounded to the model dtype first);
   no_preload: the GEMVs load their first weight tile after the PDL wait (TRITIUM_GEMV_PRELOAD=0);
-  w4nopreload: the INT4 GEMV alone loads its first trip after the wait (quant_matmul.w4_preload_first_trip);
   w8=BLOCK_N:WORDS:num_warps: every INT8 GEMV with that tile (with --quant int8_wo or int8_wo+head);
   w8at=N:K:BLOCK_N:WORDS:num_warps: that tile for the INT8 GEMV of weight shape [N, K] only;
   w4at=N:K:TILES:BLOCK_N:BLOCKS:num_warps[:maxnreg]: the same for the INT4 GEMV (TILES even for gate_up, which is
@@ -100,7 +99,7 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
-    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_preload_first_trip
+    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -146,8 +145,6 @@ def _patch(variant: str):
         quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
-    elif variant == "w4nopreload":  # the INT4 GEMV's first trip after the PDL wait, as before session 20
-        quant_matmul.w4_preload_first_trip = False
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}
@@ -165,7 +162,7 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
-        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_preload_first_trip = original_w4_loop
+        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words = original_w4_loop
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

@@ -474,7 +474,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, num_blocks, sw
     # thread's registers) before going to float32 (fewer conversions, a longer bf16 sum). X_FP16 (with PAIRS):
     # x is fp16, each pair rounded to bf16x2 as it is loaded (the products then as a bf16 model's). PRELOAD: the
     # first trip's weights, zero points and scales are loaded before the PDL wait and used at once after it, as
-    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile).
+    # the bf16 and INT8 GEMVs do (_pdl.preload_first_tile): INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step
+    # on an H100 (perf/RESULTS.md, session 20).
     tile = tl.arange(0, TILES)[None, :]
     n = tl.arange(0, BLOCK_N)[:, None]
     if GATED:  # weight [gate; up], output silu(gate) * up: even tiles take gate rows, odd tiles the up rows they meet
@@ -623,10 +624,6 @@ w4_chain_words = 2
 # loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
-# The INT4 GEMV's first trip loaded before the PDL wait (PRELOAD in its kernel), as the bf16 and INT8 GEMVs load
-# their first tile: INT4 + INT8 head 2.065 -> 1.994 ms per 8B batch-1 step on an H100 (perf/ablate_decode.py,
-# session 20; its variant w4nopreload turns it off). False loads it after the wait, as before.
-w4_preload_first_trip = True
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -1037,7 +1034,7 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         EVEN_K=K % block_k == 0 and num_blocks % tile["BLOCKS"] == 0,
         INLINE_ASM=inline_asm, GATED=gated, EVICTION=w4_weight_eviction, PAIRS=pairs,
         CHAIN=w4_chain_words if pairs and inline_asm else 1, X_FP16=pairs and x_fp16,
-        PRELOAD=_pdl.preload_first_tile and w4_preload_first_trip,
+        PRELOAD=_pdl.preload_first_tile,
         num_warps=tile["num_warps"], **_register_cap(tile), **pdl_args(x.device))
     return out
 

@@ -150,8 +150,7 @@ def test_w4a16_gemv_tiles(N, K, group, tile, preload, device, monkeypatch):
     # past the last (BLOCKS does not divide their count), whole trips (1024 / 32 = 32 blocks: no K masks), blocks
     # in different groups, and group == K (every block in group 0). With the first trip loaded before the PDL
     # wait (preload) and without: a trip counted twice or skipped is off by a whole trip's products.
-    monkeypatch.setattr(_pdl, "preload_first_tile", True)
-    monkeypatch.setattr(qm, "w4_preload_first_trip", preload)
+    monkeypatch.setattr(_pdl, "preload_first_tile", preload)
     qweight, scales, zeros = random_int4(N, K, group, device)
     x = torch.randn(1, K, device=device, dtype=torch.float32) / K ** 0.5
     got = qm.w4a16_gemv_triton(x, qm.to_planar_int4(qweight, group), scales, zeros, group, tile=tile)
