@@ -307,20 +307,23 @@ QUANT_FLAGS = {"group_size": "--quant-group-size", "device": "--quant-device", "
 
 
 def check_quant_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """The quantization flags checked before anything is written (the quantizer checks them again)."""
+    """The quantization flags checked before anything is written (the quantizer checks them again); the
+    calibration text is read here, once (args.calib_texts)."""
     from backend.engine.quantization import CALIBRATED, QuantConfig
     from backend.engine.quantization.api import check_calibration_options
+    from backend.engine.quantization.calibration import texts_from_file
 
     if args.calib_file and args.quant not in CALIBRATED:
         print(f"warning: --calib-file is not used: {args.quant} is not calibrated", file=sys.stderr)
+    args.calib_texts = None
     try:
         if args.quant_group_size is not None:
             QuantConfig.for_method(args.quant, args.quant_group_size)
         # this tool keeps the quantizer's calibration defaults (32 windows of 512 tokens, alpha 0.5): only the
         # device is the user's
         check_calibration_options(args.quant, 32, 512, 0.5, args.quant_device)
-        if args.calib_file and args.quant in CALIBRATED and not Path(args.calib_file).is_file():
-            raise InvalidParameterError("calib_file", f"{args.calib_file}: no such file")
+        if args.calib_file and args.quant in CALIBRATED:
+            args.calib_texts = texts_from_file(args.calib_file)
     except InvalidParameterError as exc:
         parser.error(f"argument {QUANT_FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
 
@@ -374,18 +377,13 @@ def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs
                          checkpoint: Path) -> Path:
     """Quantizes into a scratch folder inside the output directory (same filesystem: the weights are then
     hard-linked into llm/1/checkpoint, not copied again) and removes it."""
-    from backend.engine.quantization import CALIBRATED, quantize_checkpoint
+    from backend.engine.quantization import quantize_checkpoint
 
-    texts = None
-    if args.calib_file and args.quant in CALIBRATED:
-        from backend.engine.quantization.calibration import texts_from_file
-
-        texts = texts_from_file(args.calib_file)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".quantizing-") as scratch:
         quantized = quantize_checkpoint(checkpoint, Path(scratch) / "checkpoint", args.quant,
-                                        group_size=args.quant_group_size, calib_texts=texts,
+                                        group_size=args.quant_group_size, calib_texts=args.calib_texts,
                                         device=args.quant_device, quantize_lm_head=args.quant_lm_head,
                                         progress=not args.quiet)
         return write_repo(args, config, configs, quantized, link_weights=not args.copy)
