@@ -15,6 +15,7 @@ from . import awq, gptq, rtn
 from .calibration import calibration_texts, token_windows
 from .config import QuantConfig
 from .forward import LayerRunner, capture_inputs
+from .rotation import residual_rotation, rotate_residual_stream
 from .writer import cast
 
 QKV, O, GATE_UP, DOWN = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
@@ -29,6 +30,8 @@ def calibrated_tensors(src: Path, qcfg: QuantConfig, dtype, texts: list[str] | N
     from backend.engine.ops import select_ops
 
     model, _ = load_model(src, select_ops("auto", torch.device(device).type), torch.float32, device)
+    if qcfg.rotated:
+        rotate_residual_stream(model, residual_rotation(model.config.hidden_size, qcfg.extra["rotation"]["seed"])[0])
     windows = token_windows(load_tokenizer(src), texts or calibration_texts(), seq_len, samples)
     runner = LayerRunner(model, windows)
     quantize_layer = {"int4_awq": _awq_layer, "int4_gptq": _gptq_layer, "int8_sq": _smoothquant_layer,
@@ -62,6 +65,8 @@ def _hessians(runner: LayerRunner, i: int) -> Iterator[tuple[str, torch.nn.Linea
 
 
 def _gptq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict]:
+    """GPTQ (Frantar et al., 2022) with gptq.py's refinement sweeps, on the model calibrated_tensors has rotated
+    (api.ROTATED)."""
     out = {}
     for name, linear, H in _hessians(runner, i):
         codes, scales, zeros = gptq.gptq_quantize_int4(linear.weight.data, H, qcfg.group_size)
@@ -97,7 +102,8 @@ def _awq_layer(runner: LayerRunner, i: int, qcfg: QuantConfig) -> dict[str, dict
     on 20 held-out windows (+10.7% on the test's 4) against +17.2% (+15.6%) for AWQ's scales with
     round-to-nearest and clipping, and +14.5% for GPTQ alone (perf/RESULTS.md, session 5), all with groups of
     128; with groups of 32 (the default for this Q4_1 source since session 10) +4.8%, GPTQ alone +8.8% (both
-    with gptq.py's refinement sweeps since session 11; +5.3% and +9.7% without)."""
+    with gptq.py's refinement sweeps since session 11; +5.3% and +9.7% without). GPTQ alone now runs on the
+    rotated model (rotation.py): +5.7%."""
     layer, cfg, g = runner.model.model.layers[i], runner.model.config, qcfg.group_size
     inputs = capture_inputs(runner, i, PROJECTIONS)
     qkv, o, gate_up, down = (_linear(runner, i, n) for n in PROJECTIONS)

@@ -64,11 +64,19 @@ class QuantConfig:
         """The LM head's format when lm_head is set: 8-bit formats as the projections, w8a16 under w4a16."""
         return "w8a16" if self.format == "w4a16" else self.format
 
+    @property
+    def rotated(self) -> bool:
+        """The weights are those of the model with its residual stream rotated (rotation.py): the float model is
+        the same, and its LM head is never tied to the embedding."""
+        return "rotation" in self.extra
+
     def describe(self) -> str:
-        """One line for the tools' output: the method, its format, the INT4 group, where the LM head is."""
+        """One line for the tools' output: the method, its format, the INT4 group, where the LM head is, the
+        rotation."""
         group = f", groups of {self.group_size}" if self.format == "w4a16" else ""
         head = f", LM head {self.head_format}" if self.lm_head else ""
-        return f"{self.method} ({self.format}{group}{head})"
+        rotation = f", {self.extra['rotation']['kind'].replace('_', ' ')} rotation" if self.rotated else ""
+        return f"{self.method} ({self.format}{group}{head}{rotation})"
 
     def to_json(self) -> dict:
         out = {"quant_method": "tritium", **{k: v for k, v in asdict(self).items() if k not in ("source", "extra")}}

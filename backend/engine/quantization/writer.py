@@ -122,6 +122,8 @@ def _name_shards(shards: list[list[str]], out_dir: Path) -> None:
 def write_configs(src_dir: Path, out_dir: Path, qcfg: QuantConfig, dtype: torch.dtype | None) -> None:
     config = json.loads((src_dir / "config.json").read_text())
     config["quantization_config"] = qcfg.to_json()
+    if qcfg.rotated:  # the rotated embedding and head differ (rotation.py)
+        config["tie_word_embeddings"] = False
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
