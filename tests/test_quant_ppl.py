@@ -130,7 +130,7 @@ def test_int4_gptq_checkpoint_is_the_rotated_model(ppl, smollm2_dir):
 
 
 def test_int4_awq_within_6_percent(ppl):
-    # Measured +3.8% (+4.8% on 20 held-out windows); with groups of 128, +8.7%.
+    # Measured +4.1% (+4.9% on 20 held-out windows; +3.8% and +4.8% in session 11); with groups of 128, +8.7%.
     assert ppl("int4_awq") / ppl(None) < 1.06
 
 
