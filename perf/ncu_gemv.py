@@ -1,5 +1,6 @@
 """The batch-1 GEMVs of the Llama-3-8B shape under Nsight Compute: bf16 (backend/kernels/gemv.py) against INT8
-(W8A16, backend/kernels/quant_matmul.py), one launch each from HBM, to see what bounds the INT8 kernels.
+(W8A16) and INT4 (W4A16, groups of 128; both backend/kernels/quant_matmul.py), one launch each from HBM, to see
+what bounds the quantized kernels.
 
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         --section MemoryWorkloadAnalysis --section LaunchStats --section SchedulerStats --csv --page details \\
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRODUCTS = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 28672, 4096, True),
             ("down", 4096, 14336, False), ("lm_head", 128256, 4096, False)]
 
+KERNELS = ("bf16", "int8", "int4")  # launched in this order for each product
 # metric (as ncu names it in the details page) -> short column name
 COLUMNS = {
     "Duration": "us", "Memory Throughput": "TB/s", "DRAM Throughput": "dram %", "Compute (SM) Throughput": "sm %",
@@ -48,9 +50,13 @@ def run() -> None:
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         wb = w.bfloat16()
         q8, s8 = rtn.quantize_int8(w)
-        del w
+        q4, s4, z4 = rtn.quantize_int4(w, 128)
+        w4 = qm.to_planar_int4(qm.pack_int4(q4), 128)  # the engine's layout
+        del w, q4
         launches.append(lambda x=x, wb=wb, gated=gated: gemv_triton(x, wb, gated=gated))
         launches.append(lambda x=x, q8=q8, s8=s8, gated=gated: qm.w8a16_gemv_triton(x, q8, s8, gated=gated))
+        launches.append(lambda x=x, w4=w4, s4=s4, z4=z4, gated=gated:
+                        qm.w4a16_gemv_triton(x, w4, s4, z4, 128, gated=gated))
     for launch in launches:  # compile outside the profiled range
         launch()
     torch.cuda.synchronize()
@@ -63,7 +69,7 @@ def run() -> None:
 
 
 def summarize(path: str) -> None:
-    """One row per profiled GEMV launch (in PRODUCTS order, bf16 then INT8) from ncu's --csv --page details."""
+    """One row per profiled GEMV launch (in PRODUCTS order, bf16, INT8, INT4) from ncu's --csv --page details."""
     rows: dict[str, dict] = defaultdict(dict)
     order = []
     with open(path) as f:
@@ -75,7 +81,7 @@ def summarize(path: str) -> None:
         key = rec["ID"]
         if key not in rows:
             order.append(key)
-            rows[key]["kernel"] = "bf16" if kernel.startswith("_gemv") else "int8"
+            rows[key]["kernel"] = "bf16" if kernel.startswith("_gemv") else "int4" if "w4a16" in kernel else "int8"
         metric = rec["Metric Name"]
         if metric == "Memory Throughput" and rec.get("Metric Unit", "").endswith("%"):
             continue  # the Speed Of Light percentage; the Memory Workload Analysis row gives the rate
@@ -87,7 +93,7 @@ def summarize(path: str) -> None:
             elif metric == "Duration" and unit in ("msecond", "ms"):
                 value = f"{float(value) * 1e3:.2f}"
             rows[key][COLUMNS[metric]] = value
-    names = [p[0] for p in PRODUCTS for _ in (0, 1)]
+    names = [p[0] for p in PRODUCTS for _ in KERNELS]
     header = ["product", "kernel"] + list(COLUMNS.values())
     print(" | ".join(header))
     for name, key in zip(names, order):
