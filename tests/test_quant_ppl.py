@@ -105,7 +105,7 @@ def test_int4_awq_beats_rtn(ppl):
 
 
 # INT4 groups are 32 columns here, the default for a source quantized in blocks of 32 (quantization.api's
-# default_group_size): at 128 the same methods measured GPTQ +15.7% (before the rotation) and AWQ +8.7% (RTN +28.5%).
+# default_group_size): at 128 the same methods measured GPTQ +8.6% (+15.7% unrotated) and AWQ +8.7% (RTN +28.5%).
 def test_int4_gptq_within_6_percent(ppl):
     # Measured +5.2% (+5.7% on 20 held-out windows; +4.8% and +5.9% with rotation seeds 2 and 1), GPTQ on the
     # model with its residual stream rotated. Unrotated it measured +7.2% (+8.8%).
