@@ -31,7 +31,8 @@ def calibrated_tensors(src: Path, qcfg: QuantConfig, dtype, texts: list[str] | N
 
     model, _ = load_model(src, select_ops("auto", torch.device(device).type), torch.float32, device)
     if qcfg.rotated:
-        rotate_residual_stream(model, residual_rotation(model.config.hidden_size, qcfg.extra["rotation"]["seed"])[0])
+        rotation, _ = residual_rotation(model.config.hidden_size, qcfg.extra["rotation"]["seed"])
+        rotate_residual_stream(model, rotation, progress)
     windows = token_windows(load_tokenizer(src), texts or calibration_texts(), seq_len, samples)
     runner = LayerRunner(model, windows)
     quantize_layer = {"int4_awq": _awq_layer, "int4_gptq": _gptq_layer, "int8_sq": _smoothquant_layer,

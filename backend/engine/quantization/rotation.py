@@ -92,10 +92,13 @@ def residual_rotation(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def rotate_residual_stream(model: nn.Module, Q: torch.Tensor) -> None:
+def rotate_residual_stream(model: nn.Module, Q: torch.Tensor, progress: bool = False) -> None:
     """Rotates a loaded float LlamaForCausalLM (not tensor-parallel) in place by the orthogonal Q: the norms'
     weights are folded into the projections after them (and become ones), a tied head becomes its own
-    parameter, and the weights are multiplied by Q in float64."""
+    parameter, and the weights are multiplied by Q in float64 (minutes for an 8B model on a CPU, hence the
+    progress bar)."""
+    from tqdm.auto import tqdm
+
     stack = model.model
     Q = Q.to(stack.embed_tokens.weight.device)
     if model.lm_head is None:  # tied: the head is a copy of the embedding from here on
@@ -107,7 +110,7 @@ def rotate_residual_stream(model: nn.Module, Q: torch.Tensor) -> None:
     _fold_norm(stack.norm, model.lm_head)
     _reads_stream(stack.embed_tokens, Q)  # its rows are stream vectors, like a reader's rows
     _reads_stream(model.lm_head, Q)
-    for layer in stack.layers:
+    for layer in tqdm(stack.layers, desc="rotating the residual stream", unit="layer", disable=not progress):
         _fold_norm(layer.input_layernorm, layer.self_attn.qkv_proj)
         _fold_norm(layer.post_attention_layernorm, layer.mlp.gate_up_proj)
         _reads_stream(layer.self_attn.qkv_proj, Q)
