@@ -4,7 +4,8 @@
 
 SRC: an HF checkpoint directory, a .gguf file, or nothing for the bundled SmolLM2. Methods (TensorRT-LLM's
 --qformat names where one exists): int8_wo, int4_wo (round-to-nearest), int4_awq, int4_gptq (calibrated on
-text; the bundled Lee corpus unless --calib-file), fp8 and int8_sq (W8A8). The repo generator calls
+text; the bundled Lee corpus unless --calib-file; GPTQ runs on the model with its residual stream rotated, which
+stores a tied LM head on its own), fp8 and int8_sq (W8A8). The repo generator calls
 backend.engine.quantization.quantize_checkpoint, as this does.
 """
 from __future__ import annotations
