@@ -278,7 +278,7 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         return EngineConfig(model=CHECKPOINT_SUBDIR, **values)
     except InvalidParameterError as exc:
         flags = "/".join(ALIASES.get(exc.field, []) + [_flag(exc.field)])
-        parser.error(f"argument {flags}: {str(exc).split(': ', 1)[-1]}")
+        parser.error(f"argument {flags}: {exc.reason}")
 
 
 def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -325,7 +325,7 @@ def check_quant_options(args: argparse.Namespace, parser: argparse.ArgumentParse
         if args.calib_file and args.quant in CALIBRATED:
             args.calib_texts = texts_from_file(args.calib_file)
     except InvalidParameterError as exc:
-        parser.error(f"argument {QUANT_FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
+        parser.error(f"argument {QUANT_FLAGS.get(exc.field, exc.field)}: {exc.reason}")
 
 
 def place_instances(args: argparse.Namespace, config: EngineConfig, parser: argparse.ArgumentParser) -> None:
@@ -370,7 +370,7 @@ def check_tensor_parallel(checkpoint: Path, config: EngineConfig, parser: argpar
     try:
         check_divisible(ModelConfig.from_dir(checkpoint), config.tensor_parallel_size)
     except InvalidParameterError as exc:
-        parser.error(f"argument --tp/--tensor-parallel-size: {str(exc).split(': ', 1)[-1]}")
+        parser.error(f"argument --tp/--tensor-parallel-size: {exc.reason}")
 
 
 def write_quantized_repo(args: argparse.Namespace, config: EngineConfig, configs: dict[str, str],

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     try:  # bad values are reported as the flag that set them, before any work is done
         out = quantize(args, src)
     except InvalidParameterError as exc:
-        parser.error(f"argument {FLAGS.get(exc.field, exc.field)}: {str(exc).split(': ', 1)[-1]}")
+        parser.error(f"argument {FLAGS.get(exc.field, exc.field)}: {exc.reason}")
     except FileExistsError:
         parser.error(f"argument --output: {args.output} already holds a checkpoint (--overwrite replaces it)")
     from backend.engine.quantization import QuantConfig

@@ -6,10 +6,11 @@ class EngineError(Exception):
 
 
 class InvalidParameterError(EngineError, ValueError):
-    """A request or configuration value is out of range; `field` names it."""
+    """A request or configuration value is out of range; `field` names it and `reason` says what was expected
+    (tools that set the value by a flag of another name report the flag with the reason)."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.reason = field, message
         super().__init__(f"{field}: {message}")
 
 
