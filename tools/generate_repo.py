@@ -319,9 +319,8 @@ def check_quant_options(args: argparse.Namespace, parser: argparse.ArgumentParse
     try:
         if args.quant_group_size is not None:
             QuantConfig.for_method(args.quant, args.quant_group_size)
-        # this tool keeps the quantizer's calibration defaults (32 windows of 512 tokens, alpha 0.5): only the
-        # device is the user's
-        check_calibration_options(args.quant, 32, 512, 0.5, args.quant_device)
+        # this tool keeps the quantizer's calibration defaults: only the device is the user's
+        check_calibration_options(args.quant, device=args.quant_device)
         if args.calib_file and args.quant in CALIBRATED:
             args.calib_texts = texts_from_file(args.calib_file)
     except InvalidParameterError as exc:

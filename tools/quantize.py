@@ -15,6 +15,7 @@ import sys
 import time
 
 from backend.engine.quantization import CALIBRATED, METHODS, quantize_checkpoint
+from backend.engine.quantization.api import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, DEFAULT_SMOOTHQUANT_ALPHA
 
 
 # quantize_checkpoint's parameter names (InvalidParameterError.field) -> this tool's flags
@@ -33,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors left unquantized (default: as in the source)")
     p.add_argument("--calib-file", help="calibration text (paragraphs separated by blank lines)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8_sq migration strength")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                   help="calibration windows (default %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN,
+                   help="tokens per calibration window (default %(default)s)")
+    p.add_argument("--smoothquant-alpha", type=float, default=DEFAULT_SMOOTHQUANT_ALPHA,
+                   help="int8_sq migration strength (default %(default)s)")
     p.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
     p.add_argument("--quant-lm-head", action="store_true",
                    help="quantize the LM head too (8-bit: the method's format, INT8 weight-only under INT4 methods)")

@@ -20,6 +20,11 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 DEFAULT_GROUP_SIZE = 128
+# The calibrated methods' defaults (quantize_checkpoint's and the tools'): windows of calibration text, tokens
+# per window, and SmoothQuant's migration strength alpha (the paper's 0.5).
+DEFAULT_CALIB_SAMPLES = 32
+DEFAULT_CALIB_SEQ_LEN = 512
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 # Methods that quantize a model with its residual stream rotated (rotation.py), and the rotation's seed. GPTQ on
 # the bundled SmolLM2 (groups of 32, 20 held-out windows, perf/RESULTS.md): +8.8% unrotated, +5.7% rotated
 # (+5.9% and +4.8% with seeds 1 and 2). AWQ's channel scales are its own answer to the same problem.
@@ -39,8 +44,9 @@ def default_group_size(src_dir: str | Path) -> int:
 
 
 def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *, group_size: int | None = None,
-                        dtype: str = "auto", calib_texts: list[str] | None = None, calib_samples: int = 32,
-                        calib_seq_len: int = 512, smoothquant_alpha: float = 0.5, device: str = "cpu",
+                        dtype: str = "auto", calib_texts: list[str] | None = None,
+                        calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
+                        smoothquant_alpha: float = DEFAULT_SMOOTHQUANT_ALPHA, device: str = "cpu",
                         quantize_lm_head: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Writes a quantized copy of the HF-style checkpoint `src_dir` to `dst_dir`; returns dst_dir.
 
@@ -84,8 +90,9 @@ def quantize_checkpoint(src_dir: str | Path, dst_dir: str | Path, method: str, *
     return dst
 
 
-def check_calibration_options(method: str, calib_samples: int, calib_seq_len: int, smoothquant_alpha: float,
-                              device: str) -> None:
+def check_calibration_options(method: str, calib_samples: int = DEFAULT_CALIB_SAMPLES,
+                              calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
+                              smoothquant_alpha: float = DEFAULT_SMOOTHQUANT_ALPHA, device: str = "cpu") -> None:
     """Before any work: the calibrated methods' options, each named in the error as its parameter."""
     if method not in CALIBRATED:
         return
