@@ -32,6 +32,9 @@ CUDA graph, launch gaps included. Variants:
   w4fp32: the INT4 GEMV's float32 loop instead of its bf16x2 pairs (the products then exact before the sums).
   w4chain=WORDS: the INT4 GEMV's bf16x2 sums over the pairs of WORDS words (1 or 2) before float32
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
+  w4ring: the INT4 GEMV through shared memory where it applies (backend/kernels/w4_gemv_ring.py; the same values
+    up to the order of float32 sums);
+  w4scales32: INT4 group scales held in float32 (as before session 22; the same values).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
 """
@@ -99,7 +102,9 @@ def _patch(variant: str):
     original_w4_tile = quant_matmul.w4_gemv_tile
     original_evictions = quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction
     original_w8_loop = quant_matmul.w8_x_words, quant_matmul.w8_magic
-    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words
+    original_w4_loop = quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_ring
+    from backend.engine.quantization import layers
+    original_scale_dtype = layers.INT4_SCALE_DTYPE
     original_gemvs = gemv.gemv_triton, quant_matmul.w8a16_gemv_triton
     unfused = {"rotary_decode_attention": None}
     replacements = {"silu": {"silu_and_mul": _skip_silu}, "rotary": {"rotary_and_cache": _skip_rotary, **unfused},
@@ -145,6 +150,10 @@ def _patch(variant: str):
         quant_matmul.w4_bf16_pairs = False
     elif variant.startswith("w4chain="):  # the INT4 GEMV's bf16x2 sums over the pairs of 1 or 2 words
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
+    elif variant == "w4ring":  # the INT4 GEMV through shared memory (backend/kernels/w4_gemv_ring.py)
+        quant_matmul.w4_gemv_ring = True
+    elif variant == "w4scales32":  # INT4 group scales held in float32, as before session 22
+        layers.INT4_SCALE_DTYPE = torch.float32
     elif variant.startswith("w8maxnreg="):
         cap = int(variant.partition("=")[2])
         quant_matmul.w8_gemv_tile = lambda N, K, device: {**original_w8_tile(N, K, device), "maxnreg": cap}
@@ -162,7 +171,8 @@ def _patch(variant: str):
         quant_matmul.w4_gemv_tile = original_w4_tile
         quant_matmul.w8_weight_eviction, quant_matmul.w4_weight_eviction, gemv.weight_eviction = original_evictions
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
-        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words = original_w4_loop
+        quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_ring = original_w4_loop
+        layers.INT4_SCALE_DTYPE = original_scale_dtype
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

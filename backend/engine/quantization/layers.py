@@ -22,6 +22,12 @@ from .config import QuantConfig
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+# INT4 group scales are held as the checkpoint stores them (float16, as AutoAWQ and AutoGPTQ do too): the kernels
+# widen them to float32 as they load them, so float32 here only added 2 bytes a group to every step's weight
+# stream (110 MB of an 8B model's ~4.3 GB at batch 1) and no precision.
+INT4_SCALE_DTYPE = torch.float16
+
+
 def _frozen(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -83,7 +89,7 @@ class Int4WeightOnlyLinear(QuantLinear):
         qm.check_group_size(in_features, self.group_size)
         groups = -(-in_features // self.group_size)
         self.qweight = _frozen((out_features, in_features // 2), torch.uint8, device)
-        self.scales = _frozen((out_features, groups), torch.float32, device)
+        self.scales = _frozen((out_features, groups), INT4_SCALE_DTYPE, device)
         self.qzeros = _frozen((out_features, groups), torch.uint8, device)
 
     def matmul(self, x):
