@@ -34,6 +34,7 @@ CUDA graph, launch gaps included. Variants:
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
   w4ring: the INT4 GEMV through shared memory where it applies (backend/kernels/w4_gemv_ring.py; the same values
     up to the order of float32 sums);
+  w4ringat=N:K: the same for the INT4 GEMV of weight shape [N, K] only;
   w4scales32: INT4 group scales held in float32 (as before session 22; the same values).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
 choice, so the later one in such a list wraps the earlier one's choice.
@@ -152,6 +153,11 @@ def _patch(variant: str):
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
     elif variant == "w4ring":  # the INT4 GEMV through shared memory (backend/kernels/w4_gemv_ring.py)
         quant_matmul.w4_gemv_ring = True
+    elif variant.startswith("w4ringat="):  # the same for one weight shape only: w4ringat=N:K
+        from backend.kernels import w4_gemv_ring
+
+        quant_matmul.w4_gemv_ring = True
+        w4_gemv_ring.only_shapes = {tuple(int(v) for v in variant[9:].split(":"))}
     elif variant == "w4scales32":  # INT4 group scales held in float32, as before session 22
         layers.INT4_SCALE_DTYPE = torch.float32
     elif variant.startswith("w8maxnreg="):
@@ -173,6 +179,10 @@ def _patch(variant: str):
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
         quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_ring = original_w4_loop
         layers.INT4_SCALE_DTYPE = original_scale_dtype
+        if variant.startswith("w4ringat="):
+            from backend.kernels import w4_gemv_ring
+
+            w4_gemv_ring.only_shapes = None
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

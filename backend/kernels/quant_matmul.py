@@ -624,6 +624,9 @@ w4_chain_words = 2
 # loop's error (3.8e-3 of the output's norm against 2.1e-4; perf/exp_w4_fp16.py, session 19). fp16 models (most
 # AutoAWQ checkpoints) take it; False gives them the float32 loop.
 w4_fp16_pairs = True
+# The batch-1 INT4 GEMV through backend/kernels/w4_gemv_ring.py (weights copied trips ahead through shared memory)
+# where it applies (bf16 x, groups of 128); off: the register kernel below for every shape. EXPERIMENT.
+w4_gemv_ring = os.environ.get("TRITIUM_W4_RING", "0") == "1"
 # The INT8 GEMV reads 16-bit activations as int64 words (X_WORDS in its kernel) and converts bytes by the exponent
 # trick (MAGIC): INT8 + INT8 head 3.157 -> 3.042 ms per 8B batch-1 step with the first alone, 3.101 with the second
 # alone, 2.997 with both, on an H100 (perf/ablate_decode.py, whose w8plain turns both off; session 17).
@@ -1014,6 +1017,10 @@ def w4a16_gemv_triton(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"w4a16_gemv_triton needs x [1, K] (and an even number of rows when gated); got x "
                          f"{tuple(x.shape)}, {N} rows")
     scales, zeros = _shared_strides(scales, zeros)
+    if w4_gemv_ring and tile is None and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        from backend.kernels import w4_gemv_ring as ring
+        if ring.takes(x, N, K, group_size, gated):
+            return ring.w4a16_gemv_ring(x, words, scales, zeros, gated=gated)
     n_out = N // 2 if gated else N
     out = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     tile = tile or w4_gemv_tile(N, K, group_size, x.device)

@@ -503,3 +503,51 @@ def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
         torch.testing.assert_close(layer(rows), want[:rows.shape[0]], atol=tol * want.abs().max().item(), rtol=tol)
     assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (40, 5 * 16)
     assert torch.equal(qm.from_planar_int4(layer.qweight, 576, 128), reference.qweight)
+
+
+# The shared-memory INT4 GEMV (backend/kernels/w4_gemv_ring.py; Gluon, which has no interpreter: GPU only). The
+# 8B projections (o and down: 16 blocks a trip, qkv and gate_up: 8), and 32 rows over 3 trips of 16 blocks with
+# 1, 2 and all 3 trips in flight (a refilled slot read before its copy lands, or a trip taken from the wrong
+# slot, is off by whole trips); gated, float16 and float32 scales.
+RING_SHAPES = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False),
+               (32, 6144, False), (32, 6144, True)]
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("stages", [None, 1, 2])
+@pytest.mark.parametrize("n_out,K,gated", RING_SHAPES)
+def test_w4a16_gemv_ring(n_out, K, gated, stages, scale_dtype, device, monkeypatch):
+    from backend.kernels import w4_gemv_ring as ring
+
+    qweight, scales, zeros = random_int4(n_out * (2 if gated else 1), K, 128, device)
+    scales = scales.to(scale_dtype)
+    x = (torch.randn(1, K, device=device) / K ** 0.5).bfloat16()
+    words = qm.to_planar_int4(qweight, 128)
+    tile = dict(ring.ring_tile(n_out, K), STAGES=stages) if stages else None
+    assert ring.takes(x, words.shape[0], K, 128, gated, tile)
+    got = ring.w4a16_gemv_ring(x, words, scales, zeros, gated=gated, tile=tile)
+    want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, 128).double().T
+    if gated:
+        want = _silu_and_mul(want)
+    assert got.shape == (1, n_out) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+    # the register kernel's bf16x2 sums are the same; only the float32 sums' order differs
+    register = qm.w4a16_gemv_triton(x, words, scales, zeros, 128, gated=gated)
+    torch.testing.assert_close(got.float(), register.float(), atol=2e-3 * want.abs().max().item(), rtol=1e-2)
+    if stages is None:  # the dispatch, with the switch on
+        monkeypatch.setattr(qm, "w4_gemv_ring", True)
+        torch.testing.assert_close(qm.w4a16_gemv_triton(x, words, scales, zeros, 128, gated=gated), got)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+def test_w4a16_gemv_ring_leaves_other_shapes_to_the_register_kernel(device):
+    from backend.kernels import w4_gemv_ring as ring
+
+    x = torch.randn(1, 4096, device=device).bfloat16()
+    assert ring.takes(x, 4096, 4096, 128, False)
+    assert not ring.takes(x, 4096, 4096, 64, False)  # groups of 64: two planar blocks a group
+    assert not ring.takes(x.half(), 4096, 4096, 128, False)  # fp16 x: the register kernel rounds it to bf16 pairs
+    assert not ring.takes(x, 4100, 4096, 128, False)  # rows that do not fill the last program
+    assert not ring.takes(x[:, :576], 4096, 576, 128, False)  # K not whole trips
