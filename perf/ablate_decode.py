@@ -34,6 +34,7 @@ CUDA graph, launch gaps included. Variants:
     (quant_matmul.w4_chain_words; w4chain=1 is the loop before session 18).
   w4ring: the INT4 GEMV through shared memory where it applies (backend/kernels/w4_gemv_ring.py; the same values
     up to the order of float32 sums);
+  w4ringtma: w4ring with the weights copied by the TMA engine (w4_gemv_ring.use_tma);
   w4ringat=N:K: the same for the INT4 GEMV of weight shape [N, K] only;
   w4scales32: INT4 group scales held in float32 (as before session 22; the same values).
 Variants joined by "+" (w8plain+w8at=...) apply together; w8=, w8at= and w8maxnreg= each replace the INT8 tile
@@ -153,6 +154,10 @@ def _patch(variant: str):
         quant_matmul.w4_chain_words = int(variant.partition("=")[2])
     elif variant == "w4ring":  # the INT4 GEMV through shared memory (backend/kernels/w4_gemv_ring.py)
         quant_matmul.w4_gemv_ring = True
+    elif variant == "w4ringtma":  # the same with its copies by the TMA engine
+        from backend.kernels import w4_gemv_ring
+
+        quant_matmul.w4_gemv_ring = w4_gemv_ring.use_tma = True
     elif variant.startswith("w4ringat="):  # the same for one weight shape only: w4ringat=N:K
         from backend.kernels import w4_gemv_ring
 
@@ -179,10 +184,10 @@ def _patch(variant: str):
         quant_matmul.w8_x_words, quant_matmul.w8_magic = original_w8_loop
         quant_matmul.w4_bf16_pairs, quant_matmul.w4_chain_words, quant_matmul.w4_gemv_ring = original_w4_loop
         layers.INT4_SCALE_DTYPE = original_scale_dtype
-        if variant.startswith("w4ringat="):
+        if variant.startswith(("w4ringat=", "w4ringtma")):
             from backend.kernels import w4_gemv_ring
 
-            w4_gemv_ring.only_shapes = None
+            w4_gemv_ring.only_shapes, w4_gemv_ring.use_tma = None, False
         gemv.gemv_triton, quant_matmul.w8a16_gemv_triton = original_gemvs
     return undo
 

@@ -3,8 +3,8 @@
     python3 perf/exp_w4_ring.py --out $OUT/exp_w4_ring.json      # GPU (Hopper)
 
 For each Llama-3-8B projection at groups of 128 (gate_up gated, as the engine runs it): the register kernel with
-float32 scales (the engine before session 22) and float16 scales, and the ring kernel with float16 scales at its
-default trips in flight and at every other count that fits, each timed from HBM (calls rotate over copies of the
+float32 scales (the engine before session 22) and float16 scales, and the ring kernel with float16 scales (copies by cp.async and by
+the TMA engine) at its default trips in flight and at every other count that fits, each timed from HBM (calls rotate over copies of the
 weights, 200 MB in all, inside a CUDA graph: perf/tune_quant_gemv.py's method) with its error against the float64
 dequantized product and its streamed GB/s (codes, scales and zero points).
 """
@@ -54,6 +54,8 @@ def projection(name: str, n_out: int, K: int, gated: bool) -> dict:
             label = f"ring, {stages} of {trips} trips in flight" + (" (default)" if stages == default_stages else "")
             cases[label] = (s16, lambda t, st=stages: ring.w4a16_gemv_ring(x, *t, gated=gated,
                                                                             tile=dict(tile, STAGES=st)))
+            cases[label.replace("ring", "ring by TMA")] = (
+                s16, lambda t, st=stages: ring.w4a16_gemv_ring(x, *t, gated=gated, tile=dict(tile, STAGES=st, TMA=True)))
     for label, (scales, fn) in cases.items():
         tensors = (words, scales, z)
         nbytes = words.numel() * 4 + scales.numel() * scales.element_size() + z.numel()

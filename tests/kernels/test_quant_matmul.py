@@ -505,27 +505,28 @@ def test_int4_layer_repacks_its_weight_once_for_the_kernels(device):
     assert torch.equal(qm.from_planar_int4(layer.qweight, 576, 128), reference.qweight)
 
 
-# The shared-memory INT4 GEMV (backend/kernels/w4_gemv_ring.py; Gluon, which has no interpreter: GPU only). The
-# 8B projections (o and down: 16 blocks a trip, qkv and gate_up: 8), and 32 rows over 3 trips of 16 blocks with
-# 1, 2 and all 3 trips in flight (a refilled slot read before its copy lands, or a trip taken from the wrong
-# slot, is off by whole trips); gated, float16 and float32 scales.
+# The shared-memory INT4 GEMV (backend/kernels/w4_gemv_ring.py; Gluon, which has no interpreter: GPU only), its
+# copies by cp.async and by the TMA engine. The 8B projections (o and down: 16 blocks a trip, qkv and gate_up: 8),
+# and 32 rows over 3 trips of 16 blocks with 1, 2 and all 3 trips in flight (a refilled slot read before its copy
+# lands, or a trip taken from the wrong slot, is off by whole trips); gated, float16 and float32 scales.
 RING_SHAPES = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False),
                (32, 6144, False), (32, 6144, True)]
 ON_HOPPER = ON_GPU and torch.cuda.get_device_capability() >= (9, 0)
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("stages", [None, 1, 2])
 @pytest.mark.parametrize("n_out,K,gated", RING_SHAPES)
-def test_w4a16_gemv_ring(n_out, K, gated, stages, scale_dtype, device, monkeypatch):
+def test_w4a16_gemv_ring(n_out, K, gated, stages, scale_dtype, tma, device, monkeypatch):
     from backend.kernels import w4_gemv_ring as ring
 
     qweight, scales, zeros = random_int4(n_out * (2 if gated else 1), K, 128, device)
     scales = scales.to(scale_dtype)
     x = (torch.randn(1, K, device=device) / K ** 0.5).bfloat16()
     words = qm.to_planar_int4(qweight, 128)
-    tile = dict(ring.ring_tile(n_out, K), STAGES=stages) if stages else None
+    tile = dict(ring.ring_tile(n_out, K), STAGES=stages, TMA=tma)
     assert ring.takes(x, words.shape[0], K, 128, gated, tile)
     got = ring.w4a16_gemv_ring(x, words, scales, zeros, gated=gated, tile=tile)
     want = x.double() @ qm.dequantize_int4(qweight, scales, zeros, 128).double().T
@@ -538,6 +539,7 @@ def test_w4a16_gemv_ring(n_out, K, gated, stages, scale_dtype, device, monkeypat
     torch.testing.assert_close(got.float(), register.float(), atol=2e-3 * want.abs().max().item(), rtol=1e-2)
     if stages is None:  # the dispatch, with the switch on
         monkeypatch.setattr(qm, "w4_gemv_ring", True)
+        monkeypatch.setattr(ring, "use_tma", tma)
         torch.testing.assert_close(qm.w4a16_gemv_triton(x, words, scales, zeros, 128, gated=gated), got)
 
 
