@@ -11,12 +11,8 @@
 #   5. with 3's tiles applied (when any won): INT4 + INT8 head again, for the defaults they would become
 #   OUT=/tmp/o BUDGET_S=560 bash perf/gpu_int4_experiments.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/tritium-out}
-BUDGET_S=${BUDGET_S:-560}
-mkdir -p "$OUT"
-source perf/device_steps.sh  # step NAME LIMIT_S COMMAND...
+source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND..., device_setup
+device_setup 560
 
 QKV=6144:4096 O=4096:4096 GATE_UP=28672:4096 DOWN=4096:14336
 TILES="w4at=$GATE_UP:8:2:8:8:48,w4at=$QKV:8:2:8:8:48,w4at=$O:8:2:8:8:48,w4at=$DOWN:8:2:8:8:48"

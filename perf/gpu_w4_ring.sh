@@ -9,12 +9,8 @@
 #   4. the headline, python3 perf/bench_quant.py --skip-kernels --engine-modes bf16,int4_wo+head
 #   OUT=/tmp/o BUDGET_S=560 bash perf/gpu_w4_ring.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/tritium-out}
-BUDGET_S=${BUDGET_S:-560}
-mkdir -p "$OUT"
-source perf/device_steps.sh  # step NAME LIMIT_S COMMAND...
+source "$(dirname "$0")/device_steps.sh"  # step NAME LIMIT_S COMMAND..., device_setup
+device_setup 560
 
 T=tests/kernels/test_quant_matmul.py
 RING="w4ringat=6144:4096,w4ringat=4096:4096,w4ringat=28672:4096,w4ringat=4096:14336"
