@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backend.engine.quantization import rtn  # noqa: E402
+from backend.kernels.activation import silu_and_mul_ref  # noqa: E402
 from backend.kernels import quant_matmul as qm  # noqa: E402
 from backend.kernels import w4_gemv_ring as ring  # noqa: E402
 from perf.bench_quant import bench_ms  # noqa: E402
@@ -29,11 +30,6 @@ PROJECTIONS = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up",
                ("down", 4096, 14336, False)]
 
 
-def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
-    gate, up = y.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
 def projection(name: str, n_out: int, K: int, gated: bool) -> dict:
     N = 2 * n_out if gated else n_out
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
@@ -41,7 +37,7 @@ def projection(name: str, n_out: int, K: int, gated: bool) -> dict:
     packed = qm.pack_int4(q)
     words = qm.to_planar_int4(packed, 128)
     want = x.double() @ qm.dequantize_int4(packed, s32, z, 128).double().T
-    want = silu_and_mul(want) if gated else want
+    want = silu_and_mul_ref(want) if gated else want
     s16 = s32.half()
     out = {"n_out": n_out, "K": K, "gated": gated, "runs": {}}
     tile = ring.ring_tile(n_out, K)

@@ -95,7 +95,7 @@ def ring_kernel(n_out: int, K: int, gated: bool, tma: bool):
     return _compile(ring._w4a16_gemv_ring_kernel, signature, constexprs, tile["num_warps"], tuple(range(8)), True)
 
 
-KERNELS = {"register": lambda n, k, g: register_kernel(n, k, g), "ring": lambda n, k, g: ring_kernel(n, k, g, False),
+KERNELS = {"register": register_kernel, "ring": lambda n, k, g: ring_kernel(n, k, g, False),
            "ring-tma": lambda n, k, g: ring_kernel(n, k, g, True)}
 
 

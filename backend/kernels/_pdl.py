@@ -58,8 +58,13 @@ def _device_supports(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+def is_hopper_or_later(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or more (PDL, TMA), looked up once per device."""
+    return device.type == "cuda" and _device_supports(
+        device.index if device.index is not None else torch.cuda.current_device())
+
+
 def pdl_args(device: torch.device) -> dict:
     """Launch keywords for a kernel that takes a PDL constexpr: {"PDL": on, "launch_pdl": on}."""
-    on = (_enabled and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-          and _device_supports(device.index if device.index is not None else torch.cuda.current_device()))
+    on = _enabled and os.environ.get("TRITON_INTERPRET") != "1" and is_hopper_or_later(device)
     return {"PDL": on, "launch_pdl": on}

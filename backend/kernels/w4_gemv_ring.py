@@ -28,12 +28,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from backend.kernels._pdl import gdc_launch_dependents, gdc_wait, pdl_args
-
-LOP3_AND_OR: gl.constexpr = gl.constexpr("lop3.b32 $0, $1, $2, $3, 0xEA;")
-SUB_BF16X2: gl.constexpr = gl.constexpr("sub.rn.bf16x2 $0, $1, $2;")
-MUL_BF16X2: gl.constexpr = gl.constexpr("mul.rn.bf16x2 $0, $1, $2;")
-FMA_BF16X2: gl.constexpr = gl.constexpr("fma.rn.bf16x2 $0, $1, $2, $3;")
+from backend.kernels._pdl import gdc_launch_dependents, gdc_wait, is_hopper_or_later, pdl_args
+from backend.kernels.quant_matmul import FMA_BF16X2, LOP3_AND_OR, MUL_BF16X2, SUB_BF16X2  # the register kernel's PTX
 
 SMEM_BUDGET = 100 * 1024  # bytes a program may take, so that two 16-warp programs share an SM
 only_shapes: set | None = None  # (weight rows, K) the kernel may take; None: all it supports (experiments)
@@ -265,7 +261,7 @@ def takes(x: torch.Tensor, N: int, K: int, group_size: int, gated: bool, tile: d
     if only_shapes is not None and (N, K) not in only_shapes:
         return False
     return (x.is_cuda and x.dtype == torch.bfloat16 and group_size == 128 and K % (tile["BLOCKS"] * 128) == 0
-            and n_out % rows_out == 0 and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and n_out % rows_out == 0 and is_hopper_or_later(x.device))
 
 
 def w4a16_gemv_ring(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
